@@ -1,0 +1,21 @@
+"""Errors that reach the user as one clear line, never a traceback."""
+
+
+class SlimscopeError(Exception):
+    """A problem the user can act on; its message is shown as-is, on one line."""
+
+
+class ModelLoadError(SlimscopeError):
+    """The file could not be read as a model."""
+
+
+class UntrustedPickleError(ModelLoadError):
+    """The file is a pickle that would run code; the user must explicitly trust it."""
+
+
+class NeedsModuleError(SlimscopeError):
+    """The operation needs a runnable module, and the loaded file has only weights."""
+
+
+class PlanError(SlimscopeError):
+    """A compression plan names an unknown layer or asks for something impossible."""

@@ -1,0 +1,236 @@
+"""The neutral model every format adapter produces and every view and method reads.
+
+A :class:`Model` knows its source format, its inputs and outputs, and an ordered list of
+weight-carrying :class:`Layer` s. Weights are not copied at load time: each layer names a key
+in a :class:`TensorStore`, which hands out numpy arrays on demand (memory-mapped or zero-copy
+views where the format allows). Tensors shared by several layers are counted once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+from engine.errors import NeedsModuleError
+
+if TYPE_CHECKING:  # torch and onnx are heavy; only adapters import them at run time
+    import onnx
+    import torch
+
+#: Layer kinds whose weights pruning methods can act on.
+PRUNABLE_KINDS = frozenset(
+    {"Conv1d", "Conv2d", "Conv3d", "ConvTranspose2d", "Linear", "Conv", "ConvTranspose",
+     "Gemm", "MatMul", "Embedding", "Gather"}
+)
+#: Layer kinds whose weights weight-quantization methods can act on.
+QUANTIZABLE_KINDS = PRUNABLE_KINDS
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output: name, shape (ints, or str/None for dynamic axes), dtype."""
+
+    name: str
+    shape: tuple[int | str | None, ...]
+    dtype: str = "float32"
+
+    @property
+    def is_static(self) -> bool:
+        return all(isinstance(d, int) and d > 0 for d in self.shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+class TensorStore:
+    """Lazily fetches named tensors as numpy arrays and caches nothing it can re-fetch cheaply.
+
+    `getters` maps a tensor key to a zero-argument function returning the array; `shapes` and
+    `dtypes` describe every tensor without loading it.
+    """
+
+    def __init__(
+        self,
+        getters: Mapping[str, Callable[[], np.ndarray]],
+        shapes: Mapping[str, tuple[int, ...]],
+        dtypes: Mapping[str, str],
+        itemsizes: Mapping[str, int],
+        aliases: Mapping[str, str] | None = None,
+    ) -> None:
+        self._getters = dict(getters)
+        self.shapes = dict(shapes)
+        self.dtypes = dict(dtypes)
+        self.itemsizes = dict(itemsizes)
+        #: key -> canonical key for tensors that are the same storage under another name.
+        self.aliases = dict(aliases or {})
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._getters
+
+    def keys(self) -> list[str]:
+        return list(self._getters)
+
+    def unique_keys(self) -> list[str]:
+        """Every tensor once, whatever number of names it is reachable under."""
+        return [k for k in self._getters if k not in self.aliases]
+
+    def get(self, key: str) -> np.ndarray:
+        return self._getters[key]()
+
+    def numel(self, key: str) -> int:
+        return int(np.prod(self.shapes[key], dtype=np.int64))
+
+    def nbytes(self, key: str) -> int:
+        return self.numel(key) * self.itemsizes[key]
+
+
+@dataclass
+class Layer:
+    """One weight-carrying layer, described without holding its weights."""
+
+    name: str
+    kind: str
+    weight_key: str
+    shape: tuple[int, ...]
+    dtype: str
+    params: int
+    nbytes: int
+    bias_key: str | None = None
+    prunable: bool = False
+    quantizable: bool = False
+    #: Name of the earlier layer whose weight this one reuses (tied weights), else None.
+    shared_with: str | None = None
+    #: Multiply-accumulates for one forward pass, when input shapes are known.
+    macs: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "shape": list(self.shape),
+            "params": self.params,
+            "bytes": self.nbytes,
+            "dtype": self.dtype,
+            "prunable": self.prunable,
+            "quantizable": self.quantizable,
+            "shared_with": self.shared_with,
+            "macs": self.macs,
+        }
+
+
+@dataclass
+class Model:
+    """A loaded model in neutral form; see the module docstring."""
+
+    path: Path
+    format: str
+    layers: list[Layer]
+    tensors: TensorStore
+    inputs: list[TensorSpec] = field(default_factory=list)
+    outputs: list[TensorSpec] = field(default_factory=list)
+    #: A runnable torch module when the format carries one (trusted pickle, known architecture,
+    #: TorchScript, torch.export); compression methods that do surgery need it.
+    module: "torch.nn.Module | None" = None
+    #: The ONNX graph, for ONNX sources.
+    onnx_model: "onnx.ModelProto | None" = None
+    #: Human-readable remarks about what this file can and cannot do.
+    notes: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._by_name = {layer.name: layer for layer in self.layers}
+
+    # -- lookup -------------------------------------------------------------------------
+    def layer(self, name: str) -> Layer:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"no layer named {name!r}") from None
+
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    def weight(self, layer: Layer | str) -> np.ndarray:
+        """The layer's weight as numpy; a view of the loaded data where the format allows."""
+        if isinstance(layer, str):
+            layer = self.layer(layer)
+        return self.tensors.get(layer.weight_key)
+
+    # -- totals (unique tensors, so tied weights count once) ------------------------------
+    @property
+    def params(self) -> int:
+        return sum(self.tensors.numel(k) for k in self.tensors.unique_keys())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.tensors.nbytes(k) for k in self.tensors.unique_keys())
+
+    @property
+    def macs(self) -> int | None:
+        known = [layer.macs for layer in self.layers if layer.macs is not None]
+        return sum(known) if known else None
+
+    @property
+    def file_bytes(self) -> int:
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    # -- capabilities ------------------------------------------------------------------------
+    @property
+    def runnable(self) -> bool:
+        return self.module is not None or self.onnx_model is not None
+
+    def require_module(self, purpose: str) -> "torch.nn.Module":
+        """The torch module, or a clear error saying why `purpose` cannot run on this file."""
+        if self.module is None:
+            raise NeedsModuleError(
+                f"{purpose} needs a runnable PyTorch module, but {self.path.name} ({self.format}) "
+                "holds only weights; load a pickled module (with --trust), a TorchScript or "
+                "torch.export file, or an architecture Slimscope knows"
+            )
+        return self.module
+
+    def non_finite(self) -> dict[str, int]:
+        """Layers whose weights hold NaN or Inf, with the count of such values."""
+        bad: dict[str, int] = {}
+        for layer in self.layers:
+            w = self.weight(layer)
+            if w.dtype.kind == "f":
+                count = int(w.size - np.count_nonzero(np.isfinite(w)))
+                if count:
+                    bad[layer.name] = count
+        return bad
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "params": self.params,
+            "bytes": self.nbytes,
+            "file_bytes": self.file_bytes,
+            "macs": self.macs,
+            "inputs": [spec.to_dict() for spec in self.inputs],
+            "outputs": [spec.to_dict() for spec in self.outputs],
+            "runnable": self.runnable,
+            "has_module": self.module is not None,
+            "notes": list(self.notes),
+        }
+
+
+def mark_shared(layers: Iterable[Layer], canonical_key: Callable[[str], str]) -> None:
+    """Set `shared_with` on every layer whose weight is the same storage as an earlier one's."""
+    first_owner: dict[str, str] = {}
+    for layer in layers:
+        key = canonical_key(layer.weight_key)
+        if key in first_owner:
+            layer.shared_with = first_owner[key]
+        else:
+            first_owner[key] = layer.name
+
+
+def numpy_dtype_name(dtype: Any) -> str:
+    """A short dtype name ('float32', 'bfloat16', 'int8') from numpy or torch dtypes."""
+    text = str(dtype)
+    return text.removeprefix("torch.")

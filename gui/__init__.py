@@ -1,0 +1,1 @@
+"""Slimscope desktop app: a Qt face over the engine; holds no compression logic."""

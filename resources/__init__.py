@@ -1,0 +1,1 @@
+"""Bundled demo model, data recipe and icons."""
