@@ -1,0 +1,84 @@
+"""Pieces every subcommand shares: the model argument, loading, and writing results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from engine.errors import SlimscopeError
+from engine.formats import LoadOptions, load_model
+from engine.model import Model
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'1,3,224,224' -> (1, 3, 224, 224), with a usage error for anything else."""
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a shape: {text!r} (expected e.g. 1,3,224,224)")
+    if not shape or any(dim <= 0 for dim in shape):
+        raise argparse.ArgumentTypeError(f"not a shape: {text!r} (dimensions must be positive)")
+    return shape
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="model file: .pt/.pth/.bin, TorchScript, .pt2, .onnx, "
+                        ".safetensors (the format is read from the content), or 'demo'")
+    parser.add_argument("--trust", action="store_true",
+                        help="allow loading a pickled module, which runs code from the file")
+    parser.add_argument("--input-shape", type=parse_shape, metavar="SHAPE",
+                        help="input shape such as 1,3,224,224, for MACs when the file has none")
+
+
+def resolve_model_path(text: str) -> Path:
+    if text == "demo":
+        from engine.demo import DEMO_MODEL
+
+        return DEMO_MODEL
+    return Path(text)
+
+
+def load_from_args(args: argparse.Namespace) -> Model:
+    options = LoadOptions(trust=args.trust, input_shape=args.input_shape)
+    return load_model(resolve_model_path(args.model), options)
+
+
+def write_json(data: Any, destination: str | None) -> None:
+    """JSON to a file (atomically) or to stdout when `destination` is None or '-'."""
+    text = json.dumps(data, indent=2, default=_json_default, allow_nan=True) + "\n"
+    if destination in (None, "-"):
+        sys.stdout.write(text)
+        return
+    from engine.safe_write import atomic_write_text
+
+    atomic_write_text(Path(destination), text)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"
+
+
+def human_count(count: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(count) >= size:
+            return f"{count / size:.2f}{unit}"
+    return f"{count:.0f}"
+
+
+def fail(message: str) -> None:
+    raise SlimscopeError(message)
