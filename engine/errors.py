@@ -19,3 +19,11 @@ class NeedsModuleError(SlimscopeError):
 
 class PlanError(SlimscopeError):
     """A compression plan names an unknown layer or asks for something impossible."""
+
+
+def one_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message, for errors shown on one line."""
+    for line in str(error).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(error).__name__

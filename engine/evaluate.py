@@ -1,0 +1,333 @@
+"""How good a model is: accuracy against labels, and fidelity against the original model.
+
+A *runner* is anything with ``run(batch) -> outputs`` on numpy arrays, so the same metrics
+judge a torch module before compression and the ONNX file written after it. Without labels,
+``agreement`` with the original (top-1 match) stands in for accuracy; KL divergence, cosine
+similarity and the largest output difference say how far the outputs moved.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
+
+import numpy as np
+
+from engine.data import DataSource
+from engine.errors import NeedsModuleError, SlimscopeError, one_line
+from engine.jobs import NEVER_CANCELLED, CancelToken, Progress, no_progress
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+
+    from engine.model import Model
+
+DEFAULT_BATCH_SIZE = 64
+
+
+class Runner(Protocol):
+    """Runs a model on one batch of inputs; outputs are (batch, ...) float arrays."""
+
+    def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def with_threads(self, threads: int | None) -> Runner:
+        """The same model run on `threads` CPU threads (None: the library's default)."""
+        ...
+
+
+class TorchRunner:
+    """Runs a torch module in eval mode without gradients, and leaves the module as it found it:
+    its train/eval flags are restored after every call, and no weight or buffer is written.
+    """
+
+    def __init__(self, module: "torch.nn.Module", threads: int | None = None) -> None:
+        self.module = module
+        self.threads = threads
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        inputs = torch.from_numpy(np.ascontiguousarray(batch))
+        param = next((p for p in self.module.parameters() if p.is_floating_point()), None)
+        if inputs.is_floating_point() and param is not None:
+            inputs = inputs.to(param.dtype)  # half-precision modules take half-precision input
+        modes = [(m, m.training) for m in self.module.modules()]
+        threads_before = torch.get_num_threads()
+        change_threads = bool(self.threads) and self.threads != threads_before
+        try:
+            if change_threads:
+                torch.set_num_threads(self.threads)
+            self.module.eval()
+            with torch.inference_mode():
+                output = _first_tensor(self.module(inputs))
+        finally:
+            for submodule, training in modes:
+                submodule.training = training
+            if change_threads:
+                torch.set_num_threads(threads_before)
+        return output.detach().float().numpy()
+
+    def with_threads(self, threads: int | None) -> TorchRunner:
+        return TorchRunner(self.module, threads)
+
+
+class OnnxRunner:
+    """Runs an ONNX model (path, bytes or ModelProto) on onnxruntime's CPU provider.
+
+    A model exported with a fixed batch size is fed that many samples at a time, so any data
+    batch size works.
+    """
+
+    def __init__(self, model: "str | Path | bytes | onnx.ModelProto", threads: int | None = None
+                 ) -> None:
+        from engine import onnx_tools
+
+        if isinstance(model, (str, Path)):
+            model = Path(model).read_bytes()
+        elif not isinstance(model, bytes):
+            model = model.SerializeToString()
+        self._model_bytes = model
+        self.threads = threads
+        try:
+            self.session = onnx_tools.session(model, threads=threads)
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise SlimscopeError(f"onnxruntime cannot run this model: {one_line(exc)}") from None
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise SlimscopeError(f"evaluation feeds one input, but this ONNX model takes "
+                                 f"{len(inputs)} ({', '.join(i.name for i in inputs)})")
+        self.input_name = inputs[0].name
+        batch_dim = inputs[0].shape[0] if inputs[0].shape else None
+        self._fixed_batch = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        from engine import onnx_tools
+
+        step = self._fixed_batch or len(batch)
+        if len(batch) % step:
+            raise SlimscopeError(f"this ONNX model takes batches of exactly {step}, and "
+                                 f"{len(batch)} samples do not divide into them")
+        outputs = [onnx_tools.run(self.session, batch[i:i + step])
+                   for i in range(0, len(batch), step)]
+        return np.concatenate(outputs).astype(np.float32, copy=False)
+
+    def with_threads(self, threads: int | None) -> OnnxRunner:
+        return OnnxRunner(self._model_bytes, threads)
+
+
+def runner_for(model: "Model", threads: int | None = None) -> Runner:
+    """A runner for a loaded model: its torch module if it has one, else its ONNX graph."""
+    if model.module is not None:
+        return TorchRunner(model.module, threads)
+    if model.onnx_model is not None:
+        return OnnxRunner(model.onnx_model, threads)
+    raise NeedsModuleError(f"{model.path.name} holds only weights; evaluating it needs a "
+                           "runnable model (a known architecture, TorchScript, or ONNX)")
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Evaluation results; a metric is None when the data or the call could not measure it."""
+
+    samples: int
+    #: Top-1 accuracy and mean cross-entropy, when the data has labels.
+    accuracy: float | None = None
+    loss: float | None = None
+    #: Fidelity to the reference model, when one was given.
+    agreement: float | None = None
+    kl_divergence: float | None = None
+    cosine_similarity: float | None = None
+    max_abs_diff: float | None = None
+
+    @property
+    def primary(self) -> float | None:
+        """The one number to rank results by: accuracy with labels, else agreement."""
+        return self.accuracy if self.accuracy is not None else self.agreement
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "primary": self.primary}
+
+
+class _Totals:
+    """Running sums, so evaluation memory does not grow with the data."""
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self.correct = 0
+        self.nll = 0.0
+        self.labelled_positions = 0
+        self.agree = 0
+        self.kl = 0.0
+        self.compared_positions = 0
+        self.cosine = 0.0
+        self.max_abs = 0.0
+
+    def add_labels(self, outputs: np.ndarray, labels: np.ndarray) -> None:
+        log_probs = _class_log_probs(outputs)
+        if log_probs.shape[:-1] != labels.shape:
+            raise SlimscopeError(f"labels of shape {labels.shape[1:]} per sample do not fit "
+                                 f"outputs of shape {outputs.shape[1:]}")
+        classes = log_probs.shape[-1]
+        if labels.size and labels.max() >= classes:
+            raise SlimscopeError(f"label {int(labels.max())} is outside the model's "
+                                 f"{classes} outputs")
+        picked = np.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
+        self.correct += int(np.count_nonzero(log_probs.argmax(-1) == labels))
+        self.nll -= float(picked.sum())
+        self.labelled_positions += labels.size
+
+    def add_reference(self, outputs: np.ndarray, reference: np.ndarray) -> None:
+        if outputs.shape != reference.shape:
+            raise SlimscopeError(f"outputs of shape {outputs.shape[1:]} per sample cannot be "
+                                 f"compared with the original's {reference.shape[1:]}")
+        out64 = outputs.astype(np.float64).reshape(len(outputs), -1)
+        ref64 = reference.astype(np.float64).reshape(len(reference), -1)
+        norms = np.linalg.norm(out64, axis=1) * np.linalg.norm(ref64, axis=1)
+        dots = np.einsum("ij,ij->i", out64, ref64)
+        # Two all-zero outputs are identical; one zero output points nowhere.
+        cosine = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0),
+                          np.where(np.all(out64 == ref64, axis=1), 1.0, 0.0))
+        self.cosine += float(cosine.sum())
+        self.max_abs = max(self.max_abs, float(np.max(np.abs(out64 - ref64), initial=0.0)))
+        if outputs.ndim >= 2:
+            log_p = _class_log_probs(reference)
+            log_q = _class_log_probs(outputs)
+            self.kl += float((np.exp(log_p) * (log_p - log_q)).sum())
+            self.agree += int(np.count_nonzero(log_p.argmax(-1) == log_q.argmax(-1)))
+            self.compared_positions += log_p[..., 0].size
+
+    def metrics(self, has_labels: bool, has_reference: bool) -> Metrics:
+        fields: dict[str, float | None] = {}
+        if has_labels and self.labelled_positions:
+            fields["accuracy"] = self.correct / self.labelled_positions
+            fields["loss"] = self.nll / self.labelled_positions
+        if has_reference and self.samples:
+            fields["cosine_similarity"] = self.cosine / self.samples
+            fields["max_abs_diff"] = self.max_abs
+            if self.compared_positions:
+                fields["agreement"] = self.agree / self.compared_positions
+                fields["kl_divergence"] = max(0.0, self.kl / self.compared_positions)
+        return Metrics(samples=self.samples, **fields)
+
+
+def evaluate(
+    runner: Runner,
+    data: DataSource,
+    *,
+    reference: Runner | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Progress = no_progress,
+    cancel: CancelToken = NEVER_CANCELLED,
+) -> Metrics:
+    """Run `runner` over `data`, scoring against labels and, if given, the `reference` model.
+
+    Outputs are read as class scores along their last axis (logits; extra axes such as
+    sequence positions are scored position by position). Checks `cancel` before every batch.
+    """
+    total = len(data)
+    if total == 0:
+        raise SlimscopeError(f"{data.name}: no samples to evaluate")
+    totals = _Totals()
+    progress(0.0, f"evaluating on {data.describe()}")
+    for inputs, labels in _checked(data.batches(batch_size), cancel):
+        outputs = runner.run(inputs)
+        if len(outputs) != len(inputs):
+            raise SlimscopeError(f"the model returned {len(outputs)} outputs for a batch of "
+                                 f"{len(inputs)}; is its first output axis the batch?")
+        if labels is not None:
+            totals.add_labels(outputs, labels)
+        if reference is not None:
+            totals.add_reference(outputs, reference.run(inputs))
+        totals.samples += len(inputs)
+        progress(totals.samples / total, f"evaluated {totals.samples}/{total} samples")
+    return totals.metrics(data.has_labels, reference is not None)
+
+
+def _checked(batches: Iterator[Any], cancel: CancelToken) -> Iterator[Any]:
+    """`batches`, with the cancel token checked before each is produced."""
+    while True:
+        cancel.check()
+        try:
+            yield next(batches)
+        except StopIteration:
+            return
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Wall-clock time of one forward pass on a fixed batch, in milliseconds."""
+
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    min_ms: float
+    repeats: int
+    batch_size: int
+    threads: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def measure_latency(
+    runner: Runner,
+    example_batch: np.ndarray,
+    *,
+    repeats: int = 50,
+    warmup: int = 5,
+    threads: int | None = 1,
+    cancel: CancelToken = NEVER_CANCELLED,
+) -> LatencyStats:
+    """Time `repeats` runs after `warmup` untimed ones. One thread by default: multi-threaded
+    timings on a shared desktop vary too much to compare before and after compression.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, not {repeats}")
+    timed = runner.with_threads(threads)
+    for _ in range(warmup):
+        cancel.check()
+        timed.run(example_batch)
+    times_ms = []
+    for _ in range(repeats):
+        cancel.check()
+        start = time.perf_counter()
+        timed.run(example_batch)
+        times_ms.append((time.perf_counter() - start) * 1000.0)
+    times = np.asarray(times_ms)
+    return LatencyStats(
+        median_ms=float(np.median(times)),
+        p90_ms=float(np.percentile(times, 90)),
+        mean_ms=float(times.mean()),
+        min_ms=float(times.min()),
+        repeats=repeats,
+        batch_size=len(example_batch),
+        threads=threads,
+    )
+
+
+def _class_log_probs(outputs: np.ndarray) -> np.ndarray:
+    """Log-softmax along the last axis, in float64 so KL of near-identical outputs stays >= 0."""
+    logits = outputs.astype(np.float64)
+    if logits.ndim < 2:
+        raise SlimscopeError(f"outputs of shape {outputs.shape[1:]} per sample have no class "
+                             "axis to score")
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _first_tensor(output: Any) -> "torch.Tensor":
+    """The logits of whatever a module returns: a tensor, a tuple, or a dict with 'logits'."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        output = [output["logits"]] if "logits" in output else list(output.values())
+    if isinstance(output, (list, tuple)):
+        for item in output:
+            if isinstance(item, torch.Tensor):
+                return item
+    raise SlimscopeError(f"the model returned {type(output).__name__}, not a tensor to score")
