@@ -66,3 +66,5 @@ class CompressedModel:
     activation_quant: dict[str, Any] | None = None
     #: the plan that produced this, as plain data.
     plan: dict[str, Any] = field(default_factory=dict)
+    #: one line per thing a method chose not to do, and why (e.g. a rank too high to pay off).
+    notes: list[str] = field(default_factory=list)

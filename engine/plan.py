@@ -1,0 +1,556 @@
+r"""A compression plan: plain data keyed by layer-name strings, resolved by priority.
+
+A plan never holds live modules, so a plan saved from the GUI replays identically from the CLI
+and on a fresh load of the same model. Settings come in three *sections* — ``pruning``,
+``quantization`` and ``low_rank`` — given at four levels, resolved like torch's
+``QConfigMapping``: **defaults < kinds < patterns < layers** (exact names).
+
+* A section set at a higher level replaces the whole section from lower levels (fields are
+  not merged one by one, so what a layer gets is always one readable block of the file).
+* A section set to ``null`` switches that technique off for the matched layers; ``keep``
+  (or ``{keep: true}``) switches all three off.
+* Pattern keys are shell-style globs (``fnmatch``, case-sensitive); a key starting with
+  ``re:`` is a Python regular expression that must match the whole name. When several
+  patterns match a layer, the later one in the file wins.
+* Defaults and patterns apply a section only to layer kinds that can take it (a ``features.*``
+  pattern does not try to quantize the BatchNorms it also matches). Kind and exact-name
+  overrides are explicit, so asking them for something the kind cannot do is an error.
+* Every kind, pattern and exact name must match at least one layer, otherwise resolution fails
+  with :class:`PlanError`: we chose an error over a warning because a typo would otherwise
+  silently compress nothing, and warnings are easy to miss in the CLI.
+
+Value rules (checked per layer in :meth:`Plan.resolve`, the error names layer and field):
+pruning ``amount`` in [0, 1); ``pattern`` "N:M" with 1 <= N <= M, M dividing the input
+channels; quantization ``bits`` 2..8 or "fp16"/"bf16"; ``group_size`` dividing the row length
+(``prod(weight.shape[1:])``, i.e. in_features, or in_channels*kh*kw for a conv); low-rank
+``rank`` >= 1 and <= min(out, row length), a multiple of the layer's group size and N:M M
+(it is the second factor's input), or ``energy`` in (0, 1]; ``structured`` only on
+Conv1d/2d/3d and Linear; every ``magnitude-global`` layer shares one amount.
+
+Example (YAML; JSON has the same structure)::
+
+    version: 1
+    defaults:
+      pruning: {method: magnitude, amount: 0.5}
+      quantization: {bits: 8, symmetric: true, granularity: per-channel, range: minmax}
+    kinds:
+      Linear:
+        quantization: {bits: 4, symmetric: false, granularity: group, group_size: 32, range: mse}
+    patterns:
+      "features.*":
+        pruning: {method: nm, pattern: "2:4"}
+      're:features\.(3|7)':   # single quotes: YAML keeps the backslash
+        pruning: {method: structured, amount: 0.25}
+    layers:
+      features.0: keep
+      classifier.1:
+        low_rank: {energy: 0.9}
+        quantization: {bits: fp16}
+      classifier.4:
+        pruning: null
+    activation_quant: {calibration: percentile, percentile: 99.99}
+    recovery: {epochs: 2}          # validated by engine.finetune, kept here as data
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, NamedTuple, Union
+
+import yaml
+
+from engine.errors import PlanError
+from engine.model import PRUNABLE_KINDS, QUANTIZABLE_KINDS
+
+PLAN_VERSION = 1
+
+PRUNING_METHODS = ("magnitude", "magnitude-global", "gradient", "taylor", "nm", "structured")
+GRANULARITIES = ("per-tensor", "per-channel", "group")
+RANGE_METHODS = ("minmax", "mse")
+FLOAT_FORMATS = ("fp16", "bf16")
+MIN_BITS, MAX_BITS = 2, 8
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
+#: Kinds whose output channels torch-pruning can physically remove.
+STRUCTURED_KINDS = frozenset({"Conv1d", "Conv2d", "Conv3d", "Linear"})
+#: Kinds with an input dimension along which N:M groups make sense (not embeddings).
+NM_KINDS = PRUNABLE_KINDS - {"Embedding", "Gather"}
+#: Kinds the SVD method can split into two layers.
+LOW_RANK_KINDS = frozenset({"Linear", "Conv2d"})
+
+SECTIONS = ("pruning", "quantization", "low_rank")
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """Remove weights: `amount` is the fraction removed; method "nm" takes `pattern` instead."""
+
+    method: str = "magnitude"
+    amount: float | None = None
+    pattern: str | None = None  # "N:M": at most N non-zeros in every M inputs
+
+    @property
+    def nm(self) -> tuple[int, int]:
+        """(N, M) of the pattern; only meaningful for method "nm"."""
+        n, m = (self.pattern or "2:4").split(":")
+        return int(n), int(m)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": self.method}
+        if self.method == "nm":
+            out["pattern"] = self.pattern or "2:4"
+        else:
+            out["amount"] = self.amount
+        return out
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """Weight quantization: integer `bits` (uniform codes) or a float format ("fp16", "bf16")."""
+
+    bits: int | str = 8
+    symmetric: bool = True
+    granularity: str = "per-channel"
+    group_size: int | None = None
+    range: str = "minmax"
+
+    @property
+    def is_float(self) -> bool:
+        return self.bits in FLOAT_FORMATS
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.is_float:
+            return {"bits": self.bits}
+        out: dict[str, Any] = {
+            "bits": self.bits,
+            "symmetric": self.symmetric,
+            "granularity": self.granularity,
+            "range": self.range,
+        }
+        if self.granularity == "group":
+            out["group_size"] = self.group_size
+        return out
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """Factorize into two layers of a fixed `rank`, or the smallest rank keeping `energy`
+    (fraction of the sum of squared singular values)."""
+
+    rank: int | None = None
+    energy: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank} if self.rank is not None else {"energy": self.energy}
+
+
+Section = Union[Pruning, Quantization, LowRank]
+#: The sections one level sets; a key present with value None switches the technique off.
+Sections = dict[str, Union[Section, None]]
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What happens to one layer after resolution; all three None means the layer is kept."""
+
+    pruning: Pruning | None = None
+    quantization: Quantization | None = None
+    low_rank: LowRank | None = None
+
+    @property
+    def keep(self) -> bool:
+        return self.pruning is None and self.quantization is None and self.low_rank is None
+
+    def to_dict(self) -> dict[str, Any] | str:
+        return _sections_to_data({k: getattr(self, k) for k in SECTIONS})
+
+
+@dataclass(frozen=True)
+class ActivationQuant:
+    """Static int8 activation quantization, applied by the ONNX exporter after calibration."""
+
+    calibration: str = "minmax"
+    percentile: float = 99.999
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"calibration": self.calibration}
+        if self.calibration == "percentile":
+            out["percentile"] = self.percentile
+        return out
+
+
+class LayerInfo(NamedTuple):
+    """What resolution needs to know about a layer; `shape` None skips the shape checks."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...] | None = None
+
+
+LayerSource = Union[Mapping[str, str], Iterable[Any]]
+
+
+@dataclass
+class Plan:
+    """Global defaults plus overrides by layer kind, name pattern and exact name."""
+
+    defaults: Sections = field(default_factory=dict)
+    kinds: dict[str, Sections] = field(default_factory=dict)
+    patterns: dict[str, Sections] = field(default_factory=dict)
+    layers: dict[str, Sections] = field(default_factory=dict)
+    activation_quant: ActivationQuant | None = None
+    #: Fine-tuning settings, validated by engine.finetune; carried here untouched.
+    recovery: dict[str, Any] | None = None
+
+    # -- resolution ---------------------------------------------------------------------
+    def resolve(self, layers: LayerSource) -> dict[str, LayerPlan]:
+        """Every layer's settings after priority resolution, checked against its kind and shape.
+
+        `layers` is a name -> kind mapping, or an iterable of objects with ``name``, ``kind``
+        and ``shape`` (e.g. :class:`engine.model.Layer`), or of ``(name, kind[, shape])`` tuples.
+        """
+        infos = _layer_infos(layers)
+        self._check_overrides_match(infos)
+        resolved = {info.name: self._resolve_one(info) for info in infos}
+        _check_global_amount(resolved)
+        return resolved
+
+    def _resolve_one(self, info: LayerInfo) -> LayerPlan:
+        chosen: dict[str, tuple[Section | None, str]] = {}
+        for origin, sections, explicit in self._levels_for(info):
+            for key, section in sections.items():
+                if section is not None and not explicit and not _applies(key, section, info.kind):
+                    continue
+                chosen[key] = (section, origin)
+        for key, (section, origin) in chosen.items():
+            if section is not None:
+                _check_section(info, key, section, origin)
+        layer_plan = LayerPlan(**{key: section for key, (section, _) in chosen.items()})
+        _check_rank_splits(info, layer_plan)
+        return layer_plan
+
+    def _levels_for(self, info: LayerInfo) -> Iterable[tuple[str, Sections, bool]]:
+        """(where it came from, sections, explicit?) from lowest to highest priority."""
+        yield "defaults", self.defaults, False
+        if info.kind in self.kinds:
+            yield f"kinds[{info.kind!r}]", self.kinds[info.kind], True
+        for pattern, sections in self.patterns.items():
+            if pattern_matches(pattern, info.name):
+                yield f"patterns[{pattern!r}]", sections, False
+        if info.name in self.layers:
+            yield f"layers[{info.name!r}]", self.layers[info.name], True
+
+    def _check_overrides_match(self, infos: list[LayerInfo]) -> None:
+        names = {info.name for info in infos}
+        kinds = {info.kind for info in infos}
+        for kind in self.kinds:
+            if kind not in kinds:
+                raise PlanError(f"plan kinds[{kind!r}]: no layer of this kind in the model")
+        for pattern in self.patterns:
+            if not any(pattern_matches(pattern, name) for name in names):
+                raise PlanError(f"plan patterns[{pattern!r}]: the pattern matches no layer")
+        for name in self.layers:
+            if name not in names:
+                raise PlanError(f"layer {name!r}: no layer of this name in the model")
+
+    # -- plain data ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"version": PLAN_VERSION}
+        if self.defaults:
+            out["defaults"] = _sections_to_data(self.defaults)
+        for level in ("kinds", "patterns", "layers"):
+            table = getattr(self, level)
+            if table:
+                out[level] = {key: _sections_to_data(s) for key, s in table.items()}
+        if self.activation_quant is not None:
+            out["activation_quant"] = self.activation_quant.to_dict()
+        if self.recovery is not None:
+            out["recovery"] = self.recovery
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
+        if not isinstance(data, Mapping):
+            raise PlanError("plan: expected a mapping at the top level")
+        _reject_unknown(
+            "plan", data,
+            {"version", "defaults", "kinds", "patterns", "layers", "activation_quant", "recovery"},
+        )
+        version = data.get("version", PLAN_VERSION)
+        if version != PLAN_VERSION:
+            raise PlanError(f"plan version: {version!r} is not supported (expected {PLAN_VERSION})")
+        tables: dict[str, dict[str, Sections]] = {}
+        for level in ("kinds", "patterns", "layers"):
+            raw = data.get(level) or {}
+            if not isinstance(raw, Mapping):
+                raise PlanError(f"plan {level}: expected a mapping of names to settings")
+            tables[level] = {str(k): _sections_from_data(f"{level}[{k!r}]", v) for k, v in raw.items()}
+        for pattern in tables["patterns"]:
+            _compile_pattern(pattern)
+        recovery = data.get("recovery")
+        if recovery is not None and not isinstance(recovery, Mapping):
+            raise PlanError("plan recovery: expected a mapping")
+        return cls(
+            defaults=_sections_from_data("defaults", data.get("defaults") or {}),
+            kinds=tables["kinds"],
+            patterns=tables["patterns"],
+            layers=tables["layers"],
+            activation_quant=_activation_from_data(data.get("activation_quant")),
+            recovery=dict(recovery) if recovery is not None else None,
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write YAML (.yaml/.yml) or JSON (.json), chosen by the file extension."""
+        path = Path(path)
+        data = self.to_dict()
+        if _is_yaml(path):
+            text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+        else:
+            text = json.dumps(data, indent=2) + "\n"
+        path.write_text(text, encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        is_yaml = _is_yaml(path)
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = yaml.safe_load(text) if is_yaml else json.loads(text)
+        except (yaml.YAMLError, json.JSONDecodeError) as exc:
+            first_line = str(exc).splitlines()[0]
+            raise PlanError(f"plan {path.name}: not valid {'YAML' if is_yaml else 'JSON'}: {first_line}") from None
+        return cls.from_dict(data or {})
+
+
+# -- patterns ------------------------------------------------------------------------------
+def _compile_pattern(pattern: str) -> re.Pattern[str]:
+    if pattern.startswith("re:"):
+        try:
+            return re.compile(pattern[3:])
+        except re.error as exc:
+            raise PlanError(f"plan patterns[{pattern!r}]: invalid regular expression ({exc})") from None
+    return re.compile(fnmatch.translate(pattern))
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    """Glob match, or full regular-expression match for keys starting with ``re:``."""
+    return _compile_pattern(pattern).fullmatch(name) is not None
+
+
+# -- checks ------------------------------------------------------------------------------
+def _applies(key: str, section: Section, kind: str) -> bool:
+    """Whether a section is something this kind of layer can take at all."""
+    if key == "pruning":
+        assert isinstance(section, Pruning)
+        kinds = {"structured": STRUCTURED_KINDS, "nm": NM_KINDS}.get(section.method, PRUNABLE_KINDS)
+        return kind in kinds
+    if key == "quantization":
+        return kind in QUANTIZABLE_KINDS
+    return kind in LOW_RANK_KINDS
+
+
+def _row_length(shape: tuple[int, ...]) -> int:
+    return math.prod(shape[1:]) if len(shape) > 1 else 1
+
+
+def _check_section(info: LayerInfo, key: str, section: Section, origin: str) -> None:
+    """Raise PlanError naming the layer and field when `section` cannot apply to `info`."""
+
+    def fail(field_name: str, problem: str) -> None:
+        raise PlanError(f"layer {info.name!r} ({info.kind}, from {origin}): {key}.{field_name} {problem}")
+
+    if not _applies(key, section, info.kind):
+        what = f"{key}.method {section.method!r}" if isinstance(section, Pruning) else key
+        raise PlanError(f"layer {info.name!r} (from {origin}): {what} cannot apply to {info.kind} layers")
+    shape = info.shape
+    if isinstance(section, Pruning):
+        if section.method == "nm":
+            n, m = _parse_nm(section.pattern or "2:4", fail)
+            if shape is not None and len(shape) > 1 and shape[1] % m:
+                fail("pattern", f"{section.pattern!r}: M={m} does not divide the {shape[1]} input channels")
+        elif not _is_number(section.amount) or not 0 <= section.amount < 1:
+            fail("amount", f"= {section.amount!r} must be a number in [0, 1)")
+    elif isinstance(section, Quantization):
+        if section.is_float:
+            return
+        if not _is_int(section.bits) or not MIN_BITS <= section.bits <= MAX_BITS:
+            fail("bits", f"= {section.bits!r} must be an integer {MIN_BITS}..{MAX_BITS} or one of {', '.join(FLOAT_FORMATS)}")
+        if section.granularity == "group":
+            size = section.group_size
+            if not _is_int(size) or size < 1:
+                fail("group_size", f"= {size!r} must be a positive integer")
+            if shape is not None and _row_length(shape) % size:
+                fail("group_size", f"= {size} does not divide the input dimension {_row_length(shape)}")
+    elif isinstance(section, LowRank):
+        if section.rank is not None:
+            if not _is_int(section.rank) or section.rank < 1:
+                fail("rank", f"= {section.rank!r} must be a positive integer")
+            if shape is not None and section.rank > min(shape[0], _row_length(shape)):
+                fail("rank", f"= {section.rank} exceeds the full rank {min(shape[0], _row_length(shape))}")
+        elif not _is_number(section.energy) or not 0 < section.energy <= 1:
+            fail("energy", f"= {section.energy!r} must be a number in (0, 1]")
+
+
+def _check_rank_splits(info: LayerInfo, layer_plan: LayerPlan) -> None:
+    """A fixed rank is the second factor's input dimension, so group and N:M sizes must divide it."""
+    low_rank, quant, pruning = layer_plan.low_rank, layer_plan.quantization, layer_plan.pruning
+    if low_rank is None or low_rank.rank is None:
+        return
+    sizes = []
+    if quant is not None and not quant.is_float and quant.granularity == "group":
+        sizes.append(("quantization.group_size", quant.group_size))
+    if pruning is not None and pruning.method == "nm":
+        sizes.append(("pruning.pattern M", pruning.nm[1]))
+    for what, size in sizes:
+        if low_rank.rank % size:
+            raise PlanError(
+                f"layer {info.name!r}: low_rank.rank {low_rank.rank} must be a multiple of {what} {size}, "
+                "which splits the second factor's input"
+            )
+
+
+def _check_global_amount(resolved: Mapping[str, LayerPlan]) -> None:
+    """Global magnitude pruning uses one threshold, so it needs one amount."""
+    first: tuple[str, float] | None = None
+    for name, layer_plan in resolved.items():
+        pruning = layer_plan.pruning
+        if pruning is None or pruning.method != "magnitude-global":
+            continue
+        if first is None:
+            first = (name, pruning.amount)
+        elif pruning.amount != first[1]:
+            raise PlanError(
+                f"layer {name!r}: pruning.amount {pruning.amount} differs from {first[1]} on "
+                f"{first[0]!r}; magnitude-global layers share one amount"
+            )
+
+
+def _parse_nm(pattern: Any, fail: Any) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
+    if not match:
+        fail("pattern", f"= {pattern!r} must look like 'N:M', e.g. '2:4'")
+    n, m = int(match.group(1)), int(match.group(2))
+    if n < 1 or n > m:
+        fail("pattern", f"= {pattern!r} needs 1 <= N <= M")
+    return n, m
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# -- reading and writing plain data -----------------------------------------------------------
+_SECTION_FIELDS = {
+    "pruning": (Pruning, {"method", "amount", "pattern"}),
+    "quantization": (Quantization, {"bits", "symmetric", "granularity", "group_size", "range"}),
+    "low_rank": (LowRank, {"rank", "energy"}),
+}
+
+
+def _sections_to_data(sections: Mapping[str, Section | None]) -> dict[str, Any] | str:
+    if len(sections) == len(SECTIONS) and all(sections.get(k) is None for k in SECTIONS):
+        return "keep"
+    return {key: (section.to_dict() if section is not None else None) for key, section in sections.items()}
+
+
+def _sections_from_data(where: str, raw: Any) -> Sections:
+    if raw == "keep" or (isinstance(raw, Mapping) and raw.get("keep") is True and len(raw) == 1):
+        return {key: None for key in SECTIONS}
+    if not isinstance(raw, Mapping):
+        raise PlanError(f"plan {where}: expected a mapping of sections or 'keep', got {raw!r}")
+    _reject_unknown(f"plan {where}", raw, set(SECTIONS))
+    return {key: _section_from_data(f"{where}.{key}", key, value) for key, value in raw.items()}
+
+
+def _section_from_data(where: str, key: str, raw: Any) -> Section | None:
+    if raw is None:
+        return None
+    cls, fields = _SECTION_FIELDS[key]
+    if not isinstance(raw, Mapping):
+        raise PlanError(f"plan {where}: expected a mapping, got {raw!r}")
+    _reject_unknown(f"plan {where}", raw, fields)
+    if key == "pruning":
+        method = raw.get("method", "magnitude")
+        if method not in PRUNING_METHODS:
+            raise PlanError(f"plan {where}.method: {method!r} is not one of {', '.join(PRUNING_METHODS)}")
+        if method == "nm":
+            return Pruning(method, pattern=str(raw.get("pattern", "2:4")))
+        if "amount" not in raw:
+            raise PlanError(f"plan {where}.amount: required for method {method!r}")
+        return Pruning(method, amount=raw["amount"])
+    if key == "quantization":
+        granularity = raw.get("granularity", "per-channel")
+        if granularity not in GRANULARITIES:
+            raise PlanError(f"plan {where}.granularity: {granularity!r} is not one of {', '.join(GRANULARITIES)}")
+        range_method = raw.get("range", "minmax")
+        if range_method not in RANGE_METHODS:
+            raise PlanError(f"plan {where}.range: {range_method!r} is not one of {', '.join(RANGE_METHODS)}")
+        symmetric = raw.get("symmetric", True)
+        if not isinstance(symmetric, bool):
+            raise PlanError(f"plan {where}.symmetric: expected true or false, got {symmetric!r}")
+        if granularity == "group" and "group_size" not in raw:
+            raise PlanError(f"plan {where}.group_size: required for granularity 'group'")
+        return Quantization(
+            bits=raw.get("bits", 8),
+            symmetric=symmetric,
+            granularity=granularity,
+            group_size=raw.get("group_size") if granularity == "group" else None,
+            range=range_method,
+        )
+    if ("rank" in raw) == ("energy" in raw):
+        raise PlanError(f"plan {where}: give exactly one of rank or energy")
+    return LowRank(rank=raw.get("rank"), energy=raw.get("energy"))
+
+
+def _activation_from_data(raw: Any) -> ActivationQuant | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise PlanError(f"plan activation_quant: expected a mapping, got {raw!r}")
+    _reject_unknown("plan activation_quant", raw, {"calibration", "percentile"})
+    calibration = raw.get("calibration", "minmax")
+    if calibration not in CALIBRATION_METHODS:
+        raise PlanError(
+            f"plan activation_quant.calibration: {calibration!r} is not one of {', '.join(CALIBRATION_METHODS)}"
+        )
+    percentile = raw.get("percentile", ActivationQuant.percentile)
+    if not _is_number(percentile) or not 0 < percentile <= 100:
+        raise PlanError(f"plan activation_quant.percentile: {percentile!r} must be in (0, 100]")
+    return ActivationQuant(calibration, float(percentile))
+
+
+def _reject_unknown(where: str, raw: Mapping[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise PlanError(f"{where}: unknown field {unknown[0]!r} (expected {', '.join(sorted(allowed))})")
+
+
+def _layer_infos(layers: LayerSource) -> list[LayerInfo]:
+    if isinstance(layers, Mapping):
+        return [LayerInfo(str(name), str(kind)) for name, kind in layers.items()]
+    infos = []
+    for item in layers:
+        if isinstance(item, tuple):
+            infos.append(LayerInfo(*item))
+        else:
+            shape = getattr(item, "shape", None)
+            infos.append(LayerInfo(item.name, item.kind, tuple(shape) if shape is not None else None))
+    return infos
+
+
+def _is_yaml(path: Path) -> bool:
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        return True
+    if suffix == ".json":
+        return False
+    raise PlanError(f"plan {path.name}: unknown extension {suffix!r} (use .yaml, .yml or .json)")
