@@ -1,0 +1,78 @@
+"""`slimscope compress MODEL --plan PLAN -o OUT [--data PATH|demo] [--report report.json]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from engine.commands._common import (
+    add_model_arguments,
+    human_bytes,
+    load_from_args,
+    resolve_model_path,
+    write_json,
+)
+from engine.compress import CompressionReport, compress
+from engine.data import open_data
+from engine.plan import Plan
+from engine.safe_write import refuse_input_overwrite
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("compress", help="apply a plan, measure, and write the result")
+    add_model_arguments(parser)
+    parser.add_argument("--plan", required=True, help="plan file (.yaml/.yml/.json)")
+    parser.add_argument("-o", "--output", required=True, help="output file")
+    parser.add_argument("--data", help="evaluation data: demo, synthetic[:N], an image folder, "
+                        "or a .npy/.npz file (default: demo for the demo model, else none)")
+    parser.add_argument("--calibration", help="calibration data (default: the first samples "
+                        "of --data; demo:calibration for the demo)")
+    parser.add_argument("--report", help="write the report as JSON to this file")
+    parser.add_argument("--no-measure", action="store_true",
+                        help="skip evaluation and latency measurement")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_from_args(args)
+    plan = Plan.load(args.plan)
+    data_spec = args.data or ("demo" if args.model == "demo" else None)
+    data = open_data(data_spec, model.inputs) if data_spec else None
+    calibration_spec = args.calibration or ("demo:calibration" if data_spec == "demo" else None)
+    calibration = open_data(calibration_spec, model.inputs) if calibration_spec else None
+    output = Path(args.output)
+    refuse_input_overwrite(output, model.path, resolve_model_path(args.model))
+    compressed, report = compress(model, plan, data, calibration=calibration,
+                                  measure=not args.no_measure, progress=_print_progress)
+    from engine.export import write_output
+
+    written = write_output(compressed, model, output, inputs=[resolve_model_path(args.model)])
+    print(format_summary(report), file=sys.stderr)
+    print(f"wrote {written} ({human_bytes(written.stat().st_size)})", file=sys.stderr)
+    if args.report:
+        write_json(report.to_dict(), args.report)
+    return 0
+
+
+def _print_progress(fraction: float, message: str = "") -> None:
+    if sys.stderr.isatty():
+        print(f"\r[{fraction:5.1%}] {message[:70]:<70}", end="", file=sys.stderr, flush=True)
+
+
+def format_summary(report: CompressionReport) -> str:
+    lines = [f"size: {human_bytes(report.bytes_before)} -> {human_bytes(report.bytes_after)} "
+             f"({report.size_ratio:.3f}x); params {report.params_before} -> "
+             f"{report.params_after}"]
+    if report.metrics_before and report.metrics_after:
+        for key in ("accuracy", "agreement", "kl_divergence"):
+            before, after = report.metrics_before.get(key), report.metrics_after.get(key)
+            if after is not None:
+                lines.append(f"{key}: {'' if before is None else f'{before:.4f} -> '}{after:.4f}")
+    if report.latency_before_ms is not None:
+        lines.append(f"latency (1 thread, median): {report.latency_before_ms:.2f} ms -> "
+                     f"{report.latency_after_ms:.2f} ms")
+    lines.extend(f"note: {note}" for note in report.notes)
+    if sys.stderr.isatty():
+        lines.insert(0, "")
+    return "\n".join(lines)
