@@ -219,6 +219,25 @@ class Model:
         }
 
 
+def layer_from_store(
+    name: str, kind: str, store: TensorStore, weight_key: str, bias_key: str | None = None
+) -> Layer:
+    """A layer described from its tensors' shapes alone; `params`/`nbytes` include the bias."""
+    keys = [weight_key] + ([bias_key] if bias_key else [])
+    return Layer(
+        name=name,
+        kind=kind,
+        weight_key=weight_key,
+        shape=tuple(store.shapes[weight_key]),
+        dtype=store.dtypes[weight_key],
+        params=sum(store.numel(key) for key in keys),
+        nbytes=sum(store.nbytes(key) for key in keys),
+        bias_key=bias_key,
+        prunable=kind in PRUNABLE_KINDS,
+        quantizable=kind in QUANTIZABLE_KINDS,
+    )
+
+
 def mark_shared(layers: Iterable[Layer], canonical_key: Callable[[str], str]) -> None:
     """Set `shared_with` on every layer whose weight is the same storage as an earlier one's."""
     first_owner: dict[str, str] = {}

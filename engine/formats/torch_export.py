@@ -1,0 +1,183 @@
+"""torch.export archives (``.pt2`` from ``torch.export.save``): an ATen graph plus its weights.
+
+The zip layout is `<root>/archive_format`, `<root>/models/*.json` and `<root>/data/weights/...`
+(older torch wrote `serialized_exported_program.json`). Layer kinds come from the graph's
+operators, because ``ExportedProgram.module()`` keeps weights on plain ``nn.Module`` holders
+that no longer say what they were. Input shapes come from the graph's placeholders.
+
+``torch.export.load`` unpickles some members with ``weights_only=False`` (pickled weights and
+constants, custom objects, sample inputs as a fallback), so a crafted archive could run code.
+Before loading, every member it would unpickle is checked with the weights-only unpickler;
+anything more needs the user's trust, as for any pickle.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.export.pt2_archive import constants as pt2
+
+from engine.formats import LoadOptions
+from engine.formats._torch_common import (
+    guess_kind,
+    is_weights_only_refusal,
+    module_model,
+    referenced_globals,
+    untrusted_pickle_error,
+)
+from engine.model import Model, TensorSpec, numpy_dtype_name
+
+NAME = "torch-export"
+
+#: ATen operator -> (layer kind, or None to derive it from ranks; index of its weight argument).
+_WEIGHT_OPS: dict[str, tuple[str | None, int]] = {
+    "conv1d": ("Conv1d", 1),
+    "conv2d": ("Conv2d", 1),
+    "conv3d": ("Conv3d", 1),
+    "conv_transpose1d": ("ConvTranspose1d", 1),
+    "conv_transpose2d": ("ConvTranspose2d", 1),
+    "conv_transpose3d": ("ConvTranspose3d", 1),
+    "convolution": (None, 1),
+    "linear": ("Linear", 1),
+    "embedding": ("Embedding", 0),
+    "batch_norm": (None, 1),
+    "native_batch_norm": (None, 1),
+    "_native_batch_norm_legit_no_training": (None, 1),
+    "_native_batch_norm_legit_functional": (None, 1),
+    "layer_norm": ("LayerNorm", 2),
+    "native_layer_norm": ("LayerNorm", 2),
+    "group_norm": ("GroupNorm", 2),
+}
+_ARCHIVE_MARKERS = ("archive_format", "serialized_exported_program.json")
+#: Plain-text members of a .pt2 archive that torch.export.load never unpickles.
+_TEXT_MEMBERS = frozenset({"archive_format", "archive_version", "byteorder", "version",
+                           "serialization_id"})
+
+
+def match(path: Path, head: bytes, zip_names: list[str]) -> bool:
+    return any(name.rsplit("/", 1)[-1] in _ARCHIVE_MARKERS for name in zip_names)
+
+
+def load(path: Path, options: LoadOptions) -> Model:
+    if not options.trust:
+        _refuse_code_in(path)
+    program = torch.export.load(str(path))
+    kinds = _layer_kinds(program)
+    module = program.module()
+
+    def kind_of(name: str, submodule: nn.Module) -> str:
+        weight = submodule.get_parameter("weight")
+        buffers = dict(submodule.named_buffers(recurse=False))
+        return kinds.get(name) or guess_kind(
+            name, tuple(weight.shape), has_running_stats="running_mean" in buffers
+        ) or "Tensor"
+
+    return module_model(path, NAME, module, inputs=_user_inputs(program),
+                        input_shape=options.input_shape, kind_of=kind_of)
+
+
+def _refuse_code_in(path: Path) -> None:
+    """Raise UntrustedPickleError if loading would unpickle more than tensors and containers.
+
+    Every member is tried except JSON, plain-text markers and raw tensor payloads; an unknown
+    member counts as a pickle, erring on the side of asking.
+    """
+    with zipfile.ZipFile(path) as archive:
+        raw_payloads = _raw_tensor_members(archive)
+        for name in archive.namelist():
+            leaf = name.rpartition("/")[2]
+            if name in raw_payloads or leaf.endswith(".json") or leaf in _TEXT_MEMBERS:
+                continue
+            payload = io.BytesIO(archive.read(name))
+            if leaf.startswith((pt2.CUSTOM_OBJ_FILENAME_PREFIX, pt2.OPAQUE_OBJ_FILENAME_PREFIX)):
+                raise untrusted_pickle_error(path.name, referenced_globals(payload) or [leaf])
+            try:
+                torch.load(payload, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as exc:
+                if is_weights_only_refusal(exc):
+                    raise untrusted_pickle_error(path.name, referenced_globals(payload)) from None
+            except Exception:  # noqa: BLE001 - not a pickle; nothing here can run
+                continue
+
+
+def _raw_tensor_members(archive: zipfile.ZipFile) -> set[str]:
+    """Members the payload configs declare as raw tensor bytes only, never to be unpickled."""
+    raw: set[str] = set()
+    pickled: set[str] = set()
+    for name in archive.namelist():
+        if not name.endswith("_config.json"):
+            continue
+        folder = name.rpartition("/")[0]
+        try:
+            config = json.loads(archive.read(name)).get("config", {})
+        except (ValueError, AttributeError):
+            continue
+        for entry in config.values():
+            if isinstance(entry, dict) and entry.get("path_name"):
+                member = f"{folder}/{entry['path_name']}"
+                (pickled if entry.get("use_pickle") else raw).add(member)
+    return raw - pickled
+
+
+def _rank(node: object) -> int | None:
+    value = getattr(node, "meta", {}).get("val")
+    return value.dim() if isinstance(value, torch.Tensor) else None
+
+
+def _layer_kinds(program: torch.export.ExportedProgram) -> dict[str, str]:
+    """Layer name -> kind, from the operators that read each weight.
+
+    The layer is the module that called the operator (its `nn_module_stack`), falling back to
+    the parameter's own path: with tied weights the graph names one parameter for both uses,
+    and only the calling module tells the embedding lookup from the output projection.
+    """
+    parameters = program.graph_signature.inputs_to_parameters
+    by_caller: dict[str, str] = {}
+    by_parameter: dict[str, str] = {}
+    for node in program.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        op = node.target.overloadpacket.__name__
+        if op not in _WEIGHT_OPS:
+            continue
+        kind, index = _WEIGHT_OPS[op]
+        weight = node.args[index] if len(node.args) > index else None
+        target = parameters.get(getattr(weight, "name", ""))
+        if target is None or not target.endswith("weight"):
+            continue
+        kind = kind or _derived_kind(op, node, weight)
+        by_parameter.setdefault(target.removesuffix("weight").removesuffix("."), kind)
+        stack = node.meta.get("nn_module_stack") or {}
+        if stack:
+            caller_path = list(stack.values())[-1][0]
+            by_caller.setdefault(caller_path, kind)
+    return {**by_parameter, **by_caller}
+
+
+def _derived_kind(op: str, node: torch.fx.Node, weight: torch.fx.Node) -> str:
+    """Kinds the operator leaves open: BatchNorm by input rank, convolution by weight rank."""
+    if op == "convolution":
+        rank = _rank(weight) or 4
+        transposed = len(node.args) > 6 and bool(node.args[6])
+        return f"{'ConvTranspose' if transposed else 'Conv'}{rank - 2}d"
+    rank = _rank(node.args[0]) or 4
+    return f"BatchNorm{max(rank - 2, 1)}d"
+
+
+def _user_inputs(program: torch.export.ExportedProgram) -> list[TensorSpec]:
+    """The placeholders a caller feeds, with symbolic dimensions as strings ('s0')."""
+    user_inputs = set(program.graph_signature.user_inputs)
+    specs = []
+    for node in program.graph.nodes:
+        value = node.meta.get("val")
+        is_user_input = node.op == "placeholder" and node.name in user_inputs
+        if is_user_input and isinstance(value, torch.Tensor):
+            shape = tuple(int(d) if isinstance(d, int) else str(d) for d in value.shape)
+            specs.append(TensorSpec(node.name, shape, numpy_dtype_name(value.dtype)))
+    return specs

@@ -1,0 +1,34 @@
+"""TorchScript archives (``torch.jit.save``): a runnable module whose code travels with it.
+
+The zip holds `<root>/code/` (the serialized TorchScript source) and `<root>/constants.pkl`,
+which a plain ``torch.save`` archive never has. Loading runs no Python pickle globals: the code
+is TorchScript, interpreted by torch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from engine.formats import LoadOptions
+from engine.formats._torch_common import module_model
+from engine.model import Model
+
+NAME = "torchscript"
+
+
+def match(path: Path, head: bytes, zip_names: list[str]) -> bool:
+    has_code = any("/code/" in name for name in zip_names)
+    has_constants = any(name.rsplit("/", 1)[-1] == "constants.pkl" for name in zip_names)
+    return has_code and has_constants
+
+
+def load(path: Path, options: LoadOptions) -> Model:
+    with warnings.catch_warnings():
+        # torch deprecates writing TorchScript; files that exist still need reading.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        module = torch.jit.load(str(path), map_location="cpu")
+    module.eval()
+    return module_model(path, NAME, module, input_shape=options.input_shape)
