@@ -123,7 +123,8 @@ def runner_for(model: "Model", threads: int | None = None) -> Runner:
     if model.module is not None:
         return TorchRunner(model.module, threads)
     if model.onnx_model is not None:
-        return OnnxRunner(model.onnx_model, threads)
+        # The file path, not the proto: ONNX Runtime then finds external weight files itself.
+        return OnnxRunner(model.path, threads)
     raise NeedsModuleError(f"{model.path.name} holds only weights; evaluating it needs a "
                            "runnable model (a known architecture, TorchScript, or ONNX)")
 

@@ -234,3 +234,17 @@ def test_metrics_primary_falls_back_to_agreement() -> None:
     assert Metrics(samples=4, agreement=0.75).primary == 0.75
     assert Metrics(samples=4, accuracy=0.5, agreement=0.75).primary == 0.5
     assert Metrics(samples=4).primary is None
+
+
+def test_onnx_model_with_external_weights_runs_from_its_file(tmp_path) -> None:
+    import numpy as np
+
+    from engine.evaluate import runner_for
+    from engine.formats import load_model
+    from factories import write_onnx_external_data
+
+    model = load_model(write_onnx_external_data(tmp_path))
+    spec = model.inputs[0]
+    shape = [d if isinstance(d, int) else 2 for d in spec.shape]
+    outputs = runner_for(model).run(np.ones(shape, np.float32))
+    assert outputs.shape[0] == shape[0] and np.isfinite(outputs).all()
