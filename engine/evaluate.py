@@ -118,12 +118,20 @@ class OnnxRunner:
         return OnnxRunner(self._model_bytes, threads)
 
 
+#: Protobuf's 2 GiB message limit, with room for the graph.
+ONNX_IN_MEMORY_LIMIT = 1_800_000_000
+
+
 def runner_for(model: "Model", threads: int | None = None) -> Runner:
     """A runner for a loaded model: its torch module if it has one, else its ONNX graph."""
     if model.module is not None:
         return TorchRunner(model.module, threads)
     if model.onnx_model is not None:
-        # The file path, not the proto: ONNX Runtime then finds external weight files itself.
+        from engine.formats.onnx_format import EXTERNAL_DATA_DIR_KEY, proto_with_weights
+
+        if EXTERNAL_DATA_DIR_KEY in model.metadata and model.nbytes < ONNX_IN_MEMORY_LIMIT:
+            # ONNX Runtime cannot read external data for shape-like inputs; give it all inline.
+            return OnnxRunner(proto_with_weights(model), threads)
         return OnnxRunner(model.path, threads)
     raise NeedsModuleError(f"{model.path.name} holds only weights; evaluating it needs a "
                            "runnable model (a known architecture, TorchScript, or ONNX)")
