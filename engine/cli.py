@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
 from engine import __version__
-from engine.errors import SlimscopeError
+from engine.errors import SlimscopeError, one_line
 from engine.jobs import Cancelled
 
 #: Subcommand modules, in the order `--help` lists them.
 COMMANDS = ("inspect", "sensitivity", "plan", "compress")
 EXIT_USAGE = 2
+EXIT_INTERNAL = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("slimscope: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a bug of ours: one line, traceback on request
+        if os.environ.get("SLIMSCOPE_DEBUG"):
+            raise
+        print(f"slimscope: internal error: {type(exc).__name__}: {one_line(exc)} "
+              "(set SLIMSCOPE_DEBUG=1 to see the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":
