@@ -107,7 +107,11 @@ def compute_histogram(
 
 
 class StatsCache:
-    """Caches statistics and histograms of one model's layers, keyed by layer name."""
+    """Caches statistics and histograms of one model's layers, keyed by layer name.
+
+    Not locked: callers that compute from several threads serialize access themselves (the app
+    computes on one background thread and only peeks from the GUI thread).
+    """
 
     def __init__(self, model: Model) -> None:
         self.model = model
@@ -119,6 +123,14 @@ class StatsCache:
         if name not in self._stats:
             self._stats[name] = compute_stats(self.model.weight(name))
         return self._stats[name]
+
+    def cached_stats(self, name: str) -> LayerStats | None:
+        """The statistics if already computed, without computing them."""
+        return self._stats.get(name)
+
+    def cached_histogram(self, name: str, bins: int = DEFAULT_BINS) -> Histogram | None:
+        """The histogram if already computed, without computing it."""
+        return self._histograms.get((name, bins))
 
     def histogram(self, layer: Layer | str, bins: int = DEFAULT_BINS) -> Histogram:
         name = layer if isinstance(layer, str) else layer.name

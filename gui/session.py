@@ -100,14 +100,14 @@ class Session(QObject):
         """The layer's statistics if already computed, else None; never computes."""
         if self.stats is None:
             return None
-        return self.stats._stats.get(name)  # noqa: SLF001 - StatsCache has no public peek yet
+        return self.stats.cached_stats(name)
 
     def cached_histogram(self, name: str) -> Histogram | None:
         """The layer's histogram (at :func:`bins_for` bins) if already computed, else None; never computes."""
         if self.stats is None or self.model is None:
             return None
         bins = bins_for(self.weight_count(name))
-        return self.stats._histograms.get((name, bins))  # noqa: SLF001 - as above
+        return self.stats.cached_histogram(name, bins)
 
     def request_histogram(self, name: str) -> None:
         """Make sure `name`'s statistics and histogram exist; `layer_histogram_ready` follows.
