@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -19,6 +19,8 @@ DEFAULT_BINS = 128
 OUTLIER_SIGMAS = 3.0
 #: Below this magnitude a weight counts as zero for sparsity.
 ZERO_TOLERANCE = 0.0
+#: Elements processed at a time, so float64 temporaries stay small.
+CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -60,14 +62,22 @@ def compute_stats(weights: np.ndarray) -> LayerStats:
     if finite.size == 0:
         nan = float("nan")
         return LayerStats(count, nan, nan, nan, nan, nan, 0.0, nan, 0.0, non_finite)
-    # float64 accumulation keeps the moments exact enough on 100M-element tensors.
+    # float64 accumulation keeps the moments exact enough on 100M-element tensors; chunks keep
+    # the float64 temporaries in cache instead of doubling the layer in memory.
     mean = float(np.mean(finite, dtype=np.float64))
-    centered = finite.astype(np.float64) - mean
-    var = float(np.mean(centered * centered))
+    sum2 = sum4 = 0.0
+    for chunk in _chunks(finite):
+        centered = chunk.astype(np.float64) - mean
+        squared = centered * centered
+        sum2 += float(squared.sum())
+        sum4 += float((squared * squared).sum())
+    var = sum2 / finite.size
     std = math.sqrt(var)
     if var > 0:
-        kurtosis = float(np.mean((centered * centered) ** 2) / (var * var) - 3.0)
-        outliers = float(np.count_nonzero(np.abs(centered) > OUTLIER_SIGMAS * std)) / finite.size
+        kurtosis = (sum4 / finite.size) / (var * var) - 3.0
+        far = sum(int(np.count_nonzero(np.abs(chunk.astype(np.float64) - mean)
+                                       > OUTLIER_SIGMAS * std)) for chunk in _chunks(finite))
+        outliers = far / finite.size
     else:
         kurtosis, outliers = 0.0, 0.0
     zeros = count - int(np.count_nonzero(flat))
@@ -102,8 +112,23 @@ def compute_histogram(
         lo, hi = value_range
     if lo == hi:
         lo, hi = lo - 0.5, hi + 0.5
-    counts, edges = np.histogram(flat, bins=bins, range=(lo, hi))
-    return Histogram(counts.astype(np.int64), edges)
+    # Uniform bins by index arithmetic + bincount: about twice numpy.histogram's speed; values
+    # on a bin edge may land one bin apart from numpy's choice.
+    counts = np.zeros(bins, np.int64)
+    scale = bins / (hi - lo)
+    for chunk in _chunks(flat):
+        chunk64 = chunk.astype(np.float64)
+        if value_range is not None:
+            chunk64 = chunk64[(chunk64 >= lo) & (chunk64 <= hi)]
+        index = ((chunk64 - lo) * scale).astype(np.intp)
+        np.clip(index, 0, bins - 1, out=index)
+        counts += np.bincount(index, minlength=bins)
+    return Histogram(counts, np.linspace(lo, hi, bins + 1))
+
+
+def _chunks(flat: np.ndarray, size: int = CHUNK) -> Iterator[np.ndarray]:
+    for start in range(0, flat.size, size):
+        yield flat[start:start + size]
 
 
 class StatsCache:

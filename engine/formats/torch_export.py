@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.export.pt2_archive import constants as pt2
 
 from engine.formats import LoadOptions
 from engine.formats._torch_common import (
@@ -95,6 +94,9 @@ def _refuse_code_in(path: Path) -> None:
             if name in raw_payloads or leaf.endswith(".json") or leaf in _TEXT_MEMBERS:
                 continue
             payload = io.BytesIO(archive.read(name))
+            # Imported here: torch.export costs ~1.4 s to import, and most opens never need it.
+            from torch.export.pt2_archive import constants as pt2
+
             if leaf.startswith((pt2.CUSTOM_OBJ_FILENAME_PREFIX, pt2.OPAQUE_OBJ_FILENAME_PREFIX)):
                 raise untrusted_pickle_error(path.name, referenced_globals(payload) or [leaf])
             try:

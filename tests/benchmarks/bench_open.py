@@ -104,6 +104,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=float, default=100e6)
     args = parser.parse_args()
+    _, import_s = timed(lambda: __import__("torch"))
+    print(f"import torch (once per app start, off the GUI thread) {import_s * 1000:.0f} ms")
     measure("demo", DEMO_MODEL)
     folder = Path(tempfile.gettempdir()) / "slimscope-bench"
     folder.mkdir(exist_ok=True)
