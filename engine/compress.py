@@ -9,7 +9,7 @@ integer codes (and, where it pays, a bitmask of the non-zeros) really has to wri
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -19,7 +19,8 @@ from engine.compressed import CompressedModel
 from engine.data import DataSource
 from engine.errors import SlimscopeError
 from engine.evaluate import Metrics, TorchRunner, evaluate, measure_latency
-from engine.jobs import NEVER_CANCELLED, CancelToken, Progress, no_progress, sub_progress
+from engine.finetune import RecoveryConfig, recover
+from engine.jobs import NEVER_CANCELLED, CancelToken, Cancelled, Progress, no_progress, sub_progress
 from engine.methods.apply import apply_plan
 from engine.model import Model
 from engine.plan import Plan
@@ -56,6 +57,9 @@ class CompressionReport:
     latency_before_ms: float | None = None
     latency_after_ms: float | None = None
     data: str | None = None
+    #: Metrics right after the one-shot step, before recovery fine-tuning (when the plan has it).
+    metrics_one_shot: dict[str, Any] | None = None
+    recovery: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -162,6 +166,7 @@ def compress(
     data: DataSource | None = None,
     *,
     calibration: DataSource | None = None,
+    train_data: DataSource | None = None,
     measure: bool = True,
     progress: Progress = no_progress,
     cancel: CancelToken = NEVER_CANCELLED,
@@ -169,9 +174,14 @@ def compress(
     """Apply `plan` to a copy of `model`'s module; evaluate and time both when `data` is given.
 
     `calibration` feeds gradient-based pruning and structured tracing; it defaults to the
-    first samples of `data`.
+    first samples of `data`. When the plan has a `recovery` section, the compressed model is
+    then fine-tuned against the original on `train_data`, keeping the checkpoint that scores
+    best on `calibration` (never on the evaluation data).
     """
     original = model.require_module("compression")
+    recovery = RecoveryConfig.from_dict(plan.recovery) if plan.recovery else None
+    if recovery is not None and train_data is None:
+        raise SlimscopeError("the plan's recovery section needs training data (--train-data)")
     bad = model.non_finite()
     if bad:
         name, count = next(iter(bad.items()))
@@ -180,17 +190,49 @@ def compress(
     calibration = calibration or data
     batches = calibration_batches(calibration) if calibration is not None else None
     example = _example_input(model, batches)
+    measuring = measure and data is not None
+    surgery_end = 0.2 if recovery else (0.6 if measuring else 1.0)
     compressed = apply_plan(
         original, plan, calibration=batches, example_inputs=example,
-        progress=sub_progress(progress, 0.0, 0.6 if measure and data else 1.0), cancel=cancel,
+        progress=sub_progress(progress, 0.0, surgery_end), cancel=cancel,
     )
+    one_shot: Metrics | None = None
+    if recovery is not None and train_data is not None:
+        if measuring:
+            one_shot = evaluate(TorchRunner(compressed.module), data, cancel=cancel)
+        result = recover(
+            compressed, original, lambda epoch: _torch_batches(train_data, recovery.batch_size),
+            recovery, eval_fn=_scorer(calibration) if calibration is not None and calibration.has_labels
+            else None,
+            progress=sub_progress(progress, surgery_end, 0.6), cancel=cancel)
+        if result.cancelled:
+            raise Cancelled("recovery fine-tuning was cancelled")
     report = build_report(original, compressed, model)
-    if measure and data is not None:
+    if recovery is not None:
+        report.recovery = {"steps": result.steps, "seconds": result.seconds,
+                           "kept_step": result.kept_step, "kept_metric": result.kept_metric}
+        report.metrics_one_shot = one_shot.to_dict() if one_shot else None
+    if measuring:
+        assert data is not None
         report.data = data.describe()
         _measure(original, compressed.module, data, report,
                  sub_progress(progress, 0.6, 1.0), cancel)
     progress(1.0, f"done: {report.size_ratio:.3f}x the size")
     return compressed, report
+
+
+def _torch_batches(data: DataSource, batch_size: int
+                   ) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
+    for inputs, labels in data.batches(batch_size):
+        yield (torch.from_numpy(np.ascontiguousarray(inputs)),
+               None if labels is None else torch.from_numpy(labels).long())
+
+
+def _scorer(data: DataSource) -> Callable[[nn.Module], float]:
+    """Checkpoint score for recovery: accuracy on labelled `data`."""
+    def score(module: nn.Module) -> float:
+        return float(evaluate(TorchRunner(module), data).accuracy or 0.0)
+    return score
 
 
 def _example_input(model: Model, batches: list | None) -> torch.Tensor | None:

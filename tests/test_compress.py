@@ -97,3 +97,33 @@ def test_cli_refuses_to_overwrite_the_input_model(tmp_path: Path, capsys) -> Non
     assert code == 2
     assert "refusing to overwrite" in capsys.readouterr().err
     assert model_path.read_bytes() == DEMO_MODEL.read_bytes()
+
+
+def test_plan_recovery_section_fine_tunes_and_keeps_the_sparsity(demo) -> None:
+    plan = Plan.from_dict({
+        "defaults": {"pruning": {"method": "magnitude", "amount": 0.9},
+                     "quantization": {"bits": 4, "granularity": "per-channel"}},
+        "recovery": {"steps": 40, "optimizer": "adam", "lr": 0.002, "eval_every": 20},
+    })
+    compressed, report = compress(demo, plan, DigitsData("test"),
+                                  calibration=DigitsData("calibration"),
+                                  train_data=DigitsData("train"))
+    assert report.recovery["steps"] == 40
+    assert report.metrics_after["accuracy"] > report.metrics_one_shot["accuracy"] + 0.2
+    for layer in report.layers:
+        if layer.kind in ("Conv2d", "Linear"):
+            assert layer.sparsity == pytest.approx(0.9, abs=0.01), layer.name
+            assert layer.bits == 4
+
+
+def test_recovery_without_training_data_is_refused_before_any_work(demo) -> None:
+    plan = Plan.from_dict({"defaults": {"pruning": {"amount": 0.5}}, "recovery": {"steps": 5}})
+    with pytest.raises(Exception, match="needs training data"):
+        compress(demo, plan, DigitsData("test"))
+
+
+def test_invalid_recovery_section_names_the_field(demo) -> None:
+    plan = Plan.from_dict({"defaults": {"pruning": {"amount": 0.5}},
+                           "recovery": {"steps": 5, "optimiser": "sgd"}})
+    with pytest.raises(Exception, match="optimiser"):
+        compress(demo, plan, DigitsData("test"), train_data=DigitsData("train"))

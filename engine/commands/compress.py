@@ -28,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "or a .npy/.npz file (default: demo for the demo model, else none)")
     parser.add_argument("--calibration", help="calibration data (default: the first samples "
                         "of --data; demo:calibration for the demo)")
+    parser.add_argument("--train-data", help="training data for the plan's recovery section "
+                        "(default: demo:train for the demo)")
     parser.add_argument("--report", help="write the report as JSON to this file")
     parser.add_argument("--no-measure", action="store_true",
                         help="skip evaluation and latency measurement")
@@ -41,9 +43,11 @@ def run(args: argparse.Namespace) -> int:
     data = open_data(data_spec, model.inputs) if data_spec else None
     calibration_spec = args.calibration or ("demo:calibration" if data_spec == "demo" else None)
     calibration = open_data(calibration_spec, model.inputs) if calibration_spec else None
+    train_spec = args.train_data or ("demo:train" if data_spec == "demo" else None)
+    train_data = open_data(train_spec, model.inputs) if train_spec else None
     output = Path(args.output)
     refuse_input_overwrite(output, model.path, resolve_model_path(args.model))
-    compressed, report = compress(model, plan, data, calibration=calibration,
+    compressed, report = compress(model, plan, data, calibration=calibration, train_data=train_data,
                                   measure=not args.no_measure, progress=_print_progress)
     from engine.export import write_output
 
@@ -69,6 +73,12 @@ def format_summary(report: CompressionReport) -> str:
             before, after = report.metrics_before.get(key), report.metrics_after.get(key)
             if after is not None:
                 lines.append(f"{key}: {'' if before is None else f'{before:.4f} -> '}{after:.4f}")
+    if report.metrics_one_shot and report.metrics_one_shot.get("accuracy") is not None:
+        lines.append(f"accuracy right after one-shot compression: "
+                     f"{report.metrics_one_shot['accuracy']:.4f}")
+    if report.recovery:
+        lines.append(f"recovery: {report.recovery['steps']} steps in "
+                     f"{report.recovery['seconds']:.1f} s")
     if report.latency_before_ms is not None:
         lines.append(f"latency (1 thread, median): {report.latency_before_ms:.2f} ms -> "
                      f"{report.latency_after_ms:.2f} ms")
