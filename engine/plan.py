@@ -64,8 +64,9 @@ from typing import Any, Iterable, Mapping, NamedTuple, Union
 
 import yaml
 
-from engine.errors import PlanError
+from engine.errors import PlanError, one_line
 from engine.model import PRUNABLE_KINDS, QUANTIZABLE_KINDS
+from engine.safe_write import atomic_write_text
 
 PLAN_VERSION = 1
 
@@ -312,13 +313,16 @@ class Plan:
             text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
         else:
             text = json.dumps(data, indent=2) + "\n"
-        path.write_text(text, encoding="utf-8")
+        atomic_write_text(path, text)
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         path = Path(path)
         is_yaml = _is_yaml(path)
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PlanError(f"plan {path}: cannot read it ({one_line(exc)})") from None
         try:
             data = yaml.safe_load(text) if is_yaml else json.loads(text)
         except (yaml.YAMLError, json.JSONDecodeError) as exc:

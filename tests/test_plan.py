@@ -184,3 +184,18 @@ def test_malformed_plan_data_says_where(data, where):
 def test_unknown_extension_is_rejected(tmp_path):
     with pytest.raises(PlanError, match="plan.txt"):
         Plan().save(tmp_path / "plan.txt")
+
+
+def test_missing_or_binary_plan_file_is_a_one_line_plan_error(tmp_path) -> None:
+    import pytest as _pytest
+
+    from engine.errors import PlanError
+    from engine.plan import Plan
+
+    with _pytest.raises(PlanError, match="cannot read it"):
+        Plan.load(tmp_path / "absent.yaml")
+    binary = tmp_path / "plan.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with _pytest.raises(PlanError) as info:
+        Plan.load(binary)
+    assert len(str(info.value).splitlines()) == 1
