@@ -308,3 +308,14 @@ def test_untrusted_message_says_how_to_proceed(tmp_path: Path) -> None:
     assert message.startswith("tiny_cnn_module.pt is a pickled object that can run code")
     assert "--trust" in message
     assert "torch._utils" not in message  # tensor-rebuilding helpers are not worth naming
+
+
+def test_exported_onnx_layers_are_named_after_their_modules(tmp_path: Path) -> None:
+    """BatchNorm folding gives conv weights generated names; the table shows module names."""
+    from factories import tiny_cnn
+
+    model = load_model(factories.write_onnx_exported(tmp_path))
+    torch_names = {name for name, module in tiny_cnn().named_modules()
+                   if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear))}
+    assert torch_names <= set(model.layer_names())
+    assert not any(name.startswith("onnx::") for name in model.layer_names())

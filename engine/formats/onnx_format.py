@@ -194,7 +194,7 @@ def _layers(graph: onnx.GraphProto,
         if weight not in layers:
             bias = node.input[bias_index] if bias_index is not None and bias_index < len(
                 node.input) else None
-            name = weight.removesuffix(".weight") or weight
+            name = _layer_name(weight, node)
             if any(layer.name == name for layer in layers.values()):
                 name = weight
             layers[weight] = layer_from_store(name, kind, store, weight,
@@ -204,6 +204,21 @@ def _layers(graph: onnx.GraphProto,
     result = list(layers.values())
     mark_shared(result, lambda key: key)
     return result, uses
+
+
+def _layer_name(weight: str, node: onnx.NodeProto) -> str:
+    """A readable layer name: the weight's own name, or the node's module path when the
+    exporter gave the weight a generated name (``onnx::Conv_38``, e.g. after folding BatchNorm).
+
+    torch's exporter names nodes ``/features/features.0/Conv``; the last path component before
+    the op is the module's dotted name.
+    """
+    if not weight.startswith("onnx::") and not weight.startswith("_"):
+        return weight.removesuffix(".weight") or weight
+    parts = [p for p in node.name.split("/") if p]
+    if len(parts) >= 2:
+        return parts[-2]
+    return node.name or weight
 
 
 def _plausible_weight(op_type: str, store: TensorStore, key: str) -> bool:
