@@ -48,11 +48,16 @@ def _run_gui(model: str | None) -> int:
         from gui.app import main as gui_main
     except ImportError as exc:
         raise SlimscopeError(f"the desktop app cannot start: {exc}") from None
-    return gui_main([model] if model else [])
+    from engine.commands._common import resolve_model_path
+
+    return gui_main([str(resolve_model_path(model))] if model else [])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list in (["--version"], ["-V"]):  # answer before the commands pull in torch
+        print(f"slimscope {__version__}")
+        return 0
     parser = build_parser()
     args = parser.parse_args(args_list)
     try:
