@@ -319,3 +319,35 @@ def test_exported_onnx_layers_are_named_after_their_modules(tmp_path: Path) -> N
                    if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear))}
     assert torch_names <= set(model.layer_names())
     assert not any(name.startswith("onnx::") for name in model.layer_names())
+
+
+def test_quantized_onnx_files_still_show_their_layers(tmp_path: Path) -> None:
+    """Slimscope's own int8 exports: weights behind DequantizeLinear, or in MatMulNBits."""
+    import onnx
+
+    from engine.methods.static_int8 import quantize_static_int8, quantize_weight_only
+
+    fp32 = factories.tiny_cnn_onnx(dynamic_batch=False)
+    calibration = [np.random.default_rng(0).standard_normal(factories.TINY_CNN_INPUT)
+                   .astype(np.float32) for _ in range(4)]
+    qdq_path = tmp_path / "qdq.onnx"
+    onnx.save(quantize_static_int8(fp32, calibration), str(qdq_path))
+    qdq = load_model(qdq_path)
+    assert [layer.kind for layer in qdq.layers if layer.kind in ("Conv", "Gemm", "MatMul")]
+    assert any(layer.dtype == "int8" for layer in qdq.layers)
+
+    class TwoLinear(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(64, 128), torch.nn.Linear(128, 64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.down(torch.relu(self.up(x)))
+
+    from engine.onnx_tools import export_onnx
+
+    w4_path = tmp_path / "w4.onnx"
+    onnx.save(quantize_weight_only(export_onnx(TwoLinear(), torch.zeros(2, 64)), bits=4),
+              str(w4_path))
+    w4 = load_model(w4_path)
+    assert len([layer for layer in w4.layers if layer.kind == "MatMul"]) == 2

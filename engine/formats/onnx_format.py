@@ -39,7 +39,16 @@ _LAYER_OPS: dict[str, tuple[str, tuple[int, ...], int | None]] = {
     "Gather": ("Embedding", (0,), None),
     "BatchNormalization": ("BatchNormalization", (1,), 2),
     "LayerNormalization": ("LayerNormalization", (1,), 2),
+    # ONNX Runtime's fused / weight-only quantized operators keep their weights as inputs.
+    "QLinearConv": ("Conv", (3,), 8),
+    "QLinearMatMul": ("MatMul", (3,), None),
+    "MatMulNBits": ("MatMul", (1,), 5),
+    "MatMulInteger": ("MatMul", (1,), None),
+    "ConvInteger": ("Conv", (1,), None),
 }
+#: Nodes whose output is their first input, decoded: a weight reached through one of these
+#: (QDQ graphs put DequantizeLinear between an int8 initializer and its Conv) is still a weight.
+_DECODERS = frozenset({"DequantizeLinear", "Cast", "Identity"})
 #: Element types stored packed (two per byte) or as strings: read through onnx's own helper.
 _INDIRECT_TYPES = frozenset(
     getattr(TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1", "STRING")
@@ -183,17 +192,20 @@ def _layers(graph: onnx.GraphProto,
     """One layer per weight tensor, in order of first use; `uses` lists the nodes per layer."""
     layers: dict[str, Layer] = {}
     uses: dict[str, list[onnx.NodeProto]] = {}
+    decoded = {node.output[0]: node.input[0] for node in graph.node
+               if node.op_type in _DECODERS and node.input and node.input[0] in store}
     for node in graph.node:
         if node.op_type not in _LAYER_OPS:
             continue
         kind, weight_indices, bias_index = _LAYER_OPS[node.op_type]
-        weight = next((node.input[i] for i in weight_indices
-                       if i < len(node.input) and node.input[i] in store), None)
+        inputs = [decoded.get(name, name) for name in node.input]
+        weight = next((inputs[i] for i in weight_indices
+                       if i < len(inputs) and inputs[i] in store), None)
         if weight is None or not _plausible_weight(node.op_type, store, weight):
             continue
         if weight not in layers:
-            bias = node.input[bias_index] if bias_index is not None and bias_index < len(
-                node.input) else None
+            bias = inputs[bias_index] if bias_index is not None and bias_index < len(
+                inputs) else None
             name = _layer_name(weight, node)
             if any(layer.name == name for layer in layers.values()):
                 name = weight
