@@ -1,10 +1,16 @@
-"""`slimscope compress MODEL --plan PLAN -o OUT [--data PATH|demo] [--report report.json]`."""
+"""`slimscope compress MODEL --plan PLAN -o OUT [--format NAME] [--data PATH|demo] [--report R]`.
+
+The output is written in the format its extension (or --format) names, reloaded with its users'
+runtime and checked against the compressed model before it is kept. Exit status 1 when that
+verification fails (the file is then discarded, unless --keep-unverified).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.commands._common import (
     add_model_arguments,
@@ -18,12 +24,23 @@ from engine.data import open_data
 from engine.plan import Plan
 from engine.safe_write import refuse_input_overwrite
 
+if TYPE_CHECKING:
+    from engine.export import ExportResult
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("compress", help="apply a plan, measure, and write the result")
     add_model_arguments(parser)
     parser.add_argument("--plan", required=True, help="plan file (.yaml/.yml/.json)")
-    parser.add_argument("-o", "--output", required=True, help="output file")
+    parser.add_argument("-o", "--output", required=True,
+                        help="output file: .onnx, .pt/.pth, .pt2, .safetensors or .slim")
+    parser.add_argument("--format", dest="export_format", metavar="NAME",
+                        help="output format instead of the extension's default: onnx, "
+                        "onnx-int8, onnx-dynamic, onnx-w4, onnx-w8, state-dict, torch-module, "
+                        "torchscript, safetensors, pt2, slim")
+    parser.add_argument("--keep-unverified", action="store_true",
+                        help="keep the output even if reloading it does not reproduce the "
+                        "compressed model (exit status is still 1)")
     parser.add_argument("--data", help="evaluation data: demo, synthetic[:N], an image folder, "
                         "or a .npy/.npz file (default: demo for the demo model, else none)")
     parser.add_argument("--calibration", help="calibration data (default: the first samples "
@@ -47,16 +64,39 @@ def run(args: argparse.Namespace) -> int:
     train_data = open_data(train_spec, model.inputs) if train_spec else None
     output = Path(args.output)
     refuse_input_overwrite(output, model.path, resolve_model_path(args.model))
+    from engine.export import check_destination, export
+
+    check_destination(output, args.export_format)  # before the slow part, not after
     compressed, report = compress(model, plan, data, calibration=calibration, train_data=train_data,
                                   measure=not args.no_measure, progress=_print_progress)
-    from engine.export import write_output
-
-    written = write_output(compressed, model, output, inputs=[resolve_model_path(args.model)])
+    result = export(compressed, model, output, format=args.export_format, data=data,
+                    calibration=calibration, keep_unverified=args.keep_unverified,
+                    measure=not args.no_measure, inputs=[resolve_model_path(args.model)],
+                    progress=_print_progress)
     print(format_summary(report), file=sys.stderr)
-    print(f"wrote {written} ({human_bytes(written.stat().st_size)})", file=sys.stderr)
+    print(format_export(result), file=sys.stderr)
     if args.report:
-        write_json(report.to_dict(), args.report)
-    return 0
+        write_json({**report.to_dict(), "export": result.to_dict()}, args.report)
+    return 0 if result.verification.passed else 1
+
+
+def format_export(result: "ExportResult") -> str:
+    """What was written, how it compares with the original, and the verification verdict."""
+    where = f"wrote {result.path}" if result.kept else "discarded the output"
+    lines = [f"{where}: {result.format} ({result.reason})",
+             f"file: {human_bytes(result.bytes)} = {result.size_ratio:.3f}x {result.baseline} "
+             f"({human_bytes(result.baseline_bytes)})",
+             result.verification.summary()]
+    before = (result.baseline_metrics or {}).get("primary")
+    after = (result.verification.metrics or {}).get("accuracy")
+    if before is not None and after is not None:
+        lines.append(f"accuracy: {before:.4f} (original) -> {after:.4f} (file)")
+    if result.latency_ms is not None and result.baseline_latency_ms:
+        lines.append(f"latency: {result.baseline_latency_ms:.2f} ms -> {result.latency_ms:.2f} ms "
+                     f"({result.latency_ms / result.baseline_latency_ms:.2f}x; "
+                     f"{result.latency_method})")
+    lines.extend(f"note: {note}" for note in result.notes)
+    return "\n".join(lines)
 
 
 def _print_progress(fraction: float, message: str = "") -> None:

@@ -1,41 +1,231 @@
-"""Exporters, one module per output format, chosen by the output file's extension.
+"""Exporters, one module per output format, each file reloaded and verified before it is kept.
 
-Every exporter writes atomically (temporary file in the target folder, then rename) and never
-over the input model.
+The format comes from ``--format`` or the output's extension. ``.onnx`` follows the plan:
+weights and activations quantized -> static int8 (QDQ, chosen by measurement); only Linear
+weights quantized -> weight-only MatMulNBits (4 or 8 bits); Conv weights quantized -> int8;
+no integer weights -> fp32 with the pruned and low-rank structure. ``.pt`` is a state_dict when
+the architecture is unchanged, else TorchScript. ``.safetensors``, ``.pt2`` and ``.slim`` name
+one format each.
+
+Every export writes to a temporary file beside the destination, reloads it with its users'
+runtime (onnxruntime or torch), runs it on the evaluation data next to the in-memory model, and
+only then renames it into place: a failed verification (unless kept on request), an error, a
+cancel or an interrupt leaves no partial file and any previous file of that name untouched.
+The input model is never overwritten.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Sequence
+
+import numpy as np
 
 from engine.compressed import CompressedModel
+from engine.data import DataSource, SyntheticData
 from engine.errors import SlimscopeError
+from engine.evaluate import TorchRunner, evaluate
+from engine.export.base import REGISTRY, Exporter, ExportJob, architecture_unchanged
+from engine.export.verify import Verification, verify
+from engine.jobs import NEVER_CANCELLED, CancelToken, Progress, no_progress, sub_progress
 from engine.model import Model
-from engine.safe_write import refuse_input_overwrite
+from engine.safe_write import atomic_path, refuse_input_overwrite
 
-Exporter = Callable[[CompressedModel, Model, Path], None]
+#: Samples in the example batch used to trace and time (as compress() times).
+EXAMPLE_BATCH = 32
+_EXPORTER_MODULES = ("onnx_fp32", "onnx_int8", "onnx_weight_only", "torch_files", "torchscript",
+                     "torch_export", "slim")
 
 
-def _exporters() -> dict[str, Exporter]:
-    from engine.export import torch_files
+def formats() -> dict[str, Exporter]:
+    """Every output format by name (imported on first use: they pull in torch and onnx)."""
+    import importlib
 
-    return {
-        ".pt": torch_files.write_torch,
-        ".pth": torch_files.write_torch,
-        ".safetensors": torch_files.write_safetensors,
-    }
+    for module in _EXPORTER_MODULES:
+        importlib.import_module(f"engine.export.{module}")
+    return REGISTRY
+
+
+def choose_onnx_flavour(compressed: CompressedModel) -> tuple[str, str]:
+    """The ONNX format that stores what the plan made, and why."""
+    from engine.export.onnx_weight_only import quantized_layers
+
+    if not compressed.quantized:
+        return "onnx", "the plan has no integer weights: fp32 with its pruned/low-rank structure"
+    if compressed.activation_quant:
+        return "onnx-int8", "the plan quantizes weights and activations: static int8 (QDQ)"
+    linear, other = quantized_layers(compressed)
+    if not other:
+        bits = 4 if max(q.bits for q in linear.values()) <= 4 else 8
+        return f"onnx-w{bits}", (f"the plan quantizes Linear weights only: weight-only "
+                                 f"{bits}-bit MatMulNBits, activations in float")
+    return "onnx-int8", ("the plan quantizes Conv weights, which ONNX Runtime runs in integers "
+                         "only with quantized activations: int8")
+
+
+def _named(name: str, destination: Path) -> Exporter:
+    registry = formats()
+    if name not in registry:
+        raise SlimscopeError(f"unknown export format {name!r} (known: {', '.join(registry)})")
+    exporter = registry[name]
+    suffix = destination.suffix.lower()
+    if suffix not in exporter.suffixes:
+        raise SlimscopeError(f"format {name} writes {'/'.join(exporter.suffixes)} files, "
+                             f"not {suffix or 'a name without extension'}")
+    return exporter
+
+
+def check_destination(destination: Path, name: str | None = None) -> None:
+    """Raise now if no format can write `destination` (with format `name`), before any work."""
+    if name is not None:
+        _named(name, destination)
+        return
+    known = sorted({s for e in formats().values() for s in e.suffixes})
+    if destination.suffix.lower() not in known:
+        raise SlimscopeError(f"{destination.name}: unknown output format "
+                             f"{destination.suffix or '(none)'} (known: {', '.join(known)})")
+
+
+def resolve_format(destination: Path, name: str | None, compressed: CompressedModel,
+                   model: Model) -> tuple[Exporter, str]:
+    """The exporter for `destination` (by `name`, else by extension and plan), and why."""
+    if name is not None:
+        return _named(name, destination), "asked for"
+    check_destination(destination)
+    registry = formats()
+    suffix = destination.suffix.lower()
+    if suffix == ".onnx":
+        chosen, reason = choose_onnx_flavour(compressed)
+        return registry[chosen], reason
+    if suffix in (".pt", ".pth"):
+        if architecture_unchanged(compressed, model):
+            return registry["state-dict"], "architecture unchanged: weights only"
+        return registry["torchscript"], ("the plan changes the architecture: TorchScript "
+                                         "carries the new shapes and its own code")
+    by_suffix = next(e for e in registry.values() if e.suffixes[0] == suffix)
+    return by_suffix, f"the {suffix} extension"
+
+
+@dataclass
+class ExportResult:
+    """What was written, how it compares with the original, and whether it was verified."""
+
+    format: str
+    description: str
+    reason: str
+    #: Where the file is; None when verification failed and it was discarded.
+    path: str | None
+    bytes: int
+    #: The original model in this format family, uncompressed (fp32 ONNX for ONNX flavours).
+    baseline_bytes: int
+    baseline: str
+    original_file_bytes: int
+    verification: Verification
+    latency_ms: float | None = None
+    baseline_latency_ms: float | None = None
+    latency_method: str | None = None
+    #: The original model's metrics on the same data (accuracy with labels).
+    baseline_metrics: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def kept(self) -> bool:
+        return self.path is not None
+
+    @property
+    def size_ratio(self) -> float:
+        return self.bytes / self.baseline_bytes if self.baseline_bytes else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["kept"] = self.kept
+        data["size_ratio"] = self.size_ratio
+        return data
+
+
+class _Discard(Exception):
+    """Raised inside the atomic write to drop an unverified file."""
+
+
+def verification_data(model: Model) -> DataSource:
+    """Seeded synthetic inputs shaped like the model's, for callers without data."""
+    if not model.inputs:
+        raise SlimscopeError("verifying the export needs data or a known input shape: give "
+                             "--data or --input-shape")
+    return SyntheticData(model.inputs)
+
+
+def example_batch(data: DataSource) -> np.ndarray:
+    """The first samples of `data`, at least two (torch.export specializes a batch of one)."""
+    inputs, _ = next(data.batches(EXAMPLE_BATCH))
+    return inputs if len(inputs) > 1 else np.concatenate([inputs, inputs])
+
+
+def export(
+    compressed: CompressedModel,
+    model: Model,
+    destination: str | Path,
+    *,
+    format: str | None = None,
+    data: DataSource | None = None,
+    calibration: DataSource | None = None,
+    keep_unverified: bool = False,
+    measure: bool = True,
+    inputs: Sequence[Path] = (),
+    progress: Progress = no_progress,
+    cancel: CancelToken = NEVER_CANCELLED,
+) -> ExportResult:
+    """Write `compressed` to `destination`, verify the file, and compare it with the original.
+
+    `data` is what verification runs on (default: synthetic inputs shaped like the model's);
+    `calibration` feeds static int8 (default: `data`). With `measure`, the file and the
+    original are also timed and the original evaluated. `inputs` are further paths never to
+    overwrite. Returns the result whether or not verification passed; check `.kept`.
+    """
+    destination = Path(destination)
+    exporter, reason = resolve_format(destination, format, compressed, model)
+    refuse_input_overwrite(destination, model.path, *inputs)
+    if data is None:
+        data = verification_data(model)
+    job = ExportJob(compressed, model, example=example_batch(data),
+                    calibration=data if calibration is None else calibration,
+                    progress=sub_progress(progress, 0.0, 0.5), cancel=cancel)
+    exporter.check(job)
+    progress(0.0, f"writing {exporter.name}: {exporter.description}")
+    try:
+        with atomic_path(destination) as temp:
+            exporter.write(job, temp)
+            cancel.check()
+            size = temp.stat().st_size
+            progress(0.5, f"verifying {destination.name} with {exporter.runtime}")
+            verification = verify(exporter, temp, job, data)
+            kept = verification.passed or keep_unverified
+            if not kept:
+                raise _Discard
+    except _Discard:
+        pass
+    baseline_bytes, baseline = exporter.baseline_bytes(job)
+    result = ExportResult(
+        format=exporter.name, description=exporter.description, reason=reason,
+        path=str(destination) if kept else None, bytes=size, baseline_bytes=baseline_bytes,
+        baseline=baseline, original_file_bytes=model.file_bytes, verification=verification,
+        notes=job.notes)
+    if measure and kept:
+        progress(0.8, "timing the file and the original")
+        result.latency_ms, result.baseline_latency_ms, result.latency_method = \
+            exporter.latency(destination, job)
+        result.baseline_metrics = evaluate(TorchRunner(job.original), data,
+                                           cancel=cancel).to_dict()
+    progress(1.0, f"{'wrote' if kept else 'discarded'} {destination.name}")
+    return result
 
 
 def write_output(compressed: CompressedModel, model: Model, destination: Path,
                  inputs: Sequence[Path] = ()) -> Path:
-    """Write `compressed` to `destination` in the format its extension names."""
-    exporters = _exporters()
-    suffix = destination.suffix.lower()
-    if suffix not in exporters:
-        known = ", ".join(sorted(exporters))
-        raise SlimscopeError(f"{destination.name}: unknown output format {suffix or '(none)'} "
-                             f"(known: {known})")
-    refuse_input_overwrite(destination, model.path, *inputs)
-    exporters[suffix](compressed, model, destination)
-    return destination
+    """Write and verify `destination` in the format its extension names; raise if unverified."""
+    result = export(compressed, model, destination, inputs=inputs, measure=False)
+    if not result.kept:
+        raise SlimscopeError(f"{Path(destination).name} not written: "
+                             f"{result.verification.summary()}")
+    return Path(destination)

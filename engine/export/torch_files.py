@@ -1,8 +1,11 @@
-"""PyTorch outputs: a state_dict / safetensors when the architecture is unchanged, else the module.
+"""PyTorch weight files: a state_dict (.pt) or safetensors when the architecture is unchanged,
+else the whole pickled module.
 
 A state_dict is the safe default (loads with ``weights_only=True``); it is only possible when
 every tensor keeps its original name and shape. Structured pruning and low-rank change the
-architecture, so those models are saved as a whole pickled module, which the reader must trust.
+architecture: such models go to TorchScript, .pt2 or the pickled module, which the reader must
+trust. fp16/bf16 casts are stored in their 16-bit type; integer codes are not, since PyTorch
+loads no integer weights into float layers: those formats say so in a note.
 """
 
 from __future__ import annotations
@@ -11,46 +14,103 @@ from pathlib import Path
 
 import torch
 
-from engine.compressed import CompressedModel
 from engine.errors import SlimscopeError
-from engine.model import Model
-from engine.safe_write import atomic_path
+from engine.evaluate import Runner, TorchRunner
+from engine.export.base import ExportJob, TorchExporter, load_into_copy, register
 from engine.zoo import ARCH_METADATA_KEY, INPUT_SHAPE_METADATA_KEY
 
 
-def architecture_unchanged(compressed: CompressedModel, model: Model) -> bool:
-    """True when the compressed state_dict has the original's names and shapes."""
-    original = model.require_module("export").state_dict()
-    current = compressed.module.state_dict()
-    return original.keys() == current.keys() and all(
-        original[k].shape == current[k].shape for k in original)
-
-
-def _state_dict(compressed: CompressedModel) -> dict[str, torch.Tensor]:
+def stored_state_dict(job: ExportJob) -> dict[str, torch.Tensor]:
     """Tensors as stored: fp16/bf16 casts kept in their dtype, everything contiguous."""
     state = {}
-    for name, tensor in compressed.module.state_dict().items():
-        dtype = compressed.cast.get(name)
+    for name, tensor in job.compressed.module.state_dict().items():
+        dtype = job.compressed.cast.get(name)
         state[name] = (tensor.to(dtype) if dtype else tensor).detach().contiguous().clone()
     return state
 
 
-def write_torch(compressed: CompressedModel, model: Model, destination: Path) -> None:
-    with atomic_path(destination) as temp:
-        if architecture_unchanged(compressed, model):
-            torch.save(_state_dict(compressed), temp)
-        else:
-            torch.save(compressed.module, temp)
+def float_storage_note(job: ExportJob, format_name: str, keeps_casts: bool) -> None:
+    """Say where the plan's low-bit weights are written as floats, so nobody takes the file
+    for smaller than it is."""
+    compressed = job.compressed
+    bits = sorted({q.bits for q in compressed.quantized.values()})
+    if bits:
+        job.notes.append(f"{format_name} stores the {len(compressed.quantized)} quantized "
+                         f"weights ({'/'.join(map(str, bits))}-bit codes) as floats; write .slim "
+                         "(or .onnx) to store the codes themselves")
+    if compressed.cast and not keeps_casts:
+        job.notes.append(f"{format_name} stores the {len(compressed.cast)} fp16/bf16 tensors "
+                         "as float32; write .safetensors, a state_dict .pt or .slim to keep "
+                         "them in 16 bits")
 
 
-def write_safetensors(compressed: CompressedModel, model: Model, destination: Path) -> None:
-    from safetensors.torch import save_file
+def _architecture_metadata(job: ExportJob) -> dict[str, str]:
+    """The zoo architecture name and input shape, so Slimscope reloads the file as runnable."""
+    return {k: v for k, v in job.model.metadata.items()
+            if k in (ARCH_METADATA_KEY, INPUT_SHAPE_METADATA_KEY)}
 
-    if not architecture_unchanged(compressed, model):
-        raise SlimscopeError("safetensors holds weights only, and this plan changes the "
-                             "architecture (structured pruning or low-rank); write .pt, "
-                             ".pt2 or .onnx instead")
-    metadata = {k: v for k, v in model.metadata.items()
-                if k in (ARCH_METADATA_KEY, INPUT_SHAPE_METADATA_KEY)}
-    with atomic_path(destination) as temp:
-        save_file(_state_dict(compressed), str(temp), metadata=metadata or None)
+
+class _WeightsOnly(TorchExporter):
+    """Shared by state_dict and safetensors: same tensors, same reload into the architecture."""
+
+    def check(self, job: ExportJob) -> None:
+        if not job.architecture_unchanged():
+            raise SlimscopeError(f"{self.name} holds weights only, and this plan changes the "
+                                 "architecture (structured pruning or low-rank); write "
+                                 ".pt (TorchScript), .pt2, .onnx or .slim instead")
+
+
+
+@register
+class StateDictExporter(_WeightsOnly):
+    name = "state-dict"
+    suffixes = (".pt", ".pth")
+    description = "PyTorch state_dict (weights only; loads with weights_only=True)"
+
+    def write(self, job: ExportJob, path: Path) -> None:
+        float_storage_note(job, "a state_dict", keeps_casts=True)
+        state: dict[str, object] = dict(stored_state_dict(job))
+        arch = job.model.metadata.get(ARCH_METADATA_KEY)
+        if arch:  # read back by engine.formats: the file reopens as a runnable model
+            state[ARCH_METADATA_KEY] = arch
+        torch.save(state, path)
+
+    def reload(self, path: Path, job: ExportJob) -> Runner:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+        return TorchRunner(load_into_copy(job.original, tensors))
+
+
+@register
+class SafetensorsExporter(_WeightsOnly):
+    name = "safetensors"
+    suffixes = (".safetensors",)
+    description = "safetensors (weights only, no code; safe to open)"
+
+    def write(self, job: ExportJob, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        float_storage_note(job, "safetensors", keeps_casts=True)
+        save_file(stored_state_dict(job), str(path),
+                  metadata=_architecture_metadata(job) or None)
+
+    def reload(self, path: Path, job: ExportJob) -> Runner:
+        from safetensors.torch import load_file
+
+        return TorchRunner(load_into_copy(job.original, load_file(str(path))))
+
+
+@register
+class PickledModuleExporter(TorchExporter):
+    name = "torch-module"
+    suffixes = (".pt", ".pth")
+    description = "whole pickled PyTorch module (any architecture; loading runs its code)"
+
+    def write(self, job: ExportJob, path: Path) -> None:
+        float_storage_note(job, "a pickled module", keeps_casts=False)
+        job.notes.append("a pickled module loads only with weights_only=False (Slimscope: "
+                         "--trust), and only where its class can be imported")
+        torch.save(job.compressed.module, path)
+
+    def reload(self, path: Path, job: ExportJob) -> Runner:
+        return TorchRunner(torch.load(path, map_location="cpu", weights_only=False))

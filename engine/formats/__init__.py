@@ -33,13 +33,14 @@ def _adapters() -> list[ModuleType]:
     from engine.formats import (
         onnx_format,
         safetensors_format,
+        slim_bundle,
         torch_export,
         torch_pickle,
         torchscript,
     )
 
     # Order matters: specific zip layouts before the generic torch.save zip.
-    return [safetensors_format, torch_export, torchscript, torch_pickle, onnx_format]
+    return [safetensors_format, slim_bundle, torch_export, torchscript, torch_pickle, onnx_format]
 
 
 def zip_member_names(path: Path) -> list[str]:
@@ -63,7 +64,7 @@ def detect(path: Path) -> ModuleType:
             return adapter
     raise ModelLoadError(
         f"{path.name}: not a model format Slimscope reads (PyTorch, TorchScript, torch.export, "
-        "ONNX, safetensors)"
+        "ONNX, safetensors, Slimscope .slim)"
     )
 
 

@@ -1,0 +1,163 @@
+"""The one small interface every exporter implements, the job it works on, and the registry.
+
+An :class:`Exporter` writes one format to a path it is given (a temporary file beside the
+destination: the caller renames it only after verification) and reloads such a file with the
+runtime its users have (onnxruntime, torch). Everything else — choosing the format, safe writing,
+verifying, timing — is shared, in :mod:`engine.export`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.compressed import CompressedModel
+from engine.errors import SlimscopeError, one_line
+from engine.evaluate import LatencyStats, Runner, TorchRunner, measure_latency
+from engine.jobs import NEVER_CANCELLED, CancelToken, Progress, no_progress
+from engine.model import Model
+
+if TYPE_CHECKING:
+    from engine.data import DataSource
+
+#: Latency is timed on this many repeats (median reported), one thread, as compress() does.
+LATENCY_REPEATS = 30
+
+
+@dataclass
+class ExportJob:
+    """What an exporter needs: the compressed model, the original, and inputs to trace with."""
+
+    compressed: CompressedModel
+    model: Model
+    #: One batch (at least 2 samples, so traced graphs keep the batch axis dynamic).
+    example: np.ndarray
+    #: Calibration data for static int8; None when the caller has none.
+    calibration: "DataSource | None" = None
+    progress: Progress = no_progress
+    cancel: CancelToken = NEVER_CANCELLED
+    #: What the exporter chose not to do, or could not, one line each.
+    notes: list[str] = field(default_factory=list)
+    #: Values several exporters derive once (the fp32 ONNX graphs).
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def example_tensor(self) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.example))
+
+    @property
+    def original(self) -> nn.Module:
+        return self.model.require_module("export")
+
+    def architecture_unchanged(self) -> bool:
+        return architecture_unchanged(self.compressed, self.model)
+
+
+def architecture_unchanged(compressed: CompressedModel, model: Model) -> bool:
+    """True when the compressed state_dict has the original's names and shapes."""
+    original = model.require_module("export").state_dict()
+    current = compressed.module.state_dict()
+    return original.keys() == current.keys() and all(
+        original[k].shape == current[k].shape for k in original)
+
+
+class Exporter(ABC):
+    """One output format; one instance lives in :data:`REGISTRY` under `name`."""
+
+    name: ClassVar[str]
+    #: File extensions this format is written with (the first is the usual one).
+    suffixes: ClassVar[tuple[str, ...]]
+    description: ClassVar[str]
+    #: Whose runtime reloads the file for verification.
+    runtime: ClassVar[str]
+    #: Whether the file should reproduce the in-memory model up to float rounding; formats
+    #: that quantize activations or re-quantize weights are compared more loosely.
+    exact: ClassVar[bool] = True
+
+    def check(self, job: ExportJob) -> None:
+        """Raise SlimscopeError before anything is written if this format cannot hold the job."""
+
+    @abstractmethod
+    def write(self, job: ExportJob, path: Path) -> None:
+        """Write the file at `path` (a temporary name; the extension may differ)."""
+
+    @abstractmethod
+    def reload(self, path: Path, job: ExportJob) -> Runner:
+        """The written file loaded the way its users load it, ready to run."""
+
+    @abstractmethod
+    def latency(self, path: Path, job: ExportJob) -> tuple[float, float, str]:
+        """Median ms of (the file, the original model) in this runtime, and what was timed."""
+
+    @abstractmethod
+    def baseline_bytes(self, job: ExportJob) -> tuple[int, str]:
+        """Size of the original model in this format family uncompressed, and what that is."""
+
+
+class TorchExporter(Exporter):
+    """Formats PyTorch reloads; timed with torch on one thread against the original module."""
+
+    runtime = "torch"
+
+    def latency(self, path: Path, job: ExportJob) -> tuple[float, float, str]:
+        reloaded = self.reload(path, job)
+        timed: LatencyStats = measure_latency(reloaded, job.example, repeats=LATENCY_REPEATS,
+                                              cancel=job.cancel)
+        original = measure_latency(TorchRunner(job.original), job.example,
+                                   repeats=LATENCY_REPEATS, cancel=job.cancel)
+        return timed.median_ms, original.median_ms, \
+            f"torch, 1 thread, batch {len(job.example)}, median of {LATENCY_REPEATS}"
+
+    def baseline_bytes(self, job: ExportJob) -> tuple[int, str]:
+        size = sum(t.numel() * t.element_size() for t in job.original.state_dict().values())
+        return size, "the original weights in their stored dtypes"
+
+
+#: format name -> the one exporter that writes it, filled by `register` as modules import.
+REGISTRY: dict[str, Exporter] = {}
+
+
+def register(cls: type[Exporter]) -> type[Exporter]:
+    if cls.name in REGISTRY:
+        raise ValueError(f"exporter {cls.name!r} registered twice")
+    REGISTRY[cls.name] = cls()
+    return cls
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """`module` in eval mode, its train/eval flags restored afterwards."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for submodule, training in modes:
+            submodule.training = training
+
+
+def trace(module: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """A TorchScript trace of `module` in eval mode; a one-line error if it cannot be traced."""
+    try:
+        with eval_mode(module), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript deprecation and tracer notices
+            return torch.jit.trace(module, example, check_trace=False)
+    except Exception as error:  # the tracer raises many unrelated types
+        raise SlimscopeError(f"could not trace {type(module).__name__} with TorchScript: "
+                             f"{one_line(error)}") from error
+
+
+def load_into_copy(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """What a PyTorch user does with weights: a fresh copy of the architecture, loaded strictly."""
+    fresh = copy.deepcopy(module)
+    fresh.load_state_dict(state, strict=True)
+    return fresh.eval()
