@@ -60,7 +60,7 @@ class TorchRunner:
         try:
             if change_threads:
                 torch.set_num_threads(self.threads)
-            self.module.eval()
+            _to_eval(self.module)
             with torch.inference_mode():
                 output = _first_tensor(self.module(inputs))
         finally:
@@ -72,6 +72,14 @@ class TorchRunner:
 
     def with_threads(self, threads: int | None) -> TorchRunner:
         return TorchRunner(self.module, threads)
+
+
+def _to_eval(module: "torch.nn.Module") -> None:
+    """Eval mode; modules from torch.export refuse .eval() and run as they were exported."""
+    try:
+        module.eval()
+    except NotImplementedError:
+        pass
 
 
 class OnnxRunner:

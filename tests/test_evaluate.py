@@ -248,3 +248,15 @@ def test_onnx_model_with_external_weights_runs_from_its_file(tmp_path) -> None:
     shape = [d if isinstance(d, int) else 2 for d in spec.shape]
     outputs = runner_for(model).run(np.ones(shape, np.float32))
     assert outputs.shape[0] == shape[0] and np.isfinite(outputs).all()
+
+
+def test_torch_export_files_evaluate(tmp_path) -> None:
+    import numpy as np
+
+    from engine.evaluate import runner_for
+    from engine.formats import load_model
+    from factories import TINY_CNN_INPUT, write_torch_export
+
+    model = load_model(write_torch_export(tmp_path))
+    outputs = runner_for(model).run(np.zeros(TINY_CNN_INPUT, np.float32))
+    assert outputs.shape[0] == TINY_CNN_INPUT[0] and np.isfinite(outputs).all()
