@@ -1,0 +1,124 @@
+"""`slimscope sensitivity MODEL [--data PATH|demo] [--method exact|fast|datafree] -o sens.json`.
+
+Measures (exact) or estimates (fast, datafree) every prunable layer's metric at each sparsity
+and bit width with only that layer compressed, and writes the curves as JSON for `slimscope
+plan` and the app.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from engine.commands._common import add_model_arguments, load_from_args
+from engine.commands.compress import _print_progress
+from engine.data import open_data
+from engine.errors import SlimscopeError
+from engine.plan import GRANULARITIES, RANGE_METHODS, Quantization
+from engine.sensitivity import (
+    DEFAULT_BITS,
+    DEFAULT_SPARSITIES,
+    METHODS,
+    Sensitivity,
+    SweepSettings,
+    sweep,
+)
+
+#: Data the demo model is measured on when --data is not given: the held-out split for the
+#: exact metric, the calibration split for the estimate.
+DEMO_DATA = {"exact": "demo", "fast": "demo:calibration"}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "sensitivity", help="per-layer metric at each sparsity and bit width, as JSON")
+    add_model_arguments(parser)
+    parser.add_argument("--data", help="demo, demo:calibration, synthetic[:N], an image folder, "
+                        "or a .npy/.npz file (default for the demo model: demo for exact, "
+                        "demo:calibration for fast)")
+    parser.add_argument("--method", choices=METHODS, default="exact",
+                        help="exact: measured; fast: one forward+backward pass (Fisher "
+                        "estimate of the loss change); datafree: weight error, no data")
+    parser.add_argument("-o", "--output", required=True, help="JSON file to write ('-' = stdout)")
+    parser.add_argument("--samples", type=int, help="use only the first N samples of the data")
+    parser.add_argument("--sparsities", type=_floats, default=DEFAULT_SPARSITIES, metavar="LIST",
+                        help="sparsity levels, e.g. 0,0.5,0.9 or START:STOP:STEP (default "
+                        "0:0.95:0.05)")
+    parser.add_argument("--bits", type=_ints, default=DEFAULT_BITS, metavar="LIST",
+                        help="bit widths, e.g. 8,4,2 (default 8..2)")
+    parser.add_argument("--ranks", type=_floats, default=(), metavar="LIST",
+                        help="fractions of full rank to try by SVD, e.g. 0.5,0.25 (default none)")
+    parser.add_argument("--granularity", choices=GRANULARITIES, default="per-channel")
+    parser.add_argument("--group-size", type=int, help="for --granularity group")
+    parser.add_argument("--asymmetric", action="store_true", help="asymmetric integer codes")
+    parser.add_argument("--range", dest="range_method", choices=RANGE_METHODS, default="minmax")
+    parser.add_argument("--collapse", type=float, default=SweepSettings.collapse_fraction,
+                        metavar="F", help="exact: stop an axis once the metric is within F of "
+                        "the way from chance to the baseline (default %(default)s)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_from_args(args)
+    data_spec = args.data or (DEMO_DATA.get(args.method) if args.model == "demo" else None)
+    if args.method != "datafree" and data_spec is None:
+        raise SlimscopeError(f"the {args.method} method needs --data (or use --method datafree)")
+    data = None
+    if args.method != "datafree":
+        data = open_data(data_spec, model.inputs)
+        if args.samples:
+            data = data.head(args.samples)
+    if args.granularity == "group" and not args.group_size:
+        raise SlimscopeError("--granularity group needs --group-size")
+    settings = SweepSettings(
+        sparsities=args.sparsities, bits=args.bits, ranks=args.ranks,
+        quantization=Quantization(8, not args.asymmetric, args.granularity,
+                                  args.group_size if args.granularity == "group" else None,
+                                  args.range_method),
+        collapse_fraction=args.collapse)
+    result = sweep(model, data, args.method, settings, progress=_print_progress)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    print(format_summary(result), file=sys.stderr)
+    if args.output == "-":
+        import json
+
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        result.save(args.output)
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def format_summary(result: Sensitivity) -> str:
+    """Per layer and axis, the drop at a few levels: enough to see which layers are fragile."""
+    lines = [f"{result.method} sensitivity, {result.metric} {result.baseline:.4g} at baseline"
+             + (f", on {result.data}" if result.data else "") + f" ({result.seconds:.1f} s)"]
+    lines += [f"note: {note}" for note in result.notes]
+    for layer in result.layers:
+        for axis, curve in layer.curves.items():
+            drops = result.drops(layer, axis)
+            shown = [f"{level:g}: {drop:+.3g}{'*' if status == 'extrapolated' else ''}"
+                     for level, drop, status in zip(curve.levels, drops, curve.status)][1::3]
+            lines.append(f"{layer.name[:32]:<32} {axis:<8} drop  " + "  ".join(shown))
+    if any("extrapolated" in c.status for layer in result.layers for c in layer.curves.values()):
+        lines.append("* not evaluated: the axis had collapsed at an earlier level")
+    return "\n".join(lines)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        if ":" in text:
+            start, stop, step = (float(part) for part in text.split(":"))
+            count = int(round((stop - start) / step)) + 1
+            return tuple(round(start + i * step, 6) for i in range(count))
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of whole numbers: {text!r}") from None

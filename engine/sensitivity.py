@@ -1,0 +1,1134 @@
+"""Per-layer sensitivity: the metric when only one layer is compressed, at every level.
+
+Each swept layer gets one curve per *axis*, levels in order of increasing compression, the first
+level being the uncompressed layer (the baseline):
+
+* ``sparsity``: fraction of weights removed by magnitude, exactly as the plan's ``magnitude``
+  method removes them (0, 0.05, ..., 0.95 by default);
+* ``bits``: uniform integer codes with the sweep's quantization settings (8..2; the baseline
+  level, labelled 32, is the weight in its own float format);
+* ``rank`` (optional): fraction of full rank kept by truncated SVD (1.0 = full rank).
+
+Three methods answer the same question at different costs:
+
+``exact``
+    Measures it, and must agree with the naive loop (:func:`naive_sweep`: deep-copy, compress
+    one layer with :func:`engine.methods.apply.apply_plan`, evaluate everything, repeat). It is
+    faster because (a) the model is traced with torch.fx and run once, node by node, keeping only
+    the values later nodes still need, so a layer's input and the other activations its suffix
+    needs (skip connections) are at hand and the part before the layer is never re-run; (b) the
+    layer's outputs at several levels are concatenated along the batch axis and the rest of the
+    network runs once for all of them; (c) the baseline level is the original model, measured
+    once, and an axis stops at *collapse*; (d) nothing is deep-copied: the layer's compressed
+    output comes from ``torch.func.functional_call`` with the compressed weight. Models fx cannot
+    trace, and layers that are not called exactly once as a module, fall back to a full forward
+    with a hook that substitutes the layer's output, one level at a time.
+``fast``
+    Estimates the loss change from one forward+backward pass over the (calibration) data: with
+    the diagonal empirical Fisher ``F`` of the mean cross-entropy (labels, or the model's own
+    top-1 when the data has none), ``ΔL ≈ ½ Σ F_ii δw_i²``, ``δw`` being what actually pruning
+    or quantizing the weight at that level changes.
+``datafree``
+    Needs no data: the weight noise-to-signal ratio ``‖δw‖² / ‖w‖²`` (SQNR = -10·log10 of it).
+    To first order the relative noises of successive layers of a ReLU network add up at the
+    output, which is what the allocator's additive model assumes.
+
+**Collapse** (exact only): a level has collapsed when its primary metric (accuracy, or
+agreement without labels) is at or below ``chance + collapse_fraction * (baseline - chance)``,
+chance being what a constant answer scores: the share of the most frequent label (or, without
+labels, of the original model's most frequent top-1) — the layer alone has destroyed that much
+of what the model knew beyond guessing. The axis' remaining levels are not evaluated: they get the values of the last level measured
+(more compression is assumed no better) and status ``extrapolated``.
+
+The result, :class:`Sensitivity`, is plain data saved as JSON, shared by the CLI (``slimscope
+sensitivity``), the GUI (heat map of layers x levels via :meth:`Sensitivity.heatmap`, and
+curves) and :mod:`engine.allocate`. Per level it holds the metric, its change from the
+baseline (``delta``), and the bytes the layer's weight takes when stored at that level, counted
+by :func:`engine.compress.tensor_storage_bytes`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import fx, nn
+from torch.func import functional_call
+from torch.nn import functional as F
+
+from engine.compress import tensor_storage_bytes
+from engine.compressed import CompressedModel
+from engine.data import DataSource
+from engine.errors import SlimscopeError
+from engine.evaluate import Metrics, TorchRunner, _first_tensor, _Totals, evaluate
+from engine.jobs import NEVER_CANCELLED, CancelToken, Progress, no_progress, sub_progress
+from engine.methods.apply import apply_plan, module_layers
+from engine.methods.lowrank import factorize
+from engine.methods.quantize import quantize_tensor
+from engine.model import PRUNABLE_KINDS, QUANTIZABLE_KINDS, Model
+from engine.plan import LOW_RANK_KINDS, LowRank, Plan, Pruning, Quantization, Sections
+
+SENSITIVITY_VERSION = 1
+METHODS = ("exact", "fast", "datafree")
+AXES = ("sparsity", "bits", "rank")
+#: The baseline level of each axis: nothing removed, float weights, full rank.
+BASELINE_LEVEL = {"sparsity": 0.0, "bits": 32, "rank": 1.0}
+DEFAULT_SPARSITIES = tuple(round(0.05 * i, 2) for i in range(20))
+DEFAULT_BITS = (8, 7, 6, 5, 4, 3, 2)
+
+BASELINE, MEASURED, ESTIMATED, EXTRAPOLATED = "baseline", "measured", "estimated", "extrapolated"
+
+#: Memory for one batched suffix pass (all levels of a group together); bounds the group size.
+DEFAULT_BATCH_BYTES = 256 * 2**20
+#: Samples in one batched suffix pass; beyond this, batching gains little on a CPU.
+DEFAULT_MAX_BATCH = 512
+#: Memory for the activations the exact method keeps for every sample at once.
+DEFAULT_CACHE_BYTES = 4 * 2**30
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """What to sweep and how: levels per axis, the quantizer, collapse, and memory bounds."""
+
+    sparsities: tuple[float, ...] = DEFAULT_SPARSITIES
+    bits: tuple[int, ...] = DEFAULT_BITS
+    #: Fractions of full rank to try; empty skips the rank axis.
+    ranks: tuple[float, ...] = ()
+    #: Quantizer settings for the bits axis; its own `bits` is ignored.
+    quantization: Quantization = Quantization()
+    collapse_fraction: float = 0.25
+    #: Samples per data chunk (exact and naive evaluation, Fisher accumulation).
+    chunk_size: int = 256
+    batch_bytes: int = DEFAULT_BATCH_BYTES
+    max_batch: int = DEFAULT_MAX_BATCH
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    #: Samples per backward pass of the Fisher estimate (1 = per-sample gradients).
+    fisher_batch: int = 16
+
+    def levels(self, axis: str) -> list[float]:
+        """The axis' levels in order of increasing compression, baseline first."""
+        if axis == "sparsity":
+            values = sorted({round(float(s), 6) for s in self.sparsities} - {0.0})
+            if any(not 0 < s < 1 for s in values):
+                raise SlimscopeError("sparsity levels must lie in [0, 1)")
+        elif axis == "bits":
+            values = sorted({int(b) for b in self.bits}, reverse=True)
+            if any(not 2 <= b <= 8 for b in values):
+                raise SlimscopeError("bit levels must lie in 2..8")
+        else:
+            values = sorted({round(float(r), 6) for r in self.ranks} - {1.0}, reverse=True)
+            if any(not 0 < r < 1 for r in values):
+                raise SlimscopeError("rank levels must be fractions of full rank in (0, 1)")
+        return [BASELINE_LEVEL[axis], *values]
+
+    def axes(self) -> list[str]:
+        return [axis for axis in AXES if len(self.levels(axis)) > 1]
+
+
+# -- the result as data ---------------------------------------------------------------------
+@dataclass
+class Curve:
+    """One layer along one axis: per level the metric, its change, storage, and provenance."""
+
+    levels: list[float]
+    metric: list[float]
+    delta: list[float]
+    #: Bytes of the layer's weight stored at this level (tensor_storage_bytes).
+    bytes: list[int]
+    #: Non-zero weights at this level (what sparse storage pays for).
+    nonzero: list[int]
+    status: list[str]
+    #: The secondary metric (loss with labels, KL divergence without), exact and naive only.
+    secondary: list[float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"levels": self.levels, "metric": self.metric, "delta": self.delta,
+               "bytes": self.bytes, "nonzero": self.nonzero, "status": self.status}
+        if self.secondary is not None:
+            out["secondary"] = self.secondary
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Curve:
+        return cls(levels=list(data["levels"]), metric=list(data["metric"]),
+                   delta=list(data["delta"]), bytes=[int(b) for b in data["bytes"]],
+                   nonzero=[int(n) for n in data["nonzero"]], status=list(data["status"]),
+                   secondary=data.get("secondary"))
+
+
+@dataclass
+class LayerSensitivity:
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    curves: dict[str, Curve]
+    #: Bits per element of the weight as it is (the bits axis' baseline level, labelled 32).
+    float_bits: int = 32
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "shape": list(self.shape),
+                "float_bits": self.float_bits, "curves": {axis: curve.to_dict() for axis, curve in self.curves.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerSensitivity:
+        return cls(data["name"], data["kind"], tuple(data["shape"]),
+                   {axis: Curve.from_dict(c) for axis, c in data["curves"].items()},
+                   int(data.get("float_bits", 32)))
+
+
+@dataclass
+class Sensitivity:
+    """Every swept layer's curves, plus what the allocator needs to size a whole plan."""
+
+    method: str
+    #: Name of the metric in the curves: accuracy, agreement, loss (estimated) or weight_nsr.
+    metric: str
+    higher_is_better: bool
+    baseline: float
+    layers: list[LayerSensitivity]
+    #: Quantizer settings of the bits axis (a plan built from these curves must use the same).
+    quantization: Quantization
+    #: Bytes of the uncompressed model, counted as compress() reports `bytes_before`.
+    model_bytes: int
+    #: Bytes of everything not swept (biases, norms, buffers), as compress() stores them.
+    fixed_bytes: int
+    secondary_metric: str | None = None
+    secondary_baseline: float | None = None
+    #: The primary metric of a constant answer (the most frequent class), exact only.
+    chance: float | None = None
+    collapse_fraction: float | None = None
+    model: str = ""
+    data: str | None = None
+    samples: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def layer(self, name: str) -> LayerSensitivity:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no layer named {name!r} in the sensitivity results")
+
+    def drops(self, layer: LayerSensitivity, axis: str, secondary: bool = False) -> np.ndarray:
+        """How much worse each level is than the baseline (positive = worse), in metric units."""
+        curve = layer.curves[axis]
+        if secondary:
+            if curve.secondary is None or self.secondary_baseline is None:
+                raise SlimscopeError(f"{self.method} sensitivity has no secondary metric")
+            return np.asarray(curve.secondary, dtype=np.float64) - self.secondary_baseline
+        delta = np.asarray(curve.delta, dtype=np.float64)
+        return -delta if self.higher_is_better else delta
+
+    def heatmap(self, axis: str, field_name: str = "delta") -> tuple[list[str], list[float], np.ndarray]:
+        """(layer names, levels, layers x levels matrix) of one curve field, NaN where a layer
+        has no such axis: what the GUI draws as a heat map."""
+        names = [layer.name for layer in self.layers if axis in layer.curves]
+        if not names:
+            return [], [], np.zeros((0, 0))
+        levels = max((self.layer(n).curves[axis].levels for n in names), key=len)
+        matrix = np.full((len(names), len(levels)), np.nan)
+        for row, name in enumerate(names):
+            curve = self.layer(name).curves[axis]
+            values = getattr(curve, field_name)
+            for level, value in zip(curve.levels, values):
+                matrix[row, levels.index(level)] = np.nan if value is None else value
+        return names, list(levels), matrix
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": SENSITIVITY_VERSION,
+            "method": self.method,
+            "metric": self.metric,
+            "higher_is_better": self.higher_is_better,
+            "baseline": self.baseline,
+            "secondary_metric": self.secondary_metric,
+            "secondary_baseline": self.secondary_baseline,
+            "chance": self.chance,
+            "collapse_fraction": self.collapse_fraction,
+            "quantization": self.quantization.to_dict(),
+            "model": self.model,
+            "model_bytes": self.model_bytes,
+            "fixed_bytes": self.fixed_bytes,
+            "data": self.data,
+            "samples": self.samples,
+            "seconds": self.seconds,
+            "notes": self.notes,
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Sensitivity:
+        if data.get("version") != SENSITIVITY_VERSION:
+            raise SlimscopeError(f"sensitivity version {data.get('version')!r} is not supported "
+                                 f"(expected {SENSITIVITY_VERSION})")
+        try:
+            quant = Plan.from_dict({"defaults": {"quantization": data["quantization"]}})
+            return cls(
+                method=data["method"], metric=data["metric"],
+                higher_is_better=bool(data["higher_is_better"]), baseline=data["baseline"],
+                layers=[LayerSensitivity.from_dict(layer) for layer in data["layers"]],
+                quantization=quant.defaults["quantization"],  # type: ignore[arg-type]
+                model_bytes=int(data["model_bytes"]), fixed_bytes=int(data["fixed_bytes"]),
+                secondary_metric=data.get("secondary_metric"),
+                secondary_baseline=data.get("secondary_baseline"), chance=data.get("chance"),
+                collapse_fraction=data.get("collapse_fraction"), model=data.get("model", ""),
+                data=data.get("data"), samples=int(data.get("samples", 0)),
+                seconds=float(data.get("seconds", 0.0)), notes=list(data.get("notes", [])),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SlimscopeError(f"not a sensitivity file: missing or bad field {exc}") from None
+
+    def save(self, path: str | Path) -> None:
+        from engine.safe_write import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Sensitivity:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise SlimscopeError(f"{path}: cannot read ({exc.strerror})") from None
+        except json.JSONDecodeError as exc:
+            raise SlimscopeError(f"{path.name}: not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+
+# -- levels: compressed weights made by the methods' own functions ---------------------------
+def level_sections(axis: str, level: float, quantization: Quantization,
+                   shape: Sequence[int] = ()) -> Sections:
+    """The plan sections that compress one layer to `level` on `axis` (empty at the baseline);
+    the rank axis needs the weight's `shape` to turn a fraction into a rank."""
+    if level == BASELINE_LEVEL[axis]:
+        return {}
+    if axis == "sparsity":
+        return {"pruning": Pruning("magnitude", amount=float(level))}
+    if axis == "bits":
+        return {"quantization": replace(quantization, bits=int(level))}
+    return {"low_rank": LowRank(rank=rank_for_fraction(shape, level))}
+
+
+def rank_for_fraction(shape: Sequence[int], fraction: float) -> int:
+    """The rank a fraction of full rank means for a weight of this shape (at least 1)."""
+    full = min(shape[0], math.prod(shape[1:]))
+    return max(1, int(round(fraction * full)))
+
+
+def storage_bytes(numel: int, nonzero: int, bits: int, overhead: int = 0) -> int:
+    """Bytes of a tensor stored as :func:`engine.compress.tensor_storage_bytes` stores it
+    (the tests hold the two equal): dense codes, or a 1-bit mask plus the non-zero codes when
+    that is smaller, plus `overhead` (scales and zero points) — from counts alone, so levels
+    and their combinations are sized without building each tensor."""
+    dense = (numel * bits + 7) // 8
+    sparse = (numel + 7) // 8 + (nonzero * bits + 7) // 8
+    return min(dense, sparse) + overhead
+
+
+def keep_masks(scores: torch.Tensor, amounts: Sequence[float]) -> list[torch.Tensor]:
+    """:func:`engine.methods.base.keep_top` for several amounts with a single sort.
+
+    keep_top prunes the ``round(amount * numel)`` lowest scores, ties going by position (its
+    sort is stable). Sorting once, each amount's mask keeps what lies above its threshold plus,
+    among elements equal to the threshold, those past the first ones by position — the same
+    masks (checked by the tests) for one sort instead of one per level.
+    """
+    flat = scores.detach().reshape(-1)
+    ordered = np.sort(flat.float().cpu().numpy())
+    masks = []
+    for amount in amounts:
+        n_prune = int(round(amount * flat.numel()))
+        if n_prune == 0:
+            masks.append(torch.ones(scores.shape, dtype=torch.bool))
+            continue
+        value = ordered[n_prune - 1]
+        keep = flat > torch.tensor(value).to(flat.dtype)
+        below = int(np.searchsorted(ordered, value, side="left"))
+        tied = int(np.searchsorted(ordered, value, side="right")) - below
+        pruned_tied = n_prune - below
+        if pruned_tied < tied:  # the first tied elements by position go, the rest stay
+            equal = flat == torch.tensor(value).to(flat.dtype)
+            keep |= equal & (torch.cumsum(equal, 0) > pruned_tied)
+        masks.append(keep.reshape(scores.shape))
+    return masks
+
+
+@dataclass
+class Level:
+    """One layer at one level: the weight it computes with (None when not asked for), the
+    bytes that weight is stored in, and its non-zeros."""
+
+    weight: torch.Tensor | None
+    bytes: int
+    nonzero: int
+
+
+class LayerLevels:
+    """One layer's weight at any level, made by the compression methods' own functions
+    (keep_top's ranking, quantize_tensor, factorize); magnitude order is sorted only once."""
+
+    def __init__(self, layer: nn.Module, quantization: Quantization) -> None:
+        self.layer = layer
+        self.weight = layer.weight.detach()
+        self.quantization = quantization
+        self.float_bits = self.weight.element_size() * 8
+        self.nonzero = int(torch.count_nonzero(self.weight))
+        self._masks: dict[float, torch.Tensor] = {}
+
+    def prepare_sparsity(self, amounts: Sequence[float]) -> None:
+        """Masks for all these amounts from one sort."""
+        missing = [a for a in amounts if a not in self._masks]
+        if missing:
+            self._masks.update(zip(missing, keep_masks(self.weight.abs(), missing)))
+
+    def level(self, axis: str, value: float, dense: bool = True) -> Level:
+        """The layer at `value` on `axis`; `dense` False skips building a pruned weight."""
+        weight, numel = self.weight, self.weight.numel()
+        if value == BASELINE_LEVEL[axis]:
+            return Level(weight, storage_bytes(numel, self.nonzero, self.float_bits),
+                         self.nonzero)
+        if axis == "sparsity":
+            # magnitude pruning removes zeros first, so the count needs no pass over the weight
+            nonzero = min(self.nonzero, numel - int(round(value * numel)))
+            pruned = None
+            if dense:
+                self.prepare_sparsity([value])
+                pruned = weight * self._masks[value]
+            return Level(pruned, storage_bytes(numel, nonzero, self.float_bits), nonzero)
+        if axis == "bits":
+            q = self.quantization
+            codes = quantize_tensor(weight, int(value), q.symmetric, q.granularity,
+                                    q.group_size, q.range)
+            deq = codes.dequantize().to(weight.dtype)
+            nonzero = int(torch.count_nonzero(deq))
+            overhead = codes.scale.numel() * 4 + (0 if q.symmetric else codes.zero_point.numel())
+            return Level(deq, storage_bytes(numel, nonzero, int(value), overhead), nonzero)
+        pair = factorize(self.layer, LowRank(rank=rank_for_fraction(weight.shape, value)))
+        if pair is None:  # not smaller: the low-rank method keeps the layer whole
+            return self.level(axis, BASELINE_LEVEL[axis])
+        first, second = (part.weight.detach() for part in pair)
+        product = second.reshape(second.shape[0], -1) @ first.reshape(first.shape[0], -1)
+        counts = [int(torch.count_nonzero(t)) for t in (first, second)]
+        stored = sum(storage_bytes(t.numel(), n, self.float_bits)
+                     for t, n in zip((first, second), counts))
+        return Level(product.reshape(weight.shape), stored, sum(counts))
+
+    def change(self, axis: str, value: float, level: Level) -> torch.Tensor:
+        """δw, flat and float: what `level` (at `value`, not the baseline) does to the weight."""
+        assert level.weight is not None
+        return level.weight.float().reshape(-1) - self.weight.float().reshape(-1)
+
+    def pruned_energies(self, amounts: Sequence[float], importance: torch.Tensor | float
+                        ) -> list[float]:
+        """``Σ importance · w²`` over the weights each amount prunes, all amounts in two passes:
+        bucket every weight by the amounts' magnitude thresholds, sum per bucket, accumulate.
+        Weights exactly at a threshold count as pruned (keep_top splits such ties by position;
+        for an estimate the difference is negligible and ties are rare)."""
+        magnitude = self.weight.float().abs().reshape(-1)
+        ordered = np.sort(magnitude.numpy())
+        cuts = [int(round(a * magnitude.numel())) for a in amounts]
+        thresholds = torch.tensor([ordered[c - 1] if c else -1.0 for c in cuts])
+        energy = magnitude.square() * (importance.reshape(-1) if isinstance(importance, torch.Tensor)
+                                       else importance)
+        buckets = torch.bucketize(magnitude, thresholds)
+        sums = torch.bincount(buckets, weights=energy.double(), minlength=len(cuts) + 1)
+        return torch.cumsum(sums, 0)[:len(cuts)].tolist()
+
+
+def _weighted_energy(change: torch.Tensor, importance: torch.Tensor | float) -> float:
+    """``Σ importance · change²`` (`change` is a fresh tensor and may be overwritten)."""
+    if isinstance(importance, torch.Tensor):
+        return float(torch.dot(change.square_(), importance.reshape(-1)))
+    return importance * float(torch.dot(change, change))
+
+
+# -- which layers, and model-level sizes -------------------------------------------------------
+def sweepable_layers(module: nn.Module) -> list[str]:
+    """Prunable and quantizable layers with a floating-point weight of their own (a weight
+    tied to another layer cannot be compressed 'alone', so tied layers are left out)."""
+    owners: dict[int, list[str]] = defaultdict(list)
+    candidates = []
+    for info in module_layers(module):
+        weight = module.get_submodule(info.name).weight
+        owners[id(weight)].append(info.name)
+        if (info.kind in PRUNABLE_KINDS and info.kind in QUANTIZABLE_KINDS
+                and weight.is_floating_point() and weight.dim() >= 2):
+            candidates.append((info.name, id(weight)))
+    return [name for name, key in candidates if len(owners[key]) == 1]
+
+
+def model_sizes(module: nn.Module, swept: Sequence[str]) -> tuple[int, int]:
+    """(bytes before compression, stored bytes of everything outside the swept weights),
+    both counted exactly as compress()'s report counts them."""
+    state = module.state_dict()
+    before = sum(t.numel() * t.element_size() for t in state.values())
+    swept_keys = {f"{name}.weight" for name in swept}
+    nothing = CompressedModel(module=module)
+    fixed = sum(tensor_storage_bytes(nothing, key, t) for key, t in state.items()
+                if key not in swept_keys)
+    return before, fixed
+
+
+# -- shared plumbing ----------------------------------------------------------------------------
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration, every submodule's flag restored after (as TorchRunner does)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for submodule, training in modes:
+            submodule.training = training
+
+
+def _as_input(batch: np.ndarray, module: nn.Module) -> torch.Tensor:
+    inputs = torch.from_numpy(np.ascontiguousarray(batch))
+    param = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if inputs.is_floating_point() and param is not None:
+        inputs = inputs.to(param.dtype)
+    return inputs
+
+
+def _logits(output: Any) -> torch.Tensor:
+    return _first_tensor(output).detach().float()
+
+
+class _Scorer:
+    """Scores outputs chunk by chunk against the labels and the original model's outputs."""
+
+    def __init__(self, labels: list[np.ndarray | None], reference: list[np.ndarray]) -> None:
+        self.labels = labels
+        self.reference = reference
+        self.has_labels = all(label is not None for label in labels)
+
+    def new(self) -> _Totals:
+        return _Totals()
+
+    def add(self, totals: _Totals, chunk: int, outputs: np.ndarray) -> None:
+        if self.has_labels:
+            totals.add_labels(outputs, self.labels[chunk])  # type: ignore[arg-type]
+        totals.add_reference(outputs, self.reference[chunk])
+        totals.samples += len(outputs)
+
+    def metrics(self, totals: _Totals) -> Metrics:
+        return totals.metrics(self.has_labels, True)
+
+    @property
+    def names(self) -> tuple[str, str]:
+        return ("accuracy", "loss") if self.has_labels else ("agreement", "kl_divergence")
+
+    def values(self, metrics: Metrics) -> tuple[float, float]:
+        primary, secondary = (getattr(metrics, name) for name in self.names)
+        if primary is None or secondary is None:
+            raise SlimscopeError("the model's outputs have no class axis to score")
+        return float(primary), float(secondary)
+
+
+def _constant_answer_score(labels: list[np.ndarray | None], reference: list[np.ndarray]
+                           ) -> float:
+    """Accuracy (or agreement) of always answering the most frequent class."""
+    if all(label is not None for label in labels):
+        answers = np.concatenate([label.reshape(-1) for label in labels])  # type: ignore[union-attr]
+    else:
+        answers = np.concatenate([out.argmax(-1).reshape(-1) for out in reference])
+    return float(np.bincount(answers).max() / answers.size)
+
+
+def _load_chunks(data: DataSource, size: int, module: nn.Module
+                 ) -> tuple[list[torch.Tensor], list[np.ndarray | None]]:
+    if len(data) == 0:
+        raise SlimscopeError(f"{data.name}: no samples to measure sensitivity on")
+    inputs, labels = [], []
+    for batch, label in data.batches(size):
+        inputs.append(_as_input(batch, module))
+        labels.append(label)
+    return inputs, labels
+
+
+def _reference(module: nn.Module, inputs: list[torch.Tensor], cancel: CancelToken
+               ) -> list[np.ndarray]:
+    outputs = []
+    for x in inputs:
+        cancel.check()
+        outputs.append(_logits(module(x)).numpy())
+    return outputs
+
+
+# -- exact: evaluators for "this layer's output replaced by these weights' outputs" -------------
+class _HookEvaluator:
+    """Full forward passes with a hook substituting the layer's output: works on any module."""
+
+    def __init__(self, module: nn.Module, inputs: list[torch.Tensor], scorer: _Scorer,
+                 cancel: CancelToken) -> None:
+        self.module, self.inputs, self.scorer, self.cancel = module, inputs, scorer, cancel
+
+    def group_size(self, name: str) -> int:
+        return 1
+
+    def metrics(self, name: str, weights: list[torch.Tensor]) -> list[Metrics]:
+        layer = self.module.get_submodule(name)
+        results = []
+        for weight in weights:
+            handle = layer.register_forward_hook(_substitute(weight), with_kwargs=True)
+            totals = self.scorer.new()
+            try:
+                for index, x in enumerate(self.inputs):
+                    self.cancel.check()
+                    self.scorer.add(totals, index, _logits(self.module(x)).numpy())
+            finally:
+                handle.remove()
+            results.append(self.scorer.metrics(totals))
+        return results
+
+
+def _substitute(weight: torch.Tensor) -> Callable[..., Any]:
+    """A forward hook returning what the layer computes with `weight` instead of its own."""
+    active = False
+
+    def hook(layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        nonlocal active
+        if active:  # functional_call below runs the layer (and so this hook) once more
+            return None
+        active = True
+        try:
+            return functional_call(layer, {"weight": weight}, args, kwargs)
+        finally:
+            active = False
+
+    return hook
+
+
+class _GraphEvaluator:
+    """Runs an fx-traced model node by node over every data chunk, in layer order.
+
+    The stream holds, per chunk, only the values that nodes at or after the current layer still
+    use (its frontier). For a layer, the levels' outputs are concatenated along the batch axis,
+    the frontier's data-carrying tensors repeated to match, and only the nodes after the layer
+    run. The stream then runs the layer with its own weight and moves on: the whole model runs
+    forward once, whatever the number of levels.
+    """
+
+    def __init__(self, traced: fx.GraphModule, inputs: list[torch.Tensor], scorer: _Scorer,
+                 settings: SweepSettings, cancel: CancelToken) -> None:
+        self.traced, self.scorer, self.settings, self.cancel = traced, scorer, settings, cancel
+        self.nodes = list(traced.graph.nodes)
+        self.position = {node: i for i, node in enumerate(self.nodes)}
+        self.last_use: dict[fx.Node, int] = {}
+        for i, node in enumerate(self.nodes):
+            for source in node.all_input_nodes:
+                self.last_use[source] = i
+        self.free_after: dict[int, list[fx.Node]] = defaultdict(list)
+        for node in self.nodes:
+            if node.op != "output":
+                self.free_after[self.last_use.get(node, self.position[node])].append(node)
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        self.data_nodes = _reachable(placeholders)
+        self.interpreter = fx.Interpreter(traced, garbage_collect_values=False)
+        self.lengths = [len(x) for x in inputs]
+        self.envs = [self._start(placeholders, x) for x in inputs]
+        self.at = len(placeholders)
+        self.layer_nodes = _single_call_layers(self.nodes)
+
+    @staticmethod
+    def _start(placeholders: list[fx.Node], x: torch.Tensor) -> dict[fx.Node, Any]:
+        env: dict[fx.Node, Any] = {placeholders[0]: x}
+        for extra in placeholders[1:]:
+            env[extra] = extra.args[0] if extra.args else None  # optional inputs: defaults
+        return env
+
+    @classmethod
+    def build(cls, module: nn.Module, inputs: list[torch.Tensor], reference: list[np.ndarray],
+              scorer: _Scorer, settings: SweepSettings, cancel: CancelToken
+              ) -> tuple[_GraphEvaluator | None, str | None]:
+        """The evaluator, or None and why when tracing fails or the trace computes otherwise."""
+        try:
+            traced = fx.symbolic_trace(module)
+            check = _logits(traced(inputs[0])).numpy()
+        except Exception as exc:  # noqa: BLE001 - any tracing failure means: use the fallback
+            return None, f"torch.fx cannot trace the model ({type(exc).__name__}); " \
+                         "every layer used full forward passes"
+        if check.shape != reference[0].shape or not np.allclose(check, reference[0], rtol=1e-4,
+                                                                atol=1e-5):
+            return None, "the traced graph computes other outputs than the model; every layer " \
+                         "used full forward passes"
+        return cls(traced, inputs, scorer, settings, cancel), None
+
+    def supports(self, name: str) -> bool:
+        return name in self.layer_nodes
+
+    def order(self, names: Sequence[str]) -> list[str]:
+        return sorted((n for n in names if self.supports(n)),
+                      key=lambda n: self.position[self.layer_nodes[n]])
+
+    def _run(self, env: dict[fx.Node, Any], start: int, stop: int) -> None:
+        self.interpreter.env = env
+        for i in range(start, stop):
+            node = self.nodes[i]
+            if node.op != "placeholder":
+                env[node] = self.interpreter.run_node(node)
+            for dead in self.free_after.get(i, ()):
+                env.pop(dead, None)
+
+    def _advance(self, stop: int) -> None:
+        for index, env in enumerate(self.envs):
+            self.cancel.check()
+            self._run(env, self.at, stop)
+            if index == 0:
+                self._check_cache(env)
+        self.at = stop
+
+    def _check_cache(self, env: dict[fx.Node, Any]) -> None:
+        """Refuse, before memory runs out, to hold every sample's activations when they do not
+        fit the cache budget."""
+        per_sample = sum(v.numel() * v.element_size() for n, v in env.items()
+                         if n in self.data_nodes and isinstance(v, torch.Tensor)) / self.lengths[0]
+        needed = per_sample * sum(self.lengths)
+        if needed > self.settings.cache_bytes:
+            raise SlimscopeError(
+                f"the exact method would keep {needed / 2**30:.1f} GiB of activations for "
+                f"{sum(self.lengths)} samples (limit {self.settings.cache_bytes / 2**30:.1f} "
+                "GiB); use fewer samples, or the fast method")
+
+    def group_size(self, name: str) -> int:
+        """How many levels one suffix pass can carry for this layer, within the memory bounds."""
+        node = self.layer_nodes[name]
+        self._advance(self.position[node])
+        env = self.envs[0]
+        frontier = self._frontier(node, env)
+        per_level = 0
+        for value in frontier.values():
+            if not isinstance(value, torch.Tensor) or value.dim() == 0 \
+                    or value.shape[0] != self.lengths[0]:
+                return 1  # a batch-size-dependent non-tensor (e.g. x.size(0)): no batching
+            per_level += value.numel() * value.element_size()
+        output = self._layer_output(node, env, None)
+        per_level += output.numel() * output.element_size()
+        by_memory = self.settings.batch_bytes // max(per_level, 1)
+        by_batch = self.settings.max_batch // max(self.lengths[0], 1)
+        return max(1, min(by_memory, by_batch))
+
+    def _frontier(self, node: fx.Node, env: dict[fx.Node, Any]) -> dict[fx.Node, Any]:
+        """Data-carrying values that nodes after `node` still need."""
+        here = self.position[node]
+        return {n: v for n, v in env.items()
+                if n in self.data_nodes and self.last_use.get(n, -1) > here}
+
+    def _layer_output(self, node: fx.Node, env: dict[fx.Node, Any],
+                      weight: torch.Tensor | None) -> torch.Tensor:
+        self.interpreter.env = env
+        args, kwargs = self.interpreter.fetch_args_kwargs_from_env(node)
+        layer = self.traced.get_submodule(node.target)  # type: ignore[arg-type]
+        if weight is None:
+            return layer(*args, **kwargs)
+        return functional_call(layer, {"weight": weight}, args, kwargs)
+
+    def metrics(self, name: str, weights: list[torch.Tensor]) -> list[Metrics]:
+        node = self.layer_nodes[name]
+        here = self.position[node]
+        self._advance(here)
+        group = len(weights)
+        totals = [self.scorer.new() for _ in weights]
+        for index, env in enumerate(self.envs):
+            self.cancel.check()
+            outputs = torch.cat([self._layer_output(node, env, w) for w in weights])
+            batched: dict[fx.Node, Any] = {
+                n: (_repeat(v, group) if n in self.data_nodes else v)
+                for n, v in env.items() if self.last_use.get(n, -1) > here
+            }
+            batched[node] = outputs
+            self._run(batched, here + 1, len(self.nodes))
+            logits = _logits(batched[self.nodes[-1]]).numpy()
+            for level, part in enumerate(np.split(logits, group)):
+                self.scorer.add(totals[level], index, part)
+        return [self.scorer.metrics(t) for t in totals]
+
+
+def _repeat(value: Any, times: int) -> Any:
+    """`times` copies along the batch axis; always a copy, so in-place ops downstream cannot
+    change the cached frontier."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.repeat(times, *([1] * (value.dim() - 1))) if times > 1 else value.clone()
+
+
+def _reachable(starts: list[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    todo = list(starts)
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo.extend(node.users)
+    return seen
+
+
+def _single_call_layers(nodes: list[fx.Node]) -> dict[str, fx.Node]:
+    """Layer name -> its call_module node, for modules called exactly once."""
+    calls: dict[str, list[fx.Node]] = defaultdict(list)
+    for node in nodes:
+        if node.op == "call_module":
+            calls[str(node.target)].append(node)
+    return {name: found[0] for name, found in calls.items() if len(found) == 1}
+
+
+# -- the three methods, and the naive definition ------------------------------------------------
+def sweep(
+    model: Model,
+    data: DataSource | None = None,
+    method: str = "exact",
+    settings: SweepSettings | None = None,
+    *,
+    layers: Sequence[str] | None = None,
+    progress: Progress = no_progress,
+    cancel: CancelToken = NEVER_CANCELLED,
+) -> Sensitivity:
+    """Sensitivity of every sweepable layer (or the named `layers`) of a loaded model."""
+    module = model.require_module("sensitivity analysis")
+    bad = model.non_finite()
+    if bad:
+        name, count = next(iter(bad.items()))
+        raise SlimscopeError(f"layer {name!r} has {count} NaN/Inf weights; fix the model first")
+    result = sweep_module(module, data, method, settings, layers=layers, progress=progress,
+                          cancel=cancel)
+    result.model = model.path.name
+    return result
+
+
+def sweep_module(
+    module: nn.Module,
+    data: DataSource | None = None,
+    method: str = "exact",
+    settings: SweepSettings | None = None,
+    *,
+    layers: Sequence[str] | None = None,
+    progress: Progress = no_progress,
+    cancel: CancelToken = NEVER_CANCELLED,
+) -> Sensitivity:
+    """:func:`sweep` on a bare torch module; `method` may also be "naive" (the slow definition
+    the exact method reproduces, kept for tests and benchmarks)."""
+    settings = settings or SweepSettings()
+    runners = {"exact": _exact, "fast": _fast, "datafree": _datafree, "naive": _naive}
+    if method not in runners:
+        raise SlimscopeError(f"unknown sensitivity method {method!r} (choose {', '.join(METHODS)})")
+    if method != "datafree" and data is None:
+        raise SlimscopeError(f"the {method} method needs data; give some, or use 'datafree'")
+    names = list(layers) if layers is not None else sweepable_layers(module)
+    if not names:
+        raise SlimscopeError("the model has no layers that can be pruned and quantized")
+    _check_settings(module, names, settings)
+    started = time.perf_counter()
+    result = runners[method](module, names, data, settings, progress, cancel)
+    result.seconds = time.perf_counter() - started
+    result.model_bytes, result.fixed_bytes = model_sizes(module, names)
+    if data is not None and method != "datafree":
+        result.data, result.samples = data.describe(), len(data)
+    progress(1.0, f"{method} sensitivity of {len(names)} layers in {result.seconds:.1f} s")
+    return result
+
+
+def _check_settings(module: nn.Module, names: list[str], settings: SweepSettings) -> None:
+    """Let plan resolution say, naming the layer, if the quantizer does not fit some layer."""
+    settings.axes()
+    sections: Sections = {"quantization": replace(settings.quantization, bits=settings.bits[0]
+                                                   if settings.bits else 8)}
+    infos = [info for info in module_layers(module) if info.name in set(names)]
+    missing = set(names) - {info.name for info in infos}
+    if missing:
+        raise SlimscopeError(f"no weight layer named {sorted(missing)[0]!r} in the model")
+    Plan(layers={name: dict(sections) for name in names}).resolve(infos)
+
+
+def _layer_axes(module: nn.Module, name: str, settings: SweepSettings) -> list[str]:
+    layer = module.get_submodule(name)
+    axes = settings.axes()
+    grouped = isinstance(layer, nn.Conv2d) and layer.groups != 1
+    if "rank" in axes and (type(layer).__name__ not in LOW_RANK_KINDS or grouped):
+        axes.remove("rank")
+    return axes
+
+
+def _new_result(method: str, metric: str, higher: bool, baseline: float,
+                settings: SweepSettings, **extra: Any) -> Sensitivity:
+    return Sensitivity(method=method, metric=metric, higher_is_better=higher, baseline=baseline,
+                       layers=[], quantization=settings.quantization, model_bytes=0,
+                       fixed_bytes=0, **extra)
+
+
+def _layer_result(module: nn.Module, name: str, curves: dict[str, Curve]) -> LayerSensitivity:
+    weight = module.get_submodule(name).weight
+    return LayerSensitivity(name, type(module.get_submodule(name)).__name__, tuple(weight.shape),
+                            curves, weight.element_size() * 8)
+
+
+def _exact(module: nn.Module, names: list[str], data: DataSource, settings: SweepSettings,
+           progress: Progress, cancel: CancelToken) -> Sensitivity:
+    progress(0.0, "caching activations")
+    inputs, labels = _load_chunks(data, settings.chunk_size, module)
+    with _eval_mode(module), torch.inference_mode():
+        reference = _reference(module, inputs, cancel)
+        scorer = _Scorer(labels, reference)
+        totals = scorer.new()
+        for index, outputs in enumerate(reference):
+            scorer.add(totals, index, outputs)
+        baseline, secondary_baseline = scorer.values(scorer.metrics(totals))
+        chance = _constant_answer_score(labels, reference)
+        graph, note = _GraphEvaluator.build(module, inputs, reference, scorer, settings, cancel)
+        hooks = _HookEvaluator(module, inputs, scorer, cancel)
+        ordered = graph.order(names) if graph else []
+        ordered += [n for n in names if n not in ordered]
+        primary_name, secondary_name = scorer.names
+        result = _new_result("exact", primary_name, True, baseline, settings,
+                             secondary_metric=secondary_name,
+                             secondary_baseline=secondary_baseline, chance=chance,
+                             collapse_fraction=settings.collapse_fraction)
+        if note:
+            result.notes.append(note)
+        fallback = [n for n in names if not (graph and graph.supports(n))]
+        if graph and fallback:
+            result.notes.append("layers not called exactly once as a module (full forward "
+                                f"passes instead): {', '.join(fallback)}")
+        floor = chance + settings.collapse_fraction * (baseline - chance)
+        curves_by_layer = {}
+        for i, name in enumerate(ordered):
+            evaluator = graph if graph and graph.supports(name) else hooks
+            layer_progress = sub_progress(progress, i / len(ordered), (i + 1) / len(ordered))
+            curves_by_layer[name] = _exact_layer(
+                module, name, evaluator, settings, (baseline, secondary_baseline), floor,
+                layer_progress, cancel)
+    result.layers = [_layer_result(module, n, curves_by_layer[n]) for n in names]
+    return result
+
+
+def _exact_layer(module: nn.Module, name: str, evaluator: _GraphEvaluator | _HookEvaluator,
+                 settings: SweepSettings, baselines: tuple[float, float], floor: float,
+                 progress: Progress, cancel: CancelToken) -> dict[str, Curve]:
+    levels_of = LayerLevels(module.get_submodule(name), settings.quantization)
+    group = evaluator.group_size(name)
+    axes = _layer_axes(module, name, settings)
+    curves = {}
+    for a, axis in enumerate(axes):
+        levels = settings.levels(axis)
+        if axis == "sparsity":
+            levels_of.prepare_sparsity(levels[1:])
+        base = levels_of.level(axis, levels[0])
+        curve = Curve([levels[0]], [baselines[0]], [0.0], [base.bytes], [base.nonzero],
+                      [BASELINE], [baselines[1]])
+        todo = levels[1:]
+        while todo:
+            cancel.check()
+            batch, todo = todo[:group], todo[group:]
+            progress((a + len(curve.levels) / len(levels)) / len(axes), f"{name}: {axis} {batch}")
+            made = [levels_of.level(axis, value) for value in batch]
+            weights = [level.weight for level in made]
+            for value, level, metrics in zip(batch, made, evaluator.metrics(name, weights)):
+                primary, secondary = evaluator.scorer.values(metrics)
+                _append(curve, value, primary, primary - baselines[0], level.bytes,
+                        level.nonzero, MEASURED, secondary)
+            if min(curve.metric[-len(batch):]) <= floor < baselines[0]:
+                for value in todo:  # collapsed: see the module docstring
+                    level = levels_of.level(axis, value, dense=False)
+                    _append(curve, value, curve.metric[-1], curve.delta[-1], level.bytes,
+                            level.nonzero, EXTRAPOLATED, curve.secondary[-1])  # type: ignore[index]
+                todo = []
+        curves[axis] = curve
+    return curves
+
+
+def _append(curve: Curve, level: float, metric: float, delta: float, stored: int, nonzero: int,
+            status: str, secondary: float | None = None) -> None:
+    curve.levels.append(level)
+    curve.metric.append(metric)
+    curve.delta.append(delta)
+    curve.bytes.append(stored)
+    curve.nonzero.append(nonzero)
+    curve.status.append(status)
+    if curve.secondary is not None:
+        curve.secondary.append(secondary)  # type: ignore[arg-type]
+
+
+def _naive(module: nn.Module, names: list[str], data: DataSource, settings: SweepSettings,
+           progress: Progress, cancel: CancelToken) -> Sensitivity:
+    """For each layer and level: deep-copy, compress that layer alone, evaluate all the data."""
+    original = TorchRunner(module)
+    base_metrics = evaluate(original, data, reference=None if data.has_labels else original,
+                            cancel=cancel)
+    primary_name, secondary_name = ("accuracy", "loss") if data.has_labels else \
+        ("agreement", "kl_divergence")
+    baseline = getattr(base_metrics, primary_name)
+    secondary_baseline = getattr(base_metrics, secondary_name)
+    result = _new_result("naive", primary_name, True, baseline, settings,
+                         secondary_metric=secondary_name, secondary_baseline=secondary_baseline)
+    for i, name in enumerate(names):
+        layer = module.get_submodule(name)
+        curves = {}
+        for axis in _layer_axes(module, name, settings):
+            curve = Curve([], [], [], [], [], [], [])
+            for level in settings.levels(axis):
+                cancel.check()
+                progress(i / len(names), f"{name}: {axis} {level}")
+                sections = level_sections(axis, level, settings.quantization, layer.weight.shape)
+                compressed = apply_plan(module, Plan(layers={name: sections}), cancel=cancel)
+                metrics = evaluate(TorchRunner(compressed.module), data,
+                                   reference=None if data.has_labels else original, cancel=cancel)
+                primary, secondary = getattr(metrics, primary_name), getattr(metrics, secondary_name)
+                stored, nonzero = _compressed_layer_bytes(compressed, name)
+                _append(curve, level, primary, primary - baseline, stored, nonzero, MEASURED,
+                        secondary)
+            curves[axis] = curve
+        result.layers.append(_layer_result(module, name, curves))
+    return result
+
+
+def _compressed_layer_bytes(compressed: CompressedModel, name: str) -> tuple[int, int]:
+    keys = [f"{name}.0.weight", f"{name}.1.weight"] if name in compressed.low_rank \
+        else [f"{name}.weight"]
+    state = compressed.module.state_dict()
+    stored = sum(tensor_storage_bytes(compressed, key, state[key]) for key in keys)
+    return stored, sum(int(torch.count_nonzero(state[key])) for key in keys)
+
+
+# -- estimates ------------------------------------------------------------------------------------
+def fisher_diagonal(module: nn.Module, names: Sequence[str], inputs: list[torch.Tensor],
+                    labels: list[np.ndarray], micro_batch: int = 1,
+                    cancel: CancelToken = NEVER_CANCELLED) -> tuple[dict[str, torch.Tensor], float]:
+    """Diagonal empirical Fisher of the mean cross-entropy for the named layers' weights, and
+    that mean loss — one forward and backward pass over the data.
+
+    Per-sample gradients give ``F = mean_j g_j²``. Micro-batches of B samples give the mean
+    gradient ḡ of B samples; ``B² ḡ²`` estimates the sum of their squared gradients (the
+    cross terms average out), so larger micro-batches trade accuracy of F for speed.
+    """
+    weights = {name: module.get_submodule(name).weight for name in names}
+    flags = {name: w.requires_grad for name, w in weights.items()}
+    fisher = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
+    total_loss, count = 0.0, 0
+    try:
+        for w in weights.values():
+            w.requires_grad_(True)
+        with _eval_mode(module), torch.enable_grad():
+            for x, y in zip(inputs, labels):
+                for start in range(0, len(x), micro_batch):
+                    cancel.check()
+                    xb = x[start:start + micro_batch]
+                    yb = torch.from_numpy(y[start:start + micro_batch]).long()
+                    logits = _first_tensor(module(xb)).float()
+                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1))
+                    grads = torch.autograd.grad(loss, list(weights.values()))
+                    for name, grad in zip(weights, grads):
+                        fisher[name] += grad.float().square() * (len(xb) ** 2)
+                    total_loss += float(loss.detach()) * len(xb)
+                    count += len(xb)
+    finally:
+        for name, w in weights.items():
+            w.requires_grad_(flags[name])
+    return {name: f / count for name, f in fisher.items()}, total_loss / count
+
+
+def _estimate_curves(module: nn.Module, name: str, importance: torch.Tensor | float,
+                     baseline: float, settings: SweepSettings, cancel: CancelToken
+                     ) -> dict[str, Curve]:
+    """Curves of ``baseline + ½ Σ importance · δw²`` with δw from each level's real weight."""
+    levels_of = LayerLevels(module.get_submodule(name), settings.quantization)
+    curves = {}
+    for axis in _layer_axes(module, name, settings):
+        levels = settings.levels(axis)
+        curve = Curve([], [], [], [], [], [])
+        pruned = levels_of.pruned_energies(levels[1:], importance) if axis == "sparsity" \
+            else None
+        for i, value in enumerate(levels):
+            cancel.check()
+            level = levels_of.level(axis, value, dense=pruned is None)
+            if i == 0:
+                energy = 0.0
+            elif pruned is not None:
+                energy = pruned[i - 1]
+            else:
+                energy = _weighted_energy(levels_of.change(axis, value, level), importance)
+            _append(curve, value, baseline + energy / 2, energy / 2, level.bytes, level.nonzero,
+                    BASELINE if i == 0 else ESTIMATED)
+        curves[axis] = curve
+    return curves
+
+
+def _fast(module: nn.Module, names: list[str], data: DataSource, settings: SweepSettings,
+          progress: Progress, cancel: CancelToken) -> Sensitivity:
+    progress(0.0, "one forward and backward pass")
+    inputs, labels = _load_chunks(data, settings.chunk_size, module)
+    if not all(label is not None for label in labels):
+        with _eval_mode(module), torch.inference_mode():  # no labels: the model's own top-1
+            labels = [out.argmax(-1) for out in _reference(module, inputs, cancel)]
+    fisher, loss = fisher_diagonal(module, names, inputs, labels,  # type: ignore[arg-type]
+                                   settings.fisher_batch, cancel)
+    result = _new_result("fast", "loss", False, loss, settings)
+    if not data.has_labels:
+        result.notes.append("no labels: the loss is against the model's own top-1 predictions")
+    for i, name in enumerate(names):
+        progress(0.5 + 0.5 * i / len(names), f"estimating {name}")
+        result.layers.append(_layer_result(
+            module, name, _estimate_curves(module, name, fisher[name], loss, settings, cancel)))
+    return result
+
+
+def _datafree(module: nn.Module, names: list[str], data: DataSource | None,
+              settings: SweepSettings, progress: Progress, cancel: CancelToken) -> Sensitivity:
+    result = _new_result("datafree", "weight_nsr", False, 0.0, settings)
+    for i, name in enumerate(names):
+        progress(i / len(names), f"weight error of {name}")
+        weight = module.get_submodule(name).weight.detach().float()
+        energy = float(weight.square().sum()) or 1.0
+        # ½ · (2 / energy) · Σ δw² = ‖δw‖² / ‖w‖²
+        result.layers.append(_layer_result(
+            module, name, _estimate_curves(module, name, 2.0 / energy, 0.0, settings, cancel)))
+    return result
+
+
+# -- comparing methods ------------------------------------------------------------------------
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation with average ranks for ties (numpy only)."""
+    x, y = _ranks(np.asarray(a, dtype=np.float64)), _ranks(np.asarray(b, dtype=np.float64))
+    x, y = x - x.mean(), y - y.mean()
+    denominator = math.sqrt(float((x * x).sum() * (y * y).sum()))
+    return float((x * y).sum() / denominator) if denominator else float("nan")
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    sorted_values = values[order]
+    start = 0
+    for end in range(1, len(values) + 1):
+        if end == len(values) or sorted_values[end] != sorted_values[start]:
+            ranks[order[start:end]] = (start + end - 1) / 2.0
+            start = end
+    return ranks
+
+
+def paired_drops(a: Sensitivity, b: Sensitivity, *, secondary_a: bool = False,
+                 secondary_b: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Both results' drops at every (layer, axis, non-baseline level) they share, paired."""
+    xs, ys = [], []
+    for layer_a in a.layers:
+        layer_b = b.layer(layer_a.name)
+        for axis, curve in layer_a.curves.items():
+            if axis not in layer_b.curves:
+                continue
+            drops_a = a.drops(layer_a, axis, secondary_a)
+            drops_b = dict(zip(layer_b.curves[axis].levels, b.drops(layer_b, axis, secondary_b)))
+            for level, drop in zip(curve.levels[1:], drops_a[1:]):
+                if level in drops_b:
+                    xs.append(drop)
+                    ys.append(drops_b[level])
+    return np.asarray(xs), np.asarray(ys)

@@ -1,0 +1,198 @@
+"""Sensitivity speed and fidelity: the naive loop against the exact method and the fast estimate.
+
+Why: engine.sensitivity claims its exact method measures what the naive loop measures (deep-copy
+the model, compress one layer, evaluate all the data, repeat) at least 5x faster, and that the
+fast estimate (one forward+backward pass) is at least 50x faster. In one process, on the same
+data, this runs all three on the bundled demo model (DigitsData test split) and on a
+ResNet-18-sized network built here (torchvision's ResNet-18 layout, 11.2M parameters, 3x32x32
+inputs, seeded random weights with batch-norm statistics recalibrated on a fixed random data set
+whose labels are the unpruned model's own top-1, so accuracy starts at 100% and means "still
+agrees"). It prints wall times, speed ratios, and the Spearman rank correlation of each method's
+per-(layer, level) drops against the naive ones; on the demo the fast estimate also runs on the
+calibration split (128 samples), the data it is meant for. Run from the repository root:
+
+    .venv/bin/python tests/benchmarks/bench_sensitivity.py [--threads 1] [--samples 256]
+        [--stem cifar|imagenet] [--only demo|resnet]
+
+The exact method evaluates exactly the data the naive loop evaluates; levels it skips after a
+collapse are counted and reported. Each method first runs once on a few samples, untimed, so no
+one pays for the others' kernel set-up; wall and CPU time are both printed, since a shared
+machine stretches wall time unevenly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from engine.data import ArraySource, DataSource, DigitsData  # noqa: E402
+from engine.demo import DEMO_MODEL  # noqa: E402
+from engine.formats import load_model  # noqa: E402
+from engine.sensitivity import (  # noqa: E402
+    EXTRAPOLATED,
+    Sensitivity,
+    SweepSettings,
+    paired_drops,
+    spearman,
+    sweep_module,
+)
+
+class BasicBlock(nn.Module):
+    def __init__(self, inputs: int, outputs: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(outputs)
+        self.conv2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(outputs)
+        self.downsample = None
+        if stride != 1 or inputs != outputs:
+            self.downsample = nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride, bias=False),
+                                            nn.BatchNorm2d(outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity)
+
+
+class ResNet18(nn.Module):
+    """torchvision's ResNet-18 layout and names; `stem` "cifar" is a 3x3 stride-1 first conv
+    without max pooling (the usual choice for 32x32 inputs), "imagenet" the 7x7 stride-2 conv
+    and max pool."""
+
+    def __init__(self, stem: str = "cifar", num_classes: int = 10) -> None:
+        super().__init__()
+        if stem == "cifar":
+            self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+            self.maxpool: nn.Module = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.bn1 = nn.BatchNorm2d(64)
+        widths, layers, inputs = (64, 128, 256, 512), [], 64
+        for stage, width in enumerate(widths):
+            stride = 1 if stage == 0 else 2
+            layers.append(nn.Sequential(BasicBlock(inputs, width, stride),
+                                        BasicBlock(width, width, 1)))
+            inputs = width
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def resnet_and_data(stem: str, samples: int) -> tuple[nn.Module, DataSource]:
+    """Seeded ResNet-18, batch norm recalibrated on the data, labels = its own top-1."""
+    torch.manual_seed(0)
+    model = ResNet18(stem)
+    inputs = torch.from_numpy(np.random.default_rng(0).standard_normal(
+        (samples, 3, 32, 32), dtype=np.float32))
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None  # cumulative average over the recalibration pass
+            module.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        for batch in inputs.split(64):
+            model(batch)
+    model.eval()
+    with torch.inference_mode():
+        labels = torch.cat([model(batch).argmax(-1) for batch in inputs.split(64)]).numpy()
+    return model, ArraySource(inputs.numpy(), labels.astype(np.int64), "random 3x32x32")
+
+
+def run(name: str, module: nn.Module, data: DataSource, settings: SweepSettings,
+        calibration: DataSource | None = None) -> None:
+    """Time and compare the methods on `data`; the fast estimate also on `calibration`, the
+    smaller split it is meant for, when one is given."""
+    print(f"\n== {name}: {sum(p.numel() for p in module.parameters()) / 1e6:.2f}M parameters, "
+          f"{data.describe()}", flush=True)
+    warm_up = SweepSettings(sparsities=(0.0, 0.5), bits=(4,))
+    for method in ("fast", "exact", "naive"):  # first calls pay for kernel set-up; not timed
+        sweep_module(module, data.head(32), method, warm_up, layers=[_last_layer(module)])
+    results: dict[str, Sensitivity] = {}
+    cpu: dict[str, float] = {}
+    for method in ("fast", "exact", "naive"):
+        started = time.process_time()
+        results[method] = sweep_module(module, data, method, settings)
+        cpu[method] = time.process_time() - started
+        print(f"{method:>6}: {results[method].seconds:8.2f} s wall, {cpu[method]:8.2f} s CPU",
+              flush=True)
+    if calibration is not None:
+        started = time.process_time()
+        results["fast (calibration)"] = sweep_module(module, calibration, "fast", settings)
+        cpu["fast (calibration)"] = time.process_time() - started
+        print(f"  fast on {calibration.describe()}: {results['fast (calibration)'].seconds:.2f} s "
+              f"wall, {cpu['fast (calibration)']:.2f} s CPU", flush=True)
+    naive = results["naive"]
+    levels = sum(len(c.levels) - 1 for layer in naive.layers for c in layer.curves.values())
+    skipped = sum(c.status.count(EXTRAPOLATED) for layer in results["exact"].layers
+                  for c in layer.curves.values())
+    print(f"layers {len(naive.layers)}, non-baseline levels {levels}, exact skipped after "
+          f"collapse {skipped}; baseline {naive.metric} {naive.baseline:.4f}")
+    for method in [m for m in results if m != "naive"]:
+        ratio = naive.seconds / results[method].seconds
+        drops, reference = paired_drops(results[method], naive)
+        line = (f"{method}: {ratio:.1f}x faster than naive (wall; CPU time "
+                f"{cpu['naive'] / cpu[method]:.1f}x); Spearman vs naive "
+                f"{naive.metric} drop {spearman(drops, reference):.4f}")
+        _, reference_loss = paired_drops(results[method], naive, secondary_b=True)
+        line += f", vs naive {naive.secondary_metric} rise {spearman(drops, reference_loss):.4f}"
+        if method == "exact":
+            measured = measured_mask(results[method])
+            line += (f"; on the {measured.sum()} levels it measured (not extrapolated): Spearman "
+                     f"{spearman(drops[measured], reference[measured]):.4f}, largest |difference| "
+                     f"{np.max(np.abs(drops[measured] - reference[measured])):.4f}")
+        print(line, flush=True)
+
+
+def measured_mask(result: Sensitivity) -> np.ndarray:
+    """Which entries of paired_drops(result, ...) were measured, in the same order."""
+    return np.array([status != EXTRAPOLATED for layer in result.layers
+                     for curve in layer.curves.values() for status in curve.status[1:]])
+
+
+def _last_layer(module: nn.Module) -> str:
+    from engine.sensitivity import sweepable_layers
+
+    return sweepable_layers(module)[-1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared machine multi-threaded "
+                        "timings swing with the load, as engine.evaluate.measure_latency says)")
+    parser.add_argument("--samples", type=int, default=256, help="ResNet data set size")
+    parser.add_argument("--stem", choices=("cifar", "imagenet"), default="imagenet")
+    parser.add_argument("--only", choices=("demo", "resnet"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads")
+    if args.only != "resnet":
+        demo = load_model(DEMO_MODEL).module
+        run("demo DigitsCNN", demo, DigitsData("test"), SweepSettings(),
+            calibration=DigitsData("calibration"))
+    if args.only != "demo":
+        module, data = resnet_and_data(args.stem, args.samples)
+        counts = np.bincount(data.labels, minlength=10)  # type: ignore[attr-defined]
+        print(f"\nResNet-18 ({args.stem} stem) labels per class: {counts.tolist()}")
+        run(f"ResNet-18 ({args.stem} stem)", module, data, SweepSettings())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
