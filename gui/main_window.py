@@ -1,9 +1,16 @@
-"""The main window: open a model, see its summary, its layers and the selected layer's weights.
+"""The main window: open a model, inspect its layers, plan, compress, look at results, export.
 
 Loading runs on a worker; until it succeeds the previous model stays on screen, and a failure
 is a dialog with one clear line. Pickles are opened only after the user says they trust them.
 The loader and both dialogs are constructor arguments, so tests run the real flow without a
 person at the keyboard.
+
+Compression and export are *tasks*: one at a time, on a worker, with the progress bar, a status
+line, a Cancel button and the log dock. A task works on snapshots (the plan as plain data, the
+loaded model, which compress() never modifies), so cancelling or failing leaves the window as it
+was. Plan edits all go through the session's PlanDocument, whose undo stack backs Edit › Undo.
+Analysis tools (sensitivity, Pareto, graph) plug in through ``gui.analysis.install_analysis``
+when that module is present.
 """
 
 from __future__ import annotations
@@ -13,9 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from PySide6.QtCore import QByteArray, QSettings, Qt, QUrl
-from PySide6.QtGui import QAction, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence, QPalette
+import sys
+import traceback
+
+from PySide6.QtCore import QByteArray, QSettings, Qt, QTimer, QUrl
+from PySide6.QtGui import (
+    QAction,
+    QCloseEvent,
+    QDragEnterEvent,
+    QDropEvent,
+    QKeySequence,
+    QPalette,
+)
 from PySide6.QtWidgets import (
+    QDockWidget,
     QFileDialog,
     QHBoxLayout,
     QLabel,
@@ -25,28 +43,41 @@ from PySide6.QtWidgets import (
     QPushButton,
     QSplitter,
     QStackedWidget,
+    QStyle,
+    QTabWidget,
+    QToolBar,
+    QUndoView,
     QVBoxLayout,
     QWidget,
 )
 
 from engine import __version__
-from engine.errors import UntrustedPickleError
+from engine.errors import NeedsModuleError, SlimscopeError, UntrustedPickleError
 from engine.formats import LoadOptions, load_model
 from engine.jobs import CancelToken, Progress
 from engine.model import Model
+from engine.plan import Plan
 
 from gui import dialogs
 from gui.panels.histogram import HistogramPanel
-from gui.panels.layer_table import LayerTable
+from gui.panels.layer_table import Column, LayerTable
+from gui.panels.log_panel import LogPanel
+from gui.panels.plan_editor import PlanEditor
+from gui.panels.results import ResultsPanel
 from gui.panels.summary import ModelSummary
 from gui.preview import demo_model_path
-from gui.session import Session
-from gui.workers import Job
+from gui.session import CompressionOutcome, MetricPrediction, PlanState, Session
+from gui.workers import Job, compression_job
 
 Loader = Callable[[Path, LoadOptions], Model]
 
 MAX_RECENT = 10
 RECENT_KEY = "recent_files"
+PLAN_DIR_KEY = "plan/dir"
+PLAN_FILTER = "Plan files (*.yaml *.yml *.json);;All files (*)"
+LAYERS_TAB, RESULTS_TAB = 0, 1
+#: Shortest time between two updates of the progress bar and status line while a task runs.
+PROGRESS_REDRAW_MS = 100
 MODEL_FILTER = (
     "Model files (*.safetensors *.onnx *.pt *.pth *.bin *.ckpt *.pt2 *.ts *.jit *.torchscript);;"
     "All files (*)"
@@ -86,34 +117,65 @@ class MainWindow(QMainWindow):
         self.show_error = show_error
         self.confirm_trust = confirm_trust
         self.session = Session(self)
+        self.document = self.session.plan_document
         self.load_job: Job | None = None
+        #: The running compression or export, if any: one at a time.
+        self.task: Job | None = None
 
         self.summary = ModelSummary(self.session)
         self.layer_table = LayerTable(self.session)
         self.histogram = HistogramPanel(self.session)
-        self.splitter = QSplitter(Qt.Orientation.Horizontal)
+        # Table above histogram: the table's plan columns need the width more than the plot does.
+        self.splitter = QSplitter(Qt.Orientation.Vertical)
         self.splitter.setChildrenCollapsible(False)
         self.splitter.addWidget(self.layer_table)
         self.splitter.addWidget(self.histogram)
-        self.splitter.setStretchFactor(0, 3)
-        self.splitter.setStretchFactor(1, 2)
+        self.splitter.setStretchFactor(0, 1)
+        self.splitter.setStretchFactor(1, 1)
+        self.results = ResultsPanel(self.session)
+        self.results.export_requested.connect(self.export)
+        self.results.run_requested.connect(self.run_compression)
+        self.tabs = QTabWidget()
+        self.tabs.setDocumentMode(True)
+        self.tabs.addTab(self.splitter, "Layers")
+        self.tabs.addTab(self.results, "Results")
 
         content = QWidget()
         content_layout = QVBoxLayout(content)
         content_layout.setContentsMargins(10, 8, 10, 4)
         content_layout.addWidget(self.summary)
-        content_layout.addWidget(self.splitter, 1)
+        content_layout.addWidget(self.tabs, 1)
         self.stack = QStackedWidget()
         self.stack.addWidget(self._build_welcome())
         self.stack.addWidget(content)
         self.setCentralWidget(self.stack)
 
+        self.plan_editor = PlanEditor(self.session)
+        self.log = LogPanel()
+        self.history = QUndoView(self.document.undo_stack)
+        self.history.setEmptyLabel("Opened plan")
+        self.setCorner(Qt.Corner.BottomRightCorner, Qt.DockWidgetArea.RightDockWidgetArea)  # plan: full height
+        self.plan_dock = self._dock("Plan", "plan", self.plan_editor, Qt.DockWidgetArea.RightDockWidgetArea)
+        self.log_dock = self._dock("Log", "log", self.log, Qt.DockWidgetArea.BottomDockWidgetArea)
+        self.history_dock = self._dock("History", "history", self.history, Qt.DockWidgetArea.BottomDockWidgetArea)
+        self.tabifyDockWidget(self.log_dock, self.history_dock)
+        self.log_dock.raise_()
+
+        self._build_actions()
         self._build_menus()
+        self._build_toolbar()
         self._build_status_bar()
         self.session.model_changed.connect(self._on_model_changed)
+        self.session.plan_state_changed.connect(self._on_plan_state)
+        self.session.plan_rejected.connect(self._on_plan_rejected)
+        self.session.result_changed.connect(self._update_actions)
+        self.document.undo_stack.cleanChanged.connect(self._update_title)
         self.setAcceptDrops(True)
         self.setWindowTitle("Slimscope")
+        self._install_analysis()
         self._restore_layout()
+        self.log_dock.raise_()
+        self._update_actions()
 
     # -- construction ------------------------------------------------------------------------
     def _build_welcome(self) -> QWidget:
@@ -143,21 +205,77 @@ class MainWindow(QMainWindow):
         layout.addStretch(2)
         return page
 
+    def _dock(self, title: str, name: str, widget: QWidget, area: Qt.DockWidgetArea) -> QDockWidget:
+        dock = QDockWidget(title, self)
+        dock.setObjectName(f"{name}-dock")  # saveState needs names
+        dock.setWidget(widget)
+        dock.setFeatures(QDockWidget.DockWidgetFeature.DockWidgetMovable
+                         | QDockWidget.DockWidgetFeature.DockWidgetClosable
+                         | QDockWidget.DockWidgetFeature.DockWidgetFloatable)
+        self.addDockWidget(area, dock)
+        return dock
+
+    def _action(self, text: str, slot: object, shortcut: QKeySequence | str | None = None,
+                icon: QStyle.StandardPixmap | None = None, tip: str = "") -> QAction:
+        action = QAction(text, self)
+        if shortcut is not None:
+            action.setShortcut(QKeySequence(shortcut))
+        if icon is not None:
+            action.setIcon(self.style().standardIcon(icon))
+        if tip:
+            action.setStatusTip(tip)
+            action.setToolTip(tip)
+        action.triggered.connect(slot)
+        return action
+
+    def _build_actions(self) -> None:
+        pixmap = QStyle.StandardPixmap
+        self.open_action = self._action("&Open…", self.choose_file, QKeySequence.StandardKey.Open,
+                                        pixmap.SP_DialogOpenButton, "Open a model file (Ctrl+O)")
+        self.demo_action = self._action("Open &Demo", self.open_demo)
+        self.new_plan_action = self._action("&New Plan", self.new_plan, tip="Start from an empty plan (undoable)")
+        self.load_plan_action = self._action("&Load Plan…", self.choose_plan, "Ctrl+Shift+O",
+                                             tip="Read a plan file (YAML or JSON)")
+        self.save_plan_action = self._action("&Save Plan", self.save_plan, QKeySequence.StandardKey.Save,
+                                             pixmap.SP_DialogSaveButton,
+                                             "Save the plan; `slimscope compress MODEL --plan FILE` replays it")
+        self.save_plan_as_action = self._action("Save Plan &As…", self.save_plan_as, "Ctrl+Shift+S")
+        self.export_action = self._action("&Export…", self.export, "Ctrl+E", pixmap.SP_DriveHDIcon,
+                                          "Write the compressed model to a file and verify it (Ctrl+E)")
+        self.run_action = self._action("&Run Compression", self.run_compression, "Ctrl+R", pixmap.SP_MediaPlay,
+                                       "Compress the model with the current plan (Ctrl+R)")
+        self.cancel_action = self._action("&Cancel", self.cancel_task, None, pixmap.SP_BrowserStop,
+                                          "Stop the running compression or export; nothing changes")
+        self.data_action = self._action("&Data…", self.choose_data,
+                                        tip="Evaluation, calibration and training data for compression")
+        stack = self.document.undo_stack
+        self.undo_action = stack.createUndoAction(self, "&Undo")
+        self.undo_action.setShortcut(QKeySequence.StandardKey.Undo)
+        self.undo_action.setIcon(self.style().standardIcon(pixmap.SP_ArrowBack))
+        self.redo_action = stack.createRedoAction(self, "&Redo")
+        self.redo_action.setShortcuts([QKeySequence("Ctrl+Shift+Z"), QKeySequence.StandardKey.Redo])
+        self.redo_action.setIcon(self.style().standardIcon(pixmap.SP_ArrowForward))
+
     def _build_menus(self) -> None:
         file_menu = self.menuBar().addMenu("&File")
-        self.open_action = QAction("&Open…", self, shortcut=QKeySequence.StandardKey.Open)
-        self.open_action.triggered.connect(self.choose_file)
-        self.demo_action = QAction("Open &Demo", self)
-        self.demo_action.triggered.connect(self.open_demo)
+        file_menu.addAction(self.open_action)
+        file_menu.addAction(self.demo_action)
         self.recent_menu = file_menu.addMenu("Open &Recent")
         self.recent_menu.aboutToShow.connect(self._fill_recent_menu)
+        file_menu.addSeparator()
+        file_menu.addActions([self.new_plan_action, self.load_plan_action, self.save_plan_action,
+                              self.save_plan_as_action])
+        file_menu.addSeparator()
+        file_menu.addAction(self.export_action)
+        file_menu.addSeparator()
         quit_action = QAction("&Quit", self, shortcut=QKeySequence.StandardKey.Quit)
         quit_action.setMenuRole(QAction.MenuRole.QuitRole)
         quit_action.triggered.connect(self.close)
-        file_menu.insertAction(self.recent_menu.menuAction(), self.open_action)
-        file_menu.insertAction(self.recent_menu.menuAction(), self.demo_action)
-        file_menu.addSeparator()
         file_menu.addAction(quit_action)
+
+        edit_menu = self.menuBar().addMenu("&Edit")
+        edit_menu.addActions([self.undo_action, self.redo_action])
+        self.edit_menu = edit_menu
 
         view_menu = self.menuBar().addMenu("&View")
         filter_action = QAction("&Filter Layers", self, shortcut=QKeySequence.StandardKey.Find)
@@ -168,20 +286,102 @@ class MainWindow(QMainWindow):
         file_order_action = QAction("Layers in &File Order", self)
         file_order_action.triggered.connect(self.layer_table.unsort)
         view_menu.addActions([filter_action, log_action, file_order_action])
+        view_menu.addSeparator()
+        for dock in (self.plan_dock, self.log_dock, self.history_dock):
+            view_menu.addAction(dock.toggleViewAction())
+        self.view_menu = view_menu
+
+        compress_menu = self.menuBar().addMenu("&Compression")
+        compress_menu.addActions([self.run_action, self.cancel_action])
+        compress_menu.addSeparator()
+        compress_menu.addAction(self.data_action)
+        compress_menu.addAction(self.export_action)
+        self.compress_menu = compress_menu
 
         help_menu = self.menuBar().addMenu("&Help")
         about_action = QAction("&About Slimscope", self)
         about_action.setMenuRole(QAction.MenuRole.AboutRole)
         about_action.triggered.connect(self._about)
         help_menu.addAction(about_action)
+        self.help_menu = help_menu
+
+    def _build_toolbar(self) -> None:
+        toolbar = QToolBar("Main")
+        toolbar.setObjectName("main-toolbar")
+        toolbar.setMovable(False)
+        toolbar.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        toolbar.addActions([self.open_action, self.save_plan_action])
+        toolbar.addSeparator()
+        toolbar.addActions([self.undo_action, self.redo_action])
+        for action in (self.undo_action, self.redo_action):  # their text changes with every edit
+            toolbar.widgetForAction(action).setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonIconOnly)
+        toolbar.addSeparator()
+        toolbar.addActions([self.run_action, self.cancel_action, self.export_action])
+        self.addToolBar(toolbar)
+        self.toolbar = toolbar
 
     def _build_status_bar(self) -> None:
+        self.plan_status = QLabel()
+        self.plan_status.setForegroundRole(QPalette.ColorRole.PlaceholderText)
+        self.statusBar().addPermanentWidget(self.plan_status)
         self.progress_bar = QProgressBar()
         self.progress_bar.setRange(0, 1000)
         self.progress_bar.setMaximumWidth(220)
         self.progress_bar.setTextVisible(False)
         self.progress_bar.hide()
         self.statusBar().addPermanentWidget(self.progress_bar)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("Stop the running task; the model and the plan stay as they are")
+        self.cancel_button.clicked.connect(self.cancel_task)
+        self.cancel_button.hide()
+        self.statusBar().addPermanentWidget(self.cancel_button)
+        self._latest_progress: tuple[float, str] = (0.0, "")
+        self._progress_timer = QTimer(self, singleShot=True, interval=PROGRESS_REDRAW_MS)
+        self._progress_timer.timeout.connect(self._show_progress)
+
+    def _install_analysis(self) -> None:
+        """Let the analysis tools (sensitivity, Pareto, graph) add their docks and menus.
+
+        The window works without them; a failure inside them is logged, never fatal.
+        """
+        try:
+            from gui.analysis import install_analysis
+        except ModuleNotFoundError as exc:
+            if exc.name != "gui.analysis":
+                self._report_analysis_failure(exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - a broken add-on must not stop the app
+            self._report_analysis_failure(exc)
+            return
+        try:
+            install_analysis(self)
+        except Exception as exc:  # noqa: BLE001
+            self._report_analysis_failure(exc)
+            return
+        state = getattr(getattr(self, "analysis", None), "state", None)
+        if state is not None and hasattr(state, "sensitivity_changed"):
+            state.sensitivity_changed.connect(self._on_sensitivity)
+
+    def _on_sensitivity(self, result: object) -> None:
+        """Sensitivity results predict the plan's metric as it is edited (see gui.prediction)."""
+        if result is None:
+            self.session.set_metric_predictor(None)
+            return
+        try:
+            from gui.prediction import predict_plan
+        except ImportError:
+            return
+
+        def predictor(plan: Plan, model: Model) -> MetricPrediction:
+            predicted = predict_plan(result, plan, model.layers)
+            return MetricPrediction(str(result.metric), float(predicted.metric),  # type: ignore[attr-defined]
+                                    float(result.baseline), bool(predicted.approximate))  # type: ignore[attr-defined]
+
+        self.session.set_metric_predictor(predictor)
+
+    def _report_analysis_failure(self, exc: BaseException) -> None:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        self.log.add(f"analysis tools unavailable: {type(exc).__name__}: {exc}", "error")
 
     # -- opening -------------------------------------------------------------------------------
     def choose_file(self) -> None:
@@ -241,9 +441,9 @@ class MainWindow(QMainWindow):
             self.session.select_layer(model.layers[0].name)
         self._add_recent(request.path)
         seconds = time.perf_counter() - request.started
-        self.statusBar().showMessage(
-            f"Opened {request.path.name}: {len(model.layers)} layers in {seconds:.1f} s", 8000
-        )
+        message = f"Opened {request.path.name}: {len(model.layers)} layers in {seconds:.1f} s"
+        self.statusBar().showMessage(message, 8000)
+        self.log.add(message)
 
     def _on_load_failed(self, message: str, details: str, exc: BaseException) -> None:
         request = self._current_load()
@@ -259,12 +459,13 @@ class MainWindow(QMainWindow):
                 self.statusBar().showMessage(f"{path.name} was not opened: it was not trusted", 8000)
             return
         self.statusBar().showMessage(f"Could not open {path.name}", 8000)
+        self.log.add(f"could not open {path.name}: {message}", "error")
         self.show_error(self, message, details)
 
     def _on_load_done(self) -> None:
         if self.sender() is self.load_job:
             self.load_job = None
-        if self.load_job is None:
+        if self.load_job is None and self.task is None:
             self._hide_progress()
 
     def _hide_progress(self) -> None:
@@ -276,8 +477,232 @@ class MainWindow(QMainWindow):
 
     def _on_model_changed(self, model: Model | None) -> None:
         self.stack.setCurrentIndex(0 if model is None else 1)
-        self.setWindowTitle(f"{model.path.name} — Slimscope" if model is not None else "Slimscope")
+        self.tabs.setCurrentIndex(LAYERS_TAB)
         self.setWindowFilePath(str(model.path) if model is not None else "")
+        self._update_title()
+        self._update_actions()
+
+    def _update_title(self, *_args: object) -> None:
+        model = self.session.model
+        plan = f" · {self.document.path.name}" if self.document.path is not None else ""
+        name = f"{model.path.name}{plan}[*] — Slimscope" if model is not None else "Slimscope[*]"
+        self.setWindowTitle(name)
+        self.setWindowModified(not self.document.undo_stack.isClean())
+
+    def _on_plan_state(self, state: PlanState) -> None:
+        if state.error:
+            self.plan_status.setText("plan does not fit this model")
+        elif state.prediction is not None:
+            self.plan_status.setText(f"plan: {state.prediction.ratio:.3f}× predicted")
+        else:
+            self.plan_status.setText("")
+        self._update_actions()
+
+    def _on_plan_rejected(self, message: str) -> None:
+        self.plan_editor.show_error(message)
+        self.statusBar().showMessage(message, 8000)
+
+    def _update_actions(self, *_args: object) -> None:
+        model = self.session.model
+        busy = self.task is not None
+        self.run_action.setEnabled(model is not None and not busy)
+        self.cancel_action.setEnabled(busy)
+        self.export_action.setEnabled(self.session.result is not None and not busy)
+        self.data_action.setEnabled(model is not None)
+
+    # -- plans ------------------------------------------------------------------------------------
+    def _plan_dir(self) -> str:
+        return str(self.settings.value(PLAN_DIR_KEY, "") or "")
+
+    def new_plan(self) -> None:
+        self.document.replace(Plan(), "New plan")
+
+    def choose_plan(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Load plan", self._plan_dir(), PLAN_FILTER)
+        if path:
+            self.load_plan(Path(path))
+
+    def load_plan(self, path: str | Path) -> bool:
+        """Read a plan file (one undo step); a bad or unfitting file is a one-line error."""
+        path = Path(path)
+        try:
+            self.document.load(path)
+        except SlimscopeError as exc:
+            self.show_error(self, str(exc), "")
+            return False
+        self.settings.setValue(PLAN_DIR_KEY, str(path.parent))
+        self.log.add(f"loaded plan {path}")
+        self._update_title()
+        return True
+
+    def save_plan(self) -> Path | None:
+        if self.document.path is None:
+            return self.save_plan_as()
+        return self.save_plan_to(self.document.path)
+
+    def save_plan_as(self) -> Path | None:
+        start = self.document.path or Path(self._plan_dir() or ".") / "plan.yaml"
+        path, _ = QFileDialog.getSaveFileName(self, "Save plan", str(start), PLAN_FILTER)
+        return self.save_plan_to(Path(path)) if path else None
+
+    def save_plan_to(self, path: Path) -> Path | None:
+        """Write the plan; ``slimscope compress MODEL --plan PATH`` then replays it exactly."""
+        if path.suffix.lower() not in (".yaml", ".yml", ".json"):
+            path = path.with_suffix(".yaml")
+        try:
+            saved = self.document.save(path)
+        except SlimscopeError as exc:
+            self.show_error(self, str(exc), "")
+            return None
+        self.settings.setValue(PLAN_DIR_KEY, str(saved.parent))
+        self.statusBar().showMessage(f"Saved {saved.name}", 5000)
+        self.log.add(f"saved plan {saved}")
+        self._update_title()
+        return saved
+
+    # -- compression and export -------------------------------------------------------------------
+    def choose_data(self) -> None:
+        from gui.compress_dialog import ask_compression_data
+
+        choice = ask_compression_data(self, self.session.data, self.session.model_is_demo())
+        if choice is not None:
+            self.session.set_data(choice)
+            effective = self.session.effective_data()
+            self.log.add(f"compression data: evaluation {effective.evaluation or 'none'}, calibration "
+                         f"{effective.calibration or 'from evaluation'}, training {effective.train or 'none'}")
+
+    def run_compression(self) -> Job | None:
+        """Compress the loaded model with a snapshot of the plan, on a worker."""
+        model = self.session.model
+        problem = self._busy_reason()
+        if problem is None and model is None:
+            problem = "open a model first"
+        if problem is None:
+            problem = self.session.plan_state.error
+        if problem is None and model is not None:
+            try:
+                model.require_module("compression")
+            except NeedsModuleError as exc:
+                problem = str(exc)
+        if problem is not None or model is None:
+            self.show_error(self, problem or "nothing to compress", "")
+            return None
+        data = self.session.effective_data()
+        plan = self.document.to_dict()
+        job = compression_job(model, plan, data)
+        job.partial.connect(self.results.recovery_plot.add_step)
+        job.succeeded.connect(self._on_compressed)
+        metric = "accuracy" if data.evaluation else "metric"
+        self.results.recovery_plot.start(plan.get("recovery"), metric)
+        if plan.get("recovery"):
+            self.results.recovery_box.show()
+        self.log.add(f"compressing {model.path.name}: "
+                     f"{sum(1 for lp in self.session.plan_state.layers.values() if not lp.keep)} layers change; "
+                     f"data: {data.evaluation or 'none (sizes only)'}")
+        return self._start_task(job, f"Compressing {model.path.name}")
+
+    def _on_compressed(self, outcome: CompressionOutcome) -> None:
+        if self.sender() is not self.task:
+            return
+        report = outcome.report
+        summary = f"compressed {outcome.model.path.name}: {report.size_ratio:.3f}× the size"
+        after = (report.metrics_after or {}).get("accuracy")
+        if after is not None:
+            summary += f", accuracy {100 * (report.metrics_before or {}).get('accuracy', 0):.2f} % → {100 * after:.2f} %"
+        self.log.add(summary, "ok")
+        for note in report.notes:
+            self.log.add(f"note: {note}", "warning")
+        self.session.set_result(outcome)
+        self.tabs.setCurrentIndex(RESULTS_TAB)
+
+    def export(self) -> None:
+        """Open the export dialog for the current result."""
+        from gui.export_dialog import ExportDialog
+
+        outcome = self.session.result
+        if outcome is None:
+            self.show_error(self, "nothing to export yet: run the compression first (Ctrl+R)", "")
+            return
+        self.export_dialog = ExportDialog(outcome, self, settings=self.settings, show_error=self.show_error,
+                                          log=self.log.add)
+        self.export_dialog.open()
+
+    def _busy_reason(self) -> str | None:
+        if self.task is not None:
+            return f"{self.task.name} is still running; wait for it or cancel it first"
+        return None
+
+    def _start_task(self, job: Job, title: str) -> Job:
+        job.progress.connect(self._on_task_progress)
+        job.failed.connect(self._on_task_failed)
+        job.cancelled.connect(self._on_task_cancelled)
+        job.done.connect(self._on_task_done)
+        self.task = job
+        self.progress_bar.setValue(0)
+        self.progress_bar.show()
+        self.cancel_button.show()
+        self.cancel_button.setEnabled(True)
+        self.statusBar().showMessage(f"{title}…")
+        self._update_actions()
+        job.start()
+        return job
+
+    def cancel_task(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            self.cancel_button.setEnabled(False)
+            self.statusBar().showMessage("Cancelling…")
+
+    def _on_task_progress(self, fraction: float, message: str) -> None:
+        """Keep the latest report; the bar and status line catch up every PROGRESS_REDRAW_MS.
+
+        Recovery reports every step, hundreds a second: repainting for each would keep the GUI
+        thread (and the interpreter lock the worker needs) busy and slow the job itself down."""
+        if self.sender() is not self.task:
+            return
+        self._latest_progress = (fraction, message or self._latest_progress[1])
+        if not self._progress_timer.isActive():
+            self._progress_timer.start()
+
+    def _show_progress(self) -> None:
+        fraction, message = self._latest_progress
+        self.progress_bar.setValue(int(fraction * 1000))
+        if message:
+            self.statusBar().showMessage(message)
+        self.log.progress(fraction, message)
+
+    def _on_task_failed(self, message: str, details: str, _exc: object) -> None:
+        if self.sender() is not self.task:
+            return
+        self.log.add(f"{self.task.name} failed: {message}", "error")
+        self.statusBar().showMessage(f"Failed: {message}", 10000)
+        self.show_error(self, message, details)
+
+    def _on_task_cancelled(self) -> None:
+        if self.sender() is not self.task:
+            return
+        self.log.add(f"{self.task.name} cancelled; the model and the plan are unchanged", "warning")
+        self.statusBar().showMessage("Cancelled; nothing changed", 8000)
+        self.results.recovery_plot.clear()
+        self.results.show_outcome(self.session.result)
+
+    def _on_task_done(self) -> None:
+        if self.sender() is not self.task:
+            return
+        if self._progress_timer.isActive():  # the last report still goes to the log
+            self._progress_timer.stop()
+            self.log.progress(*self._latest_progress)
+        self._latest_progress = (0.0, "")
+        self.task = None
+        self.cancel_button.hide()
+        if self.load_job is None:
+            self._hide_progress()
+        self._update_actions()
+
+    @property
+    def busy(self) -> bool:
+        """True while a compression or export runs."""
+        return self.task is not None
 
     # -- recent files -----------------------------------------------------------------------------
     def _recent_files(self) -> list[str]:
@@ -344,23 +769,32 @@ class MainWindow(QMainWindow):
         else:
             self.resize(1280, 780)
         state = self.settings.value("main_window/state")
-        if isinstance(state, QByteArray):
-            self.restoreState(state)
+        if not (isinstance(state, QByteArray) and self.restoreState(state)):
+            self.resizeDocks([self.plan_dock], [340], Qt.Orientation.Horizontal)
+            self.resizeDocks([self.log_dock], [130], Qt.Orientation.Vertical)
+        hidden = self.settings.value("main_window/hidden_columns")
+        if hidden is not None:
+            self.layer_table.set_hidden_columns([Column(int(c)) for c in _to_str_list(hidden) if c.isdigit()
+                                                 and int(c) in Column._value2member_map_])
         splitter = self.settings.value("main_window/splitter")
         if isinstance(splitter, QByteArray) and not splitter.isEmpty():
             self.splitter.restoreState(splitter)
         else:
-            self.splitter.setSizes([760, 500])
+            self.splitter.setSizes([340, 260])
 
     def save_layout(self) -> None:
         self.settings.setValue("main_window/geometry", self.saveGeometry())
         self.settings.setValue("main_window/state", self.saveState())
         self.settings.setValue("main_window/splitter", self.splitter.saveState())
+        self.settings.setValue("main_window/hidden_columns",
+                               [str(int(column)) for column in self.layer_table.hidden_columns()] or "")
         self.settings.sync()
 
     def closeEvent(self, event: QCloseEvent) -> None:
         self.save_layout()
         if self.load_job is not None:
             self.load_job.cancel()
+        if self.task is not None:
+            self.task.cancel()
         self.session.shutdown()
         super().closeEvent(event)

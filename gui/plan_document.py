@@ -9,7 +9,7 @@ redo restore it exactly, and the file saved from here replays identically in the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from PySide6.QtCore import QObject, Signal
 from PySide6.QtGui import QUndoCommand, QUndoStack
@@ -47,6 +47,9 @@ class PlanDocument(QObject):
         self.undo_stack = QUndoStack(self)
         self._plan = Plan()
         self.path: Path | None = None
+        #: Extra check every edit must pass before it reaches the stack (e.g. resolving against
+        #: the loaded model's layers); raises PlanError with the one line the user sees.
+        self.validator: Callable[[Plan], None] | None = None
 
     # -- reading ---------------------------------------------------------------------------
     @property
@@ -76,23 +79,31 @@ class PlanDocument(QObject):
         `sections` maps "pruning" / "quantization" / "low_rank" to a dict of fields, or to None
         to switch that technique off for these layers.
         """
-        names = list(names)
-        if not names:
+        self.set_layer_sections({name: sections for name in names}, text)
+
+    def set_layer_sections(self, edits: Mapping[str, Mapping[str, SectionData] | str],
+                           text: str | None = None) -> None:
+        """Like :meth:`set_layers` with settings per layer, still as one undo step (a bulk edit
+        where some layers take only some of the sections)."""
+        if not edits:
             return
         data = self.to_dict()
         table = data.setdefault("layers", {})
-        for name in names:
+        for name, sections in edits.items():
             if sections == "keep":
                 table[name] = "keep"
                 continue
             current = table.get(name)
-            merged: dict[str, Any] = {} if current in (None, "keep") else dict(current)
+            # a kept layer stays off in the sections this edit does not name
+            merged: dict[str, Any] = (dict.fromkeys(SECTIONS) if current == "keep"
+                                      else dict(current or {}))
             for key, value in sections.items():
                 if key not in SECTIONS:
                     raise PlanError(f"layer {name!r}: unknown plan section {key!r}")
                 merged[key] = None if value is None else dict(value)
             table[name] = merged
-        label = text or f"Edit {len(names)} layer{'s' if len(names) > 1 else ''}"
+        count = len(edits)
+        label = text or f"Edit {count} layer{'s' if count > 1 else ''}"
         self._push(data, label)
 
     def clear_layers(self, names: Iterable[str], text: str | None = None) -> None:
@@ -146,7 +157,9 @@ class PlanDocument(QObject):
         before = self.to_dict()
         if before == after:
             return
-        Plan.from_dict(after)  # a PlanError here leaves the plan and the stack untouched
+        plan = Plan.from_dict(after)  # a PlanError here leaves the plan and the stack untouched
+        if self.validator is not None:
+            self.validator(plan)
         self.undo_stack.push(_PlanChange(self, before, after, text))
 
     def _install(self, data: dict[str, Any]) -> None:

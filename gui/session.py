@@ -1,22 +1,29 @@
-"""The GUI's one shared state: the loaded model, its statistics cache and the selected layer.
+"""The GUI's one shared state: the model, its statistics, the selection, the plan and results.
 
 Panels take the session in ``__init__``, connect to its signals and write back only through
 its setters, so a change made in one panel reaches every other without panels knowing each
-other. Statistics are computed on one background thread, never on the GUI thread (a big model
+other. The plan lives in :attr:`Session.plan_document` (every edit goes through it); the
+session re-resolves it against the model after each change and publishes the per-layer
+settings and predicted sizes as one :class:`PlanState`. Statistics are computed on one background thread, never on the GUI thread (a big model
 would freeze the window): one thread because format adapters' weight getters need not be
 thread-safe, and because a queue lets the selected layer overtake the sweep over all layers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple
 
 from PySide6.QtCore import QObject, QThreadPool, Signal
 
+from engine.errors import PlanError
 from engine.jobs import CancelToken, Progress
 from engine.model import Model
+from engine.plan import LayerPlan, Plan
 from engine.stats import DEFAULT_BINS, Histogram, LayerStats, StatsCache
 
+from gui.plan_document import PlanDocument
+from gui.plan_view import PlanPrediction, SizePredictor
 from gui.workers import Job
 
 #: Histogram bins: enough to show shape on big layers, few enough to not look like noise on small.
@@ -31,6 +38,69 @@ def bins_for(count: int) -> int:
 #: Queue priorities: the selected layer jumps ahead of the background sweep.
 SELECTED_PRIORITY = 10
 SWEEP_PRIORITY = 0
+
+
+@dataclass(frozen=True)
+class CompressionData:
+    """The data compression uses, as :func:`engine.data.open_data` specs; None means the default.
+
+    Defaults are the CLI's (``slimscope compress``): the demo model evaluates on "demo",
+    calibrates on "demo:calibration" and trains on "demo:train"; any other model has no data
+    until the user picks some, so compression then reports sizes but no metrics.
+    """
+
+    evaluation: str | None = None
+    calibration: str | None = None
+    train: str | None = None
+
+    def effective(self, model_is_demo: bool) -> "CompressionData":
+        evaluation = self.evaluation or ("demo" if model_is_demo else None)
+        demo = evaluation == "demo"
+        return CompressionData(
+            evaluation,
+            self.calibration or ("demo:calibration" if demo else None),
+            self.train or ("demo:train" if demo else None),
+        )
+
+
+class MetricPrediction(NamedTuple):
+    """What a sensitivity-based predictor expects a plan to score (e.g. accuracy 0.981)."""
+
+    name: str
+    value: float
+    baseline: float | None = None
+    #: True when some layers' settings are priced only roughly.
+    approximate: bool = False
+
+
+#: Given the plan (already known to resolve) and the model, the predicted metric, or None when it
+#: cannot say; e.g. read off sensitivity curves.
+MetricPredictor = Callable[[Plan, Model], "MetricPrediction | None"]
+
+
+@dataclass
+class PlanState:
+    """The current plan resolved against the current model: what each layer gets and weighs."""
+
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    #: The engine's one-line PlanError when the plan does not fit the model, else None.
+    error: str | None = None
+    prediction: PlanPrediction | None = None
+    metric: MetricPrediction | None = None
+
+
+@dataclass
+class CompressionOutcome:
+    """One finished compression: what it was made from and what it gave."""
+
+    model: Model
+    #: The plan as plain data, exactly as it was when the job started.
+    plan: dict[str, Any]
+    data: CompressionData
+    compressed: Any  # engine.compressed.CompressedModel (torch is imported lazily)
+    report: Any  # engine.compress.CompressionReport
+    #: Recovery steps as they were reported (engine.finetune.StepReport), possibly empty.
+    history: list[Any] = field(default_factory=list)
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,12 +125,31 @@ class Session(QObject):
     layer_histogram_ready = Signal(str)
     #: Computing a layer's statistics failed: name, one-line message.
     layer_failed = Signal(str, str)
+    #: Every selected layer's name (the current one first); may be empty.
+    layers_selected = Signal(list)
+    #: The plan or the model changed and :attr:`plan_state` is fresh.
+    plan_state_changed = Signal(object)
+    #: A compression finished for the current model (a CompressionOutcome), or None when cleared.
+    result_changed = Signal(object)
+    #: The data choice changed (a CompressionData).
+    data_changed = Signal(object)
+    #: A panel's plan edit was refused: the engine's one-line PlanError, for the editor to show.
+    plan_rejected = Signal(str)
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
         self.model: Model | None = None
         self.stats: StatsCache | None = None
         self.selected_layer = ""
+        self.selected_layers: list[str] = []
+        self.plan_document = PlanDocument(self)
+        self.plan_document.validator = self._check_plan
+        self.plan_document.changed.connect(self.refresh_plan_state)
+        self.plan_state = PlanState()
+        self.result: CompressionOutcome | None = None
+        self.data = CompressionData()
+        self.metric_predictor: MetricPredictor | None = None
+        self._size_predictor: SizePredictor | None = None
         self._pool = QThreadPool(self)
         self._pool.setMaxThreadCount(1)
         self._jobs: set[Job] = set()
@@ -72,10 +161,15 @@ class Session(QObject):
         self._cancel_jobs()
         self.model = model
         self.stats = StatsCache(model) if model is not None else None
+        self._size_predictor = SizePredictor(model) if model is not None else None
         self.selected_layer = ""
+        self.selected_layers = []
         self._histogram_pending.clear()
+        self.set_result(None)
         self.model_changed.emit(model)
         self.layer_selected.emit("")
+        self.layers_selected.emit([])
+        self.refresh_plan_state()
         if model is not None and sweep:
             self._start_sweep()
 
@@ -89,6 +183,84 @@ class Session(QObject):
             self.model.layer(name)  # raises KeyError for unknown names
         self.selected_layer = name
         self.layer_selected.emit(name)
+        if name not in self.selected_layers[:1]:
+            self.select_layers([name] if name else [])
+
+    def select_layers(self, names: list[str]) -> None:
+        """Select several layers (the first becomes current); plan edits apply to all of them."""
+        names = list(dict.fromkeys(names))
+        if names == self.selected_layers:
+            return
+        for name in names:
+            if self.model is None:
+                raise KeyError(f"no layer named {name!r}: no model is loaded")
+            self.model.layer(name)
+        self.selected_layers = names
+        if names and names[0] != self.selected_layer:
+            self.selected_layer = names[0]
+            self.layer_selected.emit(names[0])
+        elif not names and self.selected_layer:
+            self.selected_layer = ""
+            self.layer_selected.emit("")
+        self.layers_selected.emit(list(names))
+
+    # -- plan ------------------------------------------------------------------------------------
+    def _check_plan(self, plan: Plan) -> None:
+        """Edits must resolve against the model, unless the plan already did not (a plan made for
+        another model must stay editable until it fits)."""
+        if self.model is not None and self.plan_state.error is None:
+            plan.resolve(self.model.layers)
+
+    def refresh_plan_state(self) -> None:
+        """Re-resolve the plan, re-predict sizes and metric, and tell the panels."""
+        state = PlanState()
+        model = self.model
+        if model is not None:
+            try:
+                state.layers = self.plan_document.plan.resolve(model.layers)
+            except PlanError as exc:
+                state.error = str(exc)
+        if model is not None and state.error is None and self._size_predictor is not None:
+            sparsity = {name: s.sparsity for name in model.layer_names()
+                        if (s := self.cached_stats(name)) is not None}
+            state.prediction = self._size_predictor.predict(state.layers, sparsity)
+            if self.metric_predictor is not None:
+                try:
+                    state.metric = self.metric_predictor(self.plan_document.plan, model)
+                except PlanError:
+                    state.metric = None  # e.g. curves measured on another model
+        self.plan_state = state
+        self.plan_state_changed.emit(state)
+
+    def set_metric_predictor(self, predictor: MetricPredictor | None) -> None:
+        """Install (or remove) what predicts the plan's metric, e.g. from sensitivity curves."""
+        self.metric_predictor = predictor
+        self.refresh_plan_state()
+
+    # -- data and results ----------------------------------------------------------------------
+    def model_is_demo(self) -> bool:
+        from gui.preview import demo_model_path
+
+        demo = demo_model_path()
+        return self.model is not None and demo is not None and self.model.path.resolve() == demo.resolve()
+
+    def effective_data(self) -> CompressionData:
+        """The data compression will use now: the user's choice with the CLI's defaults filled in."""
+        return self.data.effective(self.model_is_demo())
+
+    def set_data(self, choice: CompressionData) -> None:
+        if choice != self.data:
+            self.data = choice
+            self.data_changed.emit(choice)
+
+    def set_result(self, outcome: CompressionOutcome | None) -> None:
+        """Show `outcome`; one made from a model that is no longer loaded is dropped."""
+        if outcome is not None and outcome.model is not self.model:
+            return
+        if outcome is None and self.result is None:
+            return
+        self.result = outcome
+        self.result_changed.emit(outcome)
 
     # -- statistics -----------------------------------------------------------------------------
     def weight_count(self, name: str) -> int:
@@ -173,6 +345,8 @@ class Session(QObject):
         request = getattr(job, "context", None)
         if isinstance(request, _StatsRequest) and request.histogram:
             self._histogram_pending.discard((request.cache, request.name))
+        if not self._jobs and isinstance(request, _StatsRequest) and request.cache is self.stats:
+            self.refresh_plan_state()  # sparsities are known now: kept zeros store smaller
 
     def _cancel_jobs(self) -> None:
         for job in self._jobs:

@@ -5,17 +5,31 @@ Engine work is a plain function taking a progress callback and a cancel token (s
 signals, then :meth:`Job.start` runs it on a :class:`QThreadPool`. Signals arrive on the thread
 that created the job (the GUI thread), so slots may touch widgets. Failures arrive as one line
 for the user plus optional details.
+
+:func:`compression_job` and :func:`export_job` build the app's two long jobs from engine calls
+only: compress() (with recovery) and export() (with verification).
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
+import re
 import traceback
-from typing import Any, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
 
 from engine.errors import SlimscopeError
 from engine.jobs import Cancelled, CancelToken, Progress
+
+import gui.qt_fixes  # noqa: F401 - also here: under pytest, tests/gui shadows gui/__init__.py
+
+if TYPE_CHECKING:
+    from engine.model import Model
+
+    from gui.session import CompressionData, CompressionOutcome
 
 #: A job body: ``fn(progress, cancel) -> result``.
 JobFunction = Callable[[Progress, CancelToken], Any]
@@ -52,6 +66,8 @@ class Job(QObject):
     """
 
     progress = Signal(float, str)
+    #: Intermediate results the body hands to :meth:`publish` (e.g. recovery step reports).
+    partial = Signal(object)
     succeeded = Signal(object)
     #: one-line message, details (may be empty), the exception itself
     failed = Signal(str, str, object)
@@ -88,6 +104,10 @@ class Job(QObject):
 
     def _report(self, fraction: float, message: str = "") -> None:
         self._emit(self.progress, float(fraction), message)
+
+    def publish(self, value: Any) -> None:
+        """Send `value` to the GUI thread as ``partial`` while the body runs (thread-safe)."""
+        self._emit(self.partial, value)
 
     def run_here(self) -> None:
         """Run the body on the calling thread, emitting the same signals a worker would."""
@@ -136,3 +156,118 @@ def live_jobs() -> list[Job]:
 def cancel_all() -> None:
     for job in list(_LIVE):
         job.cancel()
+
+
+# -- the app's long jobs ------------------------------------------------------------------------
+def import_first(*modules: str) -> None:
+    """Import on the calling (GUI) thread what a job would import first on its worker.
+
+    Seen here: in about one full GUI test run in four, the process aborted while a worker was
+    importing ``onnxruntime.quantization`` for the first time and the GUI thread was garbage
+    collecting; never once that module was already imported. The cause is not pinned down
+    (PySide6 6.12 on Python 3.11 is also the build of the defect in :mod:`gui.qt_fixes`), so
+    the heavy first imports happen here instead: a second or so, once per session.
+    """
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass  # the job itself reports a missing optional package in its own words
+
+_RECOVERY_MESSAGE = re.compile(r"recovery step (\d+)/(\d+), loss ([-+0-9.eEinfa]+)")
+
+
+def _compress_accepts_on_step() -> bool:
+    from engine.compress import compress
+
+    return "on_step" in inspect.signature(compress).parameters
+
+
+def compression_job(model: "Model", plan_data: dict[str, Any], data: "CompressionData") -> Job:
+    """Compress `model` with a snapshot of the plan on a worker; succeeds with a CompressionOutcome.
+
+    Recovery step reports arrive on ``partial`` as :class:`engine.finetune.StepReport`. The
+    loaded model is never modified (compress() works on a copy), so a cancel or a failure
+    leaves the session exactly as it was. Torch keeps its default thread count, as in the CLI:
+    float sums split over other thread counts round differently, and a saved plan must replay
+    bit for bit in ``slimscope compress``.
+    """
+    import torch
+
+    from gui.session import CompressionOutcome
+
+    plan_data = copy.deepcopy(plan_data)
+    threads = torch.get_num_threads()  # the GUI thread's: torch's default, as the CLI has it
+    specs = [spec or "" for spec in (data.evaluation, data.calibration, data.train)]
+    import_first("engine.compress", *(["sklearn.datasets", "sklearn.model_selection"]
+                                      if any(spec.startswith("demo") for spec in specs) else []))
+
+    def body(progress: Progress, cancel: CancelToken) -> CompressionOutcome:
+        from engine.compress import compress
+        from engine.finetune import StepReport
+        from engine.plan import Plan
+
+        torch.set_num_threads(threads)  # per thread: a pooled thread may carry another job's cap
+        plan = Plan.from_dict(plan_data)
+        progress(0.0, "opening the data")
+        evaluation, calibration, train = open_sources(model, data.evaluation, data.calibration, data.train)
+        history: list[StepReport] = []
+
+        def on_step(report: StepReport) -> None:
+            history.append(report)
+            job.publish(report)
+
+        options: dict[str, Any] = {}
+        if _compress_accepts_on_step():
+            options["on_step"] = on_step
+        elif plan.recovery:
+            progress = _steps_from_messages(progress, on_step)
+        compressed, report = compress(model, plan, evaluation, calibration=calibration, train_data=train,
+                                      progress=progress, cancel=cancel, **options)
+        return CompressionOutcome(model, plan_data, data, compressed, report, history)
+
+    job = Job(body, f"compress {model.path.name}")
+    return job
+
+
+def _steps_from_messages(progress: Progress, on_step: Callable[[Any], None]) -> Progress:
+    """Until engine.compress.compress passes `on_step` through to recover(), rebuild the step
+    reports (step and loss only) from recover()'s progress messages."""
+    from engine.finetune import StepReport
+
+    def report(fraction: float, message: str = "") -> None:
+        progress(fraction, message)
+        match = _RECOVERY_MESSAGE.search(message)
+        if match:
+            on_step(StepReport(step=int(match.group(1)), loss=float(match.group(3)), lr=float("nan")))
+
+    return report
+
+
+def open_sources(model: "Model", *specs: str | None) -> list[Any]:
+    """engine.data.open_data for each spec (None stays None), checked against the model's inputs."""
+    from engine.data import open_data
+
+    return [open_data(spec, model.inputs) if spec else None for spec in specs]
+
+
+def export_job(outcome: "CompressionOutcome", destination: Path, format_name: str | None,
+               inputs: Sequence[Path] = ()) -> Job:
+    """Write, reload and verify `outcome` at `destination`; succeeds with an ExportResult.
+
+    Verification runs on the compression's evaluation data (synthetic inputs without it) and
+    static int8 calibrates on its calibration data. The input model is never overwritten.
+    """
+    import_first("engine.export", "onnxruntime", "onnxruntime.quantization")
+
+    def body(progress: Progress, cancel: CancelToken) -> Any:
+        from engine.export import export
+
+        evaluation, calibration = open_sources(outcome.model, outcome.data.evaluation, outcome.data.calibration)
+        return export(outcome.compressed, outcome.model, destination, format=format_name, data=evaluation,
+                      calibration=calibration, inputs=[outcome.model.path, *inputs],
+                      progress=progress, cancel=cancel)
+
+    return Job(body, f"export {destination.name}", destination)

@@ -2,6 +2,10 @@
 
 Everything but sparsity is known at load time. Sparsity needs a pass over the weights, so its
 cells read "…" until the session's background sweep reports the layer, then fill in place.
+Two columns follow the plan: the planned action ("prune 50% · int8/ch") and the predicted
+size after compression; both refresh whenever the session re-resolves the plan. The action
+cell is editable (double-click or F2): it offers whole-layer presets, applied through the
+plan document to every selected row when the edited row is one of them.
 """
 
 from __future__ import annotations
@@ -12,27 +16,38 @@ from enum import IntEnum
 from typing import Any
 
 from PySide6.QtCore import (
+    QAbstractItemModel,
     QAbstractTableModel,
     QEvent,
-    QObject,
+    QItemSelection,
     QItemSelectionModel,
     QModelIndex,
+    QObject,
     QPersistentModelIndex,
+    QPoint,
     QSortFilterProxyModel,
     Qt,
 )
+from PySide6.QtGui import QFont, QFontMetrics
 from PySide6.QtWidgets import (
     QAbstractItemView,
+    QComboBox,
     QHeaderView,
     QLineEdit,
+    QMenu,
+    QStyledItemDelegate,
+    QStyleOptionViewItem,
     QTableView,
     QVBoxLayout,
     QWidget,
 )
 
+from engine.errors import PlanError
 from engine.model import Layer, Model
 
-from gui.session import Session
+from gui.panels.plan_editor import apply_preset, preset_labels
+from gui.plan_view import action_text
+from gui.session import PlanState, Session
 from gui.text import grouped, human_bytes, percent, shape_text
 
 #: Raw values for sorting: numbers sort as numbers, not as their display text.
@@ -51,10 +66,12 @@ class Column(IntEnum):
     SHAPE = 2
     PARAMS = 3
     SIZE = 4
-    DTYPE = 5
-    SPARSITY = 6
-    PRUNABLE = 7
-    QUANTIZABLE = 8
+    ACTION = 5
+    PREDICTED = 6
+    DTYPE = 7
+    SPARSITY = 8
+    PRUNABLE = 9
+    QUANTIZABLE = 10
 
 
 HEADERS = {
@@ -63,6 +80,8 @@ HEADERS = {
     Column.SHAPE: "Shape",
     Column.PARAMS: "Params",
     Column.SIZE: "Size",
+    Column.ACTION: "Planned action",
+    Column.PREDICTED: "Predicted",
     Column.DTYPE: "Dtype",
     Column.SPARSITY: "Sparsity",
     Column.PRUNABLE: "Prune",
@@ -70,14 +89,21 @@ HEADERS = {
 }
 HEADER_TIPS = {
     Column.SIZE: "Memory the weights take at their stored dtype",
+    Column.ACTION: "What the plan does to this layer; double-click to change it "
+                   "(bold: the layer has its own settings)",
+    Column.PREDICTED: "Bytes after compression, predicted from the plan without compressing",
     Column.SPARSITY: "Fraction of weights that are exactly zero",
     Column.PRUNABLE: "Pruning methods can act on this layer",
     Column.QUANTIZABLE: "Weight quantization can act on this layer",
 }
-NUMERIC = {Column.PARAMS, Column.SIZE, Column.SPARSITY}
+NUMERIC = {Column.PARAMS, Column.SIZE, Column.PREDICTED, Column.SPARSITY}
 CENTERED = {Column.PRUNABLE, Column.QUANTIZABLE}
+PLAN_COLUMNS = (Column.ACTION, Column.PREDICTED)
+#: Shown on request (right-click the header): what the plan editor already tells per layer.
+HIDDEN_BY_DEFAULT = (Column.DTYPE, Column.PRUNABLE, Column.QUANTIZABLE)
 #: Widest text a cell of these columns may show before its numbers arrive.
-WIDTH_TEMPLATES = {Column.SPARSITY: "100.0 %"}
+WIDTH_TEMPLATES = {Column.SPARSITY: "100.0 %", Column.ACTION: "prune 50% · int8/ch",
+                   Column.PREDICTED: "999.9 KiB"}
 #: Rows measured when fitting columns; beyond this the widths are a fair guess anyway.
 FIT_SAMPLE_ROWS = 2000
 #: A column never starts wider than this, whatever one odd cell says.
@@ -99,6 +125,7 @@ class LayerTableModel(QAbstractTableModel):
         session.model_changed.connect(self._on_model_changed)
         session.layer_stats_ready.connect(self._on_stats_ready)
         session.layer_failed.connect(self._on_failed)
+        session.plan_state_changed.connect(self._on_plan_state)
         self._on_model_changed(session.model)
 
     # -- session events -------------------------------------------------------------------
@@ -120,6 +147,13 @@ class LayerTableModel(QAbstractTableModel):
     def _on_failed(self, name: str, message: str) -> None:
         self._failed[name] = message
         self._on_stats_ready(name)
+
+    def _on_plan_state(self, _state: PlanState) -> None:
+        if self._layers:
+            self.dataChanged.emit(
+                self.index(0, min(PLAN_COLUMNS)), self.index(len(self._layers) - 1, max(PLAN_COLUMNS)),
+                [Qt.ItemDataRole.DisplayRole, SORT_ROLE, Qt.ItemDataRole.ToolTipRole, Qt.ItemDataRole.FontRole],
+            )
 
     # -- Qt model interface -----------------------------------------------------------------
     def rowCount(self, parent: QModelIndex | QPersistentModelIndex = QModelIndex()) -> int:
@@ -155,9 +189,44 @@ class LayerTableModel(QAbstractTableModel):
             return _alignment(column)
         if role == Qt.ItemDataRole.ToolTipRole:
             return self._tooltip(layer, column)
+        if role == Qt.ItemDataRole.FontRole and column == Column.ACTION and self._has_own_settings(layer):
+            font = QFont()
+            font.setBold(True)
+            return font
+        if role == Qt.ItemDataRole.EditRole and column == Column.ACTION:
+            return self._display(layer, column)
         return None
 
+    def flags(self, index: QModelIndex | QPersistentModelIndex) -> Qt.ItemFlag:
+        flags = super().flags(index)
+        if index.isValid() and index.column() == Column.ACTION:
+            flags |= Qt.ItemFlag.ItemIsEditable
+        return flags
+
+    def setData(self, index: QModelIndex | QPersistentModelIndex, value: Any, role: int = Qt.ItemDataRole.EditRole) -> bool:
+        """An edit of the action cell applies a preset to the row, or to the whole selection
+        when the row is part of it; the plan document records it as one undo step."""
+        if role != Qt.ItemDataRole.EditRole or index.column() != Column.ACTION or not value:
+            return False
+        name = self._layers[index.row()].name
+        selected = self.session.selected_layers
+        names = selected if name in selected else [name]
+        try:
+            apply_preset(self.session, str(value), names)
+        except PlanError as exc:
+            self.session.plan_rejected.emit(str(exc))
+            return False
+        return True
+
     # -- cell contents ----------------------------------------------------------------------
+    def _has_own_settings(self, layer: Layer) -> bool:
+        return self.session.plan_document.layer_sections(layer.name) is not None
+
+    def _predicted(self, layer: Layer) -> int | None:
+        prediction = self.session.plan_state.prediction
+        entry = prediction.layers.get(layer.name) if prediction is not None else None
+        return None if entry is None else entry.bytes_after
+
     def _sparsity(self, layer: Layer) -> float | None:
         stats = self.session.cached_stats(layer.name)
         return None if stats is None else stats.sparsity
@@ -173,6 +242,12 @@ class LayerTableModel(QAbstractTableModel):
             return grouped(layer.params)
         if column == Column.SIZE:
             return human_bytes(layer.nbytes)
+        if column == Column.ACTION:
+            state = self.session.plan_state
+            return "—" if state.error else action_text(state.layers.get(layer.name))
+        if column == Column.PREDICTED:
+            predicted = self._predicted(layer)
+            return "—" if predicted is None else human_bytes(predicted)
         if column == Column.DTYPE:
             return layer.dtype
         if column == Column.SPARSITY:
@@ -189,6 +264,9 @@ class LayerTableModel(QAbstractTableModel):
             return layer.params
         if column == Column.SIZE:
             return layer.nbytes
+        if column == Column.PREDICTED:
+            predicted = self._predicted(layer)
+            return -1 if predicted is None else predicted
         if column == Column.SPARSITY:
             sparsity = self._sparsity(layer)
             return -1.0 if sparsity is None else sparsity
@@ -212,9 +290,28 @@ class LayerTableModel(QAbstractTableModel):
             return "\n".join(lines)
         if column == Column.SIZE:
             return f"{grouped(layer.nbytes)} bytes"
+        if column in PLAN_COLUMNS:
+            return self._plan_tooltip(layer)
         if column == Column.SPARSITY and layer.name in self._failed:
             return self._failed[layer.name]
         return None
+
+    def _plan_tooltip(self, layer: Layer) -> str:
+        state = self.session.plan_state
+        if state.error:
+            return state.error
+        prediction = state.prediction.layers.get(layer.name) if state.prediction else None
+        origin = "its own settings" if self._has_own_settings(layer) else "defaults, kinds and patterns"
+        lines = [f"{action_text(state.layers.get(layer.name))}  (from {origin})"]
+        if prediction is not None:
+            ratio = prediction.bytes_after / prediction.bytes_before if prediction.bytes_before else 1.0
+            lines.append(f"{grouped(prediction.bytes_before)} → {grouped(prediction.bytes_after)} bytes "
+                         f"({ratio:.3f}×)")
+            if prediction.rank is not None:
+                lines.append(f"rank {prediction.rank}")
+            if prediction.caveat:
+                lines.append(f"estimate: {prediction.caveat}")
+        return "\n".join(lines)
 
     # -- lookups --------------------------------------------------------------------------------
     def row_of(self, name: str) -> int | None:
@@ -239,7 +336,8 @@ def _alignment(column: Column) -> Qt.AlignmentFlag:
 
 
 class LayerFilterProxy(QSortFilterProxyModel):
-    """Sorts by :data:`SORT_ROLE` and keeps rows whose name or kind contains the filter text."""
+    """Sorts by :data:`SORT_ROLE` and keeps rows whose name, kind or planned action contains the
+    filter text (so "int4" finds every layer planned at 4 bits)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -248,7 +346,7 @@ class LayerFilterProxy(QSortFilterProxyModel):
         self._needle = ""
 
     def set_needle(self, text: str) -> None:
-        """Show only layers whose name or kind contains `text`, ignoring case."""
+        """Show only layers whose name, kind or planned action contains `text`, ignoring case."""
         needle = text.strip().lower()
         if needle == self._needle:
             return
@@ -264,7 +362,7 @@ class LayerFilterProxy(QSortFilterProxyModel):
         if not self._needle:
             return True
         source = self.sourceModel()
-        for column in (Column.NAME, Column.KIND):
+        for column in (Column.NAME, Column.KIND, Column.ACTION):
             text = source.index(source_row, column, source_parent).data() or ""
             if self._needle in text.lower():
                 return True
@@ -278,8 +376,45 @@ class LayerFilterProxy(QSortFilterProxyModel):
             return str(a) < str(b)
 
 
+class ActionDelegate(QStyledItemDelegate):
+    """Edits the planned-action cell with a list of whole-layer presets."""
+
+    def __init__(self, table: "LayerTable") -> None:
+        super().__init__(table)
+        self.table = table
+
+    def createEditor(self, parent: QWidget, option: QStyleOptionViewItem,
+                     index: QModelIndex | QPersistentModelIndex) -> QWidget:
+        editor = QComboBox(parent)
+        name = index.data(NAME_ROLE)
+        model = self.table.session.model
+        layer = model.layer(name) if model is not None and name else None
+        editor.addItems(preset_labels(layer is not None and (layer.prunable or layer.quantizable)))
+        editor.setToolTip("Applies to every selected layer when this row is one of them")
+        # choosing an item commits at once: one pick, one undo step
+        editor.activated.connect(lambda _i, editor=editor: self._commit(editor))
+        return editor
+
+    def _commit(self, editor: QComboBox) -> None:
+        self.commitData.emit(editor)
+        self.closeEditor.emit(editor, QStyledItemDelegate.EndEditHint.NoHint)
+
+    def setEditorData(self, editor: QWidget, index: QModelIndex | QPersistentModelIndex) -> None:
+        assert isinstance(editor, QComboBox)
+        current = editor.findText(str(index.data(Qt.ItemDataRole.EditRole)))
+        editor.setCurrentIndex(max(current, 0))
+        editor.showPopup()
+
+    def setModelData(self, editor: QWidget, model: QAbstractItemModel,
+                     index: QModelIndex | QPersistentModelIndex) -> None:
+        assert isinstance(editor, QComboBox)
+        if editor.currentText() != index.data(Qt.ItemDataRole.EditRole):
+            model.setData(index, editor.currentText(), Qt.ItemDataRole.EditRole)
+
+
 class LayerTable(QWidget):
-    """Filter box over a sortable table; selecting a row selects the layer in the session."""
+    """Filter box over a sortable table; the selected rows are the session's selected layers
+    (Ctrl- and Shift-click select several: the plan editor then edits them all)."""
 
     def __init__(self, session: Session, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -288,7 +423,7 @@ class LayerTable(QWidget):
         self.proxy = LayerFilterProxy()
         self.proxy.setSourceModel(self.source)
 
-        self.filter_edit = QLineEdit(placeholderText="Filter layers by name or kind  (Ctrl+F)")
+        self.filter_edit = QLineEdit(placeholderText="Filter layers by name, kind or planned action  (Ctrl+F)")
         self.filter_edit.setClearButtonEnabled(True)
         self.filter_edit.textChanged.connect(self._set_filter)
 
@@ -297,8 +432,10 @@ class LayerTable(QWidget):
         self.view.setSortingEnabled(True)
         self.unsort()
         self.view.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.view.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.view.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.view.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
+        self.view.setEditTriggers(QAbstractItemView.EditTrigger.DoubleClicked
+                                  | QAbstractItemView.EditTrigger.EditKeyPressed)
+        self.view.setItemDelegateForColumn(Column.ACTION, ActionDelegate(self))
         self.view.setAlternatingRowColors(True)
         self.view.setShowGrid(False)
         self.view.setWordWrap(False)
@@ -306,8 +443,14 @@ class LayerTable(QWidget):
         self.view.verticalHeader().hide()
         self.view.verticalHeader().setDefaultSectionSize(self.view.fontMetrics().height() + 8)
         self._size_columns()
-        self.view.selectionModel().currentRowChanged.connect(self._on_current_row)
-        session.layer_selected.connect(self._on_layer_selected)
+        self.set_hidden_columns(HIDDEN_BY_DEFAULT)
+        header = self.view.horizontalHeader()
+        header.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        header.customContextMenuRequested.connect(self._column_menu)
+        session.plan_state_changed.connect(self._on_plan_state)
+        self._syncing = False
+        self.view.selectionModel().selectionChanged.connect(self._on_view_selection)
+        session.layers_selected.connect(self._on_layers_selected)
         session.model_changed.connect(lambda _model: self.fit_columns())
 
         layout = QVBoxLayout(self)
@@ -327,22 +470,53 @@ class LayerTable(QWidget):
         self.view.viewport().installEventFilter(self)
         self.fit_columns()
 
-    def fit_columns(self) -> None:
-        """Size every column to its widest text; the name column then takes what is left."""
+    def fit_columns(self, columns: tuple[Column, ...] = tuple(Column), grow_only: bool = False) -> None:
+        """Size `columns` to their widest text; the name column then takes what is left."""
         header = self.view.horizontalHeader()
         cell = self.view.fontMetrics()
         bold = header.fontMetrics()
+        bold_cell = QFont(self.view.font())
+        bold_cell.setBold(True)
         rows = min(self.source.rowCount(), FIT_SAMPLE_ROWS)
         padding = 14
-        for column in Column:
+        for column in columns:
             texts = [self.source._display(self.source.layer_at(row), column) for row in range(rows)]
             texts.append(WIDTH_TEMPLATES.get(column, ""))
-            widest = max(cell.horizontalAdvance(text) for text in texts)
+            metrics = QFontMetrics(bold_cell) if column == Column.ACTION else cell  # overrides are bold
+            widest = max(metrics.horizontalAdvance(text) for text in texts)
             width = max(widest, bold.horizontalAdvance(HEADERS[column]) + 8) + padding
             if column == Column.NAME:
                 self._name_width = min(width, MAX_NAME_WIDTH)
-            else:
+            elif not grow_only or width > header.sectionSize(column):
                 header.resizeSection(column, min(width, MAX_FIT_WIDTH))
+        self._fill_with_name()
+
+    def _on_plan_state(self, _state: object) -> None:
+        self.fit_columns(PLAN_COLUMNS, grow_only=True)
+
+    # -- column visibility ---------------------------------------------------------------------
+    def hidden_columns(self) -> list[Column]:
+        return [column for column in Column if self.view.isColumnHidden(column)]
+
+    def set_hidden_columns(self, columns: list[Column] | tuple[Column, ...]) -> None:
+        """Hide exactly `columns` (never the name)."""
+        for column in Column:
+            self.view.setColumnHidden(column, column in columns and column != Column.NAME)
+        self._fill_with_name()
+
+    def _column_menu(self, position: QPoint) -> None:
+        menu = QMenu(self)
+        for column in Column:
+            if column == Column.NAME:
+                continue
+            action = menu.addAction(HEADERS[column])
+            action.setCheckable(True)
+            action.setChecked(not self.view.isColumnHidden(column))
+            action.toggled.connect(lambda on, column=column: self._toggle_column(column, on))
+        menu.exec(self.view.horizontalHeader().mapToGlobal(position))
+
+    def _toggle_column(self, column: Column, visible: bool) -> None:
+        self.view.setColumnHidden(column, not visible)
         self._fill_with_name()
 
     def _fill_with_name(self) -> None:
@@ -352,7 +526,8 @@ class LayerTable(QWidget):
         legible and lets a horizontal scroll bar appear instead.
         """
         header = self.view.horizontalHeader()
-        others = sum(header.sectionSize(column) for column in Column if column != Column.NAME)
+        others = sum(header.sectionSize(column) for column in Column
+                     if column != Column.NAME and not self.view.isColumnHidden(column))
         spare = self.view.viewport().width() - others
         header.resizeSection(Column.NAME, max(self._name_width, spare))
 
@@ -365,27 +540,55 @@ class LayerTable(QWidget):
         self.proxy.set_needle(text)
 
     # -- selection, both ways without echo ----------------------------------------------------
-    def _on_current_row(self, current: QModelIndex, _previous: QModelIndex) -> None:
-        name = current.data(NAME_ROLE) if current.isValid() else ""
-        if name and name != self.session.selected_layer:
-            self.session.select_layer(name)
+    def selected_names(self) -> list[str]:
+        """Selected layers in view order, the current row's first."""
+        selection = self.view.selectionModel()
+        rows = sorted(index.row() for index in selection.selectedRows())
+        names = [self.proxy.index(row, 0).data(NAME_ROLE) for row in rows]
+        current = selection.currentIndex()
+        if current.isValid() and selection.isRowSelected(current.row(), QModelIndex()):
+            first = current.data(NAME_ROLE)
+            names = [first] + [name for name in names if name != first]
+        return names
 
-    def _on_layer_selected(self, name: str) -> None:
-        current = self.view.selectionModel().currentIndex()
-        if name and current.isValid() and current.data(NAME_ROLE) == name:
+    def _on_view_selection(self, _selected: QItemSelection, _deselected: QItemSelection) -> None:
+        if self._syncing:
             return
-        row = self.source.row_of(name) if name else None
-        if row is None:
-            self.view.selectionModel().clearSelection()
+        names = self.selected_names()
+        if not names:  # e.g. the selected rows were filtered out: the session keeps its choice
             return
-        index = self.proxy.mapFromSource(self.source.index(row, 0))
-        if not index.isValid():  # hidden by the filter
+        self._syncing = True
+        try:
+            self.session.select_layers(names)
+        finally:
+            self._syncing = False
+
+    def _on_layers_selected(self, names: list[str]) -> None:
+        if self._syncing or names == self.selected_names():
             return
-        self.view.selectionModel().setCurrentIndex(
-            index,
-            QItemSelectionModel.SelectionFlag.ClearAndSelect | QItemSelectionModel.SelectionFlag.Rows,
-        )
-        self.view.scrollTo(index)
+        indexes = []
+        for name in names:
+            row = self.source.row_of(name)
+            index = self.proxy.mapFromSource(self.source.index(row, 0)) if row is not None else QModelIndex()
+            if index.isValid():  # rows hidden by the filter stay selected in the session only
+                indexes.append(index)
+        selection_model = self.view.selectionModel()
+        self._syncing = True
+        try:
+            if not names:
+                selection_model.clearSelection()
+                return
+            if not indexes:
+                return
+            selection = QItemSelection()
+            for index in indexes:
+                selection.select(index, index)
+            flags = QItemSelectionModel.SelectionFlag.ClearAndSelect | QItemSelectionModel.SelectionFlag.Rows
+            selection_model.select(selection, flags)
+            selection_model.setCurrentIndex(indexes[0], QItemSelectionModel.SelectionFlag.NoUpdate)
+            self.view.scrollTo(indexes[0])
+        finally:
+            self._syncing = False
 
     def unsort(self) -> None:
         """Back to file order, which is also the order data flows through the network."""

@@ -1,4 +1,5 @@
-"""The model summary strip: what the file is, how big, and what Slimscope can do with it."""
+"""The model summary strip: what the file is, how big, what Slimscope can do with it, and what
+the current plan is predicted to make of it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from PySide6.QtWidgets import QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
 from engine.model import Model, TensorSpec
 
-from gui.session import Session
+from gui.session import PlanState, Session
 from gui.text import human_bytes, human_count
 
 WEIGHTS_ONLY_NOTE = "weights only: compression needs the module"
@@ -65,6 +66,10 @@ class ModelSummary(QWidget):
         self.capability_badge.setObjectName("capability-badge")
         self.facts_label = QLabel()
         self.facts_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.plan_label = QLabel()
+        self.plan_label.setObjectName("plan-totals")
+        self.plan_label.setTextFormat(Qt.TextFormat.RichText)
+        self.plan_label.setToolTip("Predicted from the plan without compressing; Compression › Run measures it")
         self.notes_label = QLabel()
         self.notes_label.setWordWrap(True)
         self.notes_label.setTextFormat(Qt.TextFormat.RichText)
@@ -81,10 +86,13 @@ class ModelSummary(QWidget):
         layout.setSpacing(3)
         layout.addLayout(top)
         layout.addWidget(self.facts_label)
+        layout.addWidget(self.plan_label)
         layout.addWidget(self.notes_label)
         self._style_badge()
         session.model_changed.connect(self.show_model)
+        session.plan_state_changed.connect(self.show_plan)
         self.show_model(session.model)
+        self.show_plan(session.plan_state)
 
     def _style_badge(self) -> None:
         palette = self.palette()
@@ -123,9 +131,29 @@ class ModelSummary(QWidget):
         self.notes_label.setText("<br>".join("• " + html.escape(note, quote=False) for note in notes))
         self.notes_label.setVisible(bool(notes))
 
+    def show_plan(self, state: PlanState) -> None:
+        """Plan totals: layers it changes, predicted size and ratio (or why it does not fit)."""
+        if self.session.model is None:
+            self.plan_label.hide()
+            return
+        if state.error:
+            self.plan_label.setText(f"<span style='color:#c62828'>Plan does not fit: "
+                                    f"{html.escape(state.error)}</span>")
+        elif state.prediction is not None:
+            prediction = state.prediction
+            changed = sum(1 for layer_plan in state.layers.values() if not layer_plan.keep)
+            text = (f"Plan: {changed} of {len(state.layers)} layers compressed  ·  predicted "
+                    f"<b>{human_bytes(prediction.bytes_after)}</b> ({prediction.ratio:.3f}×)")
+            if state.metric is not None:
+                text += f"  ·  {html.escape(state.metric.name)} ≈ {state.metric.value:.4f}"
+            self.plan_label.setText(text)
+        self.plan_label.show()
+
     def text(self) -> str:
         """Everything the strip says, as plain text (for tests and accessibility)."""
         parts = [self.name_label.text(), self.format_badge.text(), self.capability_badge.text(), self.facts_label.text()]
+        if self.plan_label.isVisible() or self.plan_label.text():
+            parts.append(self.plan_label.text())
         if self.notes_label.isVisible() or self.notes_label.text():
             parts.append(self.notes_label.text().replace("<br>", "\n"))
         return "\n".join(parts)
