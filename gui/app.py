@@ -27,6 +27,10 @@ def create_app() -> QApplication:
     assert isinstance(app, QApplication)
     app.setApplicationName(APP_NAME)
     app.setOrganizationName(APP_NAME)
+    from gui.icons import app_icon
+
+    app.setWindowIcon(app_icon())
+    app.setDesktopFileName("slimscope")  # ties windows to resources/slimscope.desktop
     import pyqtgraph as pg
 
     pg.setConfigOptions(antialias=True)

@@ -38,7 +38,6 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QMainWindow,
-    QMessageBox,
     QProgressBar,
     QPushButton,
     QSplitter,
@@ -51,7 +50,6 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from engine import __version__
 from engine.errors import NeedsModuleError, SlimscopeError, UntrustedPickleError
 from engine.formats import LoadOptions, load_model
 from engine.jobs import CancelToken, Progress
@@ -755,11 +753,9 @@ class MainWindow(QMainWindow):
         self.layer_table.filter_edit.selectAll()
 
     def _about(self) -> None:
-        QMessageBox.about(
-            self,
-            "About Slimscope",
-            f"<b>Slimscope</b> {__version__}<p>Inspect and compress neural networks.</p>",
-        )
+        from gui.about import AboutDialog
+
+        AboutDialog(self).exec()
 
     # -- persistence ---------------------------------------------------------------------------------
     def _restore_layout(self) -> None:
