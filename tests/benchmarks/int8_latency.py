@@ -24,7 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from engine import onnx_tools  # noqa: E402
+from engine import onnx_tools, zoo  # noqa: E402
 from engine.methods.static_int8 import (  # noqa: E402
     prepare_for_quantization,
     quantize_dynamic_int8,
@@ -33,50 +33,10 @@ from engine.methods.static_int8 import (  # noqa: E402
 )
 
 
-class BasicBlock(nn.Module):
-    """ResNet's two-conv residual block."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-                nn.BatchNorm2d(out_channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class ResNet18ish(nn.Module):
-    """ResNet-18's layout (4 stages x 2 blocks, 64..512 channels, 11M weights), small input."""
-
-    def __init__(self, num_classes: int = 100) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64),
-                                  nn.ReLU())
-        blocks, channels = [], 64
-        for out_channels, stride in [(64, 1), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1),
-                                     (512, 2), (512, 1)]:
-            blocks.append(BasicBlock(channels, out_channels, stride))
-            channels = out_channels
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Linear(512, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.blocks(self.stem(x)).mean(dim=(2, 3))
-        return self.head(features)
-
-
 def build_resnet(seed: int = 0) -> nn.Module:
     """The net in eval mode, with BatchNorm statistics that are not the identity."""
     torch.manual_seed(seed)
-    net = ResNet18ish().eval()
+    net = zoo.ResNet18(num_classes=100).eval()
     for module in net.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.running_mean.uniform_(-0.1, 0.1)
