@@ -659,7 +659,10 @@ class MainWindow(QMainWindow):
         if self.sender() is not self.task:
             return
         self._latest_progress = (fraction, message or self._latest_progress[1])
-        if not self._progress_timer.isActive():
+        if fraction >= 1.0:  # the end is shown at once, before the result arrives
+            self._progress_timer.stop()
+            self._show_progress()
+        elif not self._progress_timer.isActive():
             self._progress_timer.start()
 
     def _show_progress(self) -> None:

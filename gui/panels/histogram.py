@@ -176,7 +176,7 @@ class HistogramPanel(QWidget):
         zero_fill = QColor(ZERO_COLOR)
         zero_fill.setAlpha(170)
         self.zero_bar = pg.BarGraphItem(x=[0.0], height=[0.0], width=1.0, brush=zero_fill, pen=pg.mkPen(ZERO_COLOR))
-        self.zero_text = pg.TextItem(anchor=(0.5, 1.0), color=ZERO_COLOR)
+        self.zero_text = pg.TextItem(anchor=(0.0, 0.0), color=ZERO_COLOR)
         self.level_ticks = pg.ScatterPlotItem(symbol="|", size=9, pen=pg.mkPen(AFTER_COLOR, width=1.5), brush=None)
         self.compare_lines = [pg.PlotDataItem(stepMode="center", pen=pg.mkPen(color, width=2))
                               for color in COMPARE_COLORS[:MAX_COMPARED]]
@@ -400,18 +400,14 @@ class HistogramPanel(QWidget):
         self.zero_text.setVisible(after.zeros > 0)
         self.zero_text.setText(f"{after.zeros:,} zeros")
         # A pruned layer's zero bar can dwarf everything: on a linear axis, cap the view and say
-        # how tall it is; a log axis has room for all of it.
+        # how tall it is, beside the bar's top; a log axis has room for all of it.
         if log:
             ceiling = max(top, zero_height) + 0.25
         else:
             ceiling = top * 1.12 if zero_height <= top * 1.12 else top * 1.25
-        self.zero_text.setPos(0.0, min(zero_height, ceiling))
+        self.zero_text.setPos(0.6 * width, min(zero_height, ceiling))
         self.plot.enableAutoRange(x=True)
         self.plot.setYRange(floor, ceiling, padding=0)
-        self.legend.addItem(self.bars, "original")
-        self.legend.addItem(self.after_line, "compressed, non-zero")
-        if after.zeros:
-            self.legend.addItem(self.zero_bar, "exact zeros")
         planned = next((layer for layer in outcome.report.layers if layer.name == self.layer_name), None)
         what = self._applied_text(outcome)
         share = after.zeros / after.count if after.count else 0.0
@@ -419,8 +415,11 @@ class HistogramPanel(QWidget):
         detail = f"{after.zeros:,} exact zeros ({percent(share)}) · {levels}"
         if planned is not None and planned.bytes_before:
             detail += f" · {planned.bytes_after / planned.bytes_before:.3f}× the bytes"
-        self.after_label.setText(f"<span style='color:{AFTER_COLOR}'>■</span> After compression "
-                                 f"({what}): {detail}")
+        accent = self.palette().color(QPalette.ColorRole.Highlight).name()
+        self.after_label.setText(
+            f"<span style='color:{accent}'>■</span> original &nbsp; "
+            f"<span style='color:{AFTER_COLOR}'>■</span> after compression ({what}), non-zero &nbsp; "
+            f"<span style='color:{ZERO_COLOR}'>■</span> {detail}")
         self.after_label.show()
 
     def _applied_text(self, outcome: CompressionOutcome) -> str:
