@@ -32,12 +32,12 @@ import numpy as np
 
 from engine.errors import PlanError
 from engine.plan import Plan, Sections
+from engine.compress import storage_bytes
 from engine.sensitivity import (
     BASELINE_LEVEL,
     LayerSensitivity,
     Sensitivity,
     level_sections,
-    storage_bytes,
 )
 
 DEFAULT_RESOLUTION = 4096
@@ -166,7 +166,8 @@ class _Knapsack:
             for k, (option, weight) in enumerate(zip(opts, weights)):
                 if weight > capacity:
                     continue
-                candidate = best[:capacity + 1 - weight] + (option.cost + TIE_BREAK * option.tiebreak)
+                cost = option.cost + TIE_BREAK * option.tiebreak
+                candidate = best[:capacity + 1 - weight] + cost
                 better = candidate < new[weight:]
                 new[weight:][better] = candidate[better]
                 pick[weight:][better] = k
@@ -282,7 +283,8 @@ def pareto_front(sens: Sensitivity, secondary: bool = False,
 
 
 def _point(sens: Sensitivity, total: int, drop: float, secondary: bool) -> FrontPoint:
-    return FrontPoint(total, total / sens.model_bytes, drop, predicted_metric(sens, drop, secondary))
+    return FrontPoint(total, total / sens.model_bytes, drop,
+                      predicted_metric(sens, drop, secondary))
 
 
 def predicted_metric(sens: Sensitivity, drop: float, secondary: bool = False) -> float:

@@ -81,6 +81,15 @@ def stored_bits(compressed: CompressedModel, param_name: str, tensor: torch.Tens
     return tensor.element_size() * 8
 
 
+def storage_bytes(numel: int, nonzero: int, bits: int, overhead: int = 0) -> int:
+    """Bytes for `numel` elements of `bits` bits with `nonzero` non-zeros: dense codes, or a
+    1-bit mask plus the non-zero codes when that is smaller, plus `overhead` (scales, zero
+    points). From counts alone, so sensitivity levels are sized without building tensors."""
+    dense = (numel * bits + 7) // 8
+    sparse = (numel + 7) // 8 + (nonzero * bits + 7) // 8
+    return min(dense, sparse) + overhead
+
+
 def tensor_storage_bytes(compressed: CompressedModel, param_name: str, tensor: torch.Tensor
                          ) -> int:
     """Bytes to store one parameter: packed codes (+ scales), and a non-zero bitmask if smaller.
@@ -94,10 +103,7 @@ def tensor_storage_bytes(compressed: CompressedModel, param_name: str, tensor: t
     if param_name in compressed.quantized:
         quant = compressed.quantized[param_name]
         overhead = quant.scale.numel() * 4 + (0 if quant.symmetric else quant.zero_point.numel())
-    dense = (numel * bits + 7) // 8
-    nonzero = int(torch.count_nonzero(tensor))
-    sparse = (numel + 7) // 8 + (nonzero * bits + 7) // 8
-    return min(dense, sparse) + overhead
+    return storage_bytes(numel, int(torch.count_nonzero(tensor)), bits, overhead)
 
 
 def _layer_params(module: nn.Module, layer_name: str) -> dict[str, torch.Tensor]:

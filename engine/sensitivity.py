@@ -37,14 +37,27 @@ Three methods answer the same question at different costs:
 agreement without labels) is at or below ``chance + collapse_fraction * (baseline - chance)``,
 chance being what a constant answer scores: the share of the most frequent label (or, without
 labels, of the original model's most frequent top-1) — the layer alone has destroyed that much
-of what the model knew beyond guessing. The axis' remaining levels are not evaluated: they get the values of the last level measured
-(more compression is assumed no better) and status ``extrapolated``.
+of what the model knew beyond guessing. The axis' remaining levels are not evaluated: they get
+the values of the last level measured (more compression is assumed no better) and status
+``extrapolated``.
 
 The result, :class:`Sensitivity`, is plain data saved as JSON, shared by the CLI (``slimscope
 sensitivity``), the GUI (heat map of layers x levels via :meth:`Sensitivity.heatmap`, and
 curves) and :mod:`engine.allocate`. Per level it holds the metric, its change from the
-baseline (``delta``), and the bytes the layer's weight takes when stored at that level, counted
-by :func:`engine.compress.tensor_storage_bytes`.
+baseline (``delta``), the bytes the layer's weight takes when stored at that level (counted as
+:func:`engine.compress.tensor_storage_bytes` counts them), its non-zeros and a status::
+
+    {"version": 1, "method": "exact", "metric": "accuracy", "higher_is_better": true,
+     "baseline": 0.9956, "secondary_metric": "loss", "secondary_baseline": 0.02,
+     "chance": 0.1, "collapse_fraction": 0.25, "quantization": {"bits": 8, ...},
+     "model_bytes": 754880, "fixed_bytes": 3136, "data": "...", "samples": 450, ...,
+     "layers": [{"name": "features.3", "kind": "Conv2d", "shape": [64, 32, 3, 3],
+                 "float_bits": 32,
+                 "curves": {"sparsity": {"levels": [0.0, 0.05, ...], "metric": [...],
+                                         "delta": [...], "bytes": [...], "nonzero": [...],
+                                         "status": ["baseline", "measured", ...],
+                                         "secondary": [...]},
+                            "bits": {"levels": [32, 8, 7, ...], ...}}}]}
 """
 
 from __future__ import annotations
@@ -64,7 +77,7 @@ from torch import fx, nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from engine.compress import tensor_storage_bytes
+from engine.compress import storage_bytes, tensor_storage_bytes
 from engine.compressed import CompressedModel
 from engine.data import DataSource
 from engine.errors import SlimscopeError
@@ -179,7 +192,8 @@ class LayerSensitivity:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "shape": list(self.shape),
-                "float_bits": self.float_bits, "curves": {axis: curve.to_dict() for axis, curve in self.curves.items()}}
+                "float_bits": self.float_bits,
+                "curves": {axis: curve.to_dict() for axis, curve in self.curves.items()}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerSensitivity:
@@ -229,9 +243,10 @@ class Sensitivity:
                 raise SlimscopeError(f"{self.method} sensitivity has no secondary metric")
             return np.asarray(curve.secondary, dtype=np.float64) - self.secondary_baseline
         delta = np.asarray(curve.delta, dtype=np.float64)
-        return -delta if self.higher_is_better else delta
+        return (-delta if self.higher_is_better else delta) + 0.0  # + 0.0: no "-0" drops
 
-    def heatmap(self, axis: str, field_name: str = "delta") -> tuple[list[str], list[float], np.ndarray]:
+    def heatmap(self, axis: str, field_name: str = "delta"
+                ) -> tuple[list[str], list[float], np.ndarray]:
         """(layer names, levels, layers x levels matrix) of one curve field, NaN where a layer
         has no such axis: what the GUI draws as a heat map."""
         names = [layer.name for layer in self.layers if axis in layer.curves]
@@ -325,16 +340,6 @@ def rank_for_fraction(shape: Sequence[int], fraction: float) -> int:
     """The rank a fraction of full rank means for a weight of this shape (at least 1)."""
     full = min(shape[0], math.prod(shape[1:]))
     return max(1, int(round(fraction * full)))
-
-
-def storage_bytes(numel: int, nonzero: int, bits: int, overhead: int = 0) -> int:
-    """Bytes of a tensor stored as :func:`engine.compress.tensor_storage_bytes` stores it
-    (the tests hold the two equal): dense codes, or a 1-bit mask plus the non-zero codes when
-    that is smaller, plus `overhead` (scales and zero points) — from counts alone, so levels
-    and their combinations are sized without building each tensor."""
-    dense = (numel * bits + 7) // 8
-    sparse = (numel + 7) // 8 + (nonzero * bits + 7) // 8
-    return min(dense, sparse) + overhead
 
 
 def keep_masks(scores: torch.Tensor, amounts: Sequence[float]) -> list[torch.Tensor]:
@@ -440,8 +445,8 @@ class LayerLevels:
         ordered = np.sort(magnitude.numpy())
         cuts = [int(round(a * magnitude.numel())) for a in amounts]
         thresholds = torch.tensor([ordered[c - 1] if c else -1.0 for c in cuts])
-        energy = magnitude.square() * (importance.reshape(-1) if isinstance(importance, torch.Tensor)
-                                       else importance)
+        weights = importance.reshape(-1) if isinstance(importance, torch.Tensor) else importance
+        energy = magnitude.square() * weights
         buckets = torch.bucketize(magnitude, thresholds)
         sums = torch.bincount(buckets, weights=energy.double(), minlength=len(cuts) + 1)
         return torch.cumsum(sums, 0)[:len(cuts)].tolist()
@@ -541,7 +546,7 @@ def _constant_answer_score(labels: list[np.ndarray | None], reference: list[np.n
                            ) -> float:
     """Accuracy (or agreement) of always answering the most frequent class."""
     if all(label is not None for label in labels):
-        answers = np.concatenate([label.reshape(-1) for label in labels])  # type: ignore[union-attr]
+        answers = np.concatenate([np.asarray(label).reshape(-1) for label in labels])
     else:
         answers = np.concatenate([out.argmax(-1).reshape(-1) for out in reference])
     return float(np.bincount(answers).max() / answers.size)
@@ -983,7 +988,8 @@ def _naive(module: nn.Module, names: list[str], data: DataSource, settings: Swee
                 compressed = apply_plan(module, Plan(layers={name: sections}), cancel=cancel)
                 metrics = evaluate(TorchRunner(compressed.module), data,
                                    reference=None if data.has_labels else original, cancel=cancel)
-                primary, secondary = getattr(metrics, primary_name), getattr(metrics, secondary_name)
+                primary = getattr(metrics, primary_name)
+                secondary = getattr(metrics, secondary_name)
                 stored, nonzero = _compressed_layer_bytes(compressed, name)
                 _append(curve, level, primary, primary - baseline, stored, nonzero, MEASURED,
                         secondary)

@@ -189,6 +189,8 @@ def test_collapse_stops_the_axis_and_fills_it_honestly(labelled_by_model: ArrayS
                              collapse_fraction=0.99, chunk_size=64, max_batch=64)
     result = sweep_module(model, labelled_by_model, "exact", settings, layers=["conv1"])
     curve = result.layer("conv1").curves["sparsity"]
+    labels = labelled_by_model.labels
+    assert result.chance == pytest.approx(np.bincount(labels).max() / len(labels))  # constant
     floor = result.chance + 0.99 * (result.baseline - result.chance)
     assert curve.metric[1] <= floor, "the test needs 30% sparsity to cost this model something"
     assert curve.status == [BASELINE, MEASURED, EXTRAPOLATED, EXTRAPOLATED]
