@@ -88,6 +88,7 @@ from engine.methods.lowrank import factorize
 from engine.methods.quantize import quantize_tensor
 from engine.model import PRUNABLE_KINDS, QUANTIZABLE_KINDS, Model
 from engine.plan import LOW_RANK_KINDS, LowRank, Plan, Pruning, Quantization, Sections
+from engine.safe_write import atomic_write_text, read_json
 
 SENSITIVITY_VERSION = 1
 METHODS = ("exact", "fast", "datafree")
@@ -306,19 +307,12 @@ class Sensitivity:
             raise SlimscopeError(f"not a sensitivity file: missing or bad field {exc}") from None
 
     def save(self, path: str | Path) -> None:
-        from engine.safe_write import atomic_write_text
-
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Sensitivity:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise SlimscopeError(f"{path}: cannot read ({exc.strerror})") from None
-        except json.JSONDecodeError as exc:
-            raise SlimscopeError(f"{path.name}: not valid JSON: {exc}") from None
+        data = read_json(path)
         return cls.from_dict(data)
 
 

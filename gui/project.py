@@ -17,7 +17,7 @@ from typing import Any
 
 from engine.errors import PlanError, SlimscopeError
 from engine.plan import Plan
-from engine.safe_write import atomic_write_text
+from engine.safe_write import atomic_write_text, read_json
 from engine.sensitivity import Sensitivity
 
 PROJECT_VERSION = 1
@@ -97,12 +97,7 @@ class Project:
     @classmethod
     def load(cls, path: str | Path) -> Project:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise SlimscopeError(f"{path}: cannot read ({exc.strerror})") from None
-        except json.JSONDecodeError as exc:
-            raise SlimscopeError(f"{path.name}: not valid JSON: {exc}") from None
+        data = read_json(path)
         return cls.from_dict(data, path.resolve().parent)
 
 

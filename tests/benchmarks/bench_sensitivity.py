@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from engine import zoo  # noqa: E402
 from engine.data import ArraySource, DataSource, DigitsData  # noqa: E402
 from engine.demo import DEMO_MODEL  # noqa: E402
 from engine.formats import load_model  # noqa: E402
@@ -46,58 +46,11 @@ from engine.sensitivity import (  # noqa: E402
     sweep_module,
 )
 
-class BasicBlock(nn.Module):
-    def __init__(self, inputs: int, outputs: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(outputs)
-        self.conv2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(outputs)
-        self.downsample = None
-        if stride != 1 or inputs != outputs:
-            self.downsample = nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride, bias=False),
-                                            nn.BatchNorm2d(outputs))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + identity)
-
-
-class ResNet18(nn.Module):
-    """torchvision's ResNet-18 layout and names; `stem` "cifar" is a 3x3 stride-1 first conv
-    without max pooling (the usual choice for 32x32 inputs), "imagenet" the 7x7 stride-2 conv
-    and max pool."""
-
-    def __init__(self, stem: str = "cifar", num_classes: int = 10) -> None:
-        super().__init__()
-        if stem == "cifar":
-            self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-            self.maxpool: nn.Module = nn.Identity()
-        else:
-            self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-            self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.bn1 = nn.BatchNorm2d(64)
-        widths, layers, inputs = (64, 128, 256, 512), [], 64
-        for stage, width in enumerate(widths):
-            stride = 1 if stage == 0 else 2
-            layers.append(nn.Sequential(BasicBlock(inputs, width, stride),
-                                        BasicBlock(width, width, 1)))
-            inputs = width
-        self.layer1, self.layer2, self.layer3, self.layer4 = layers
-        self.fc = nn.Linear(512, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
 
 def resnet_and_data(stem: str, samples: int) -> tuple[nn.Module, DataSource]:
     """Seeded ResNet-18, batch norm recalibrated on the data, labels = its own top-1."""
     torch.manual_seed(0)
-    model = ResNet18(stem)
+    model = zoo.ResNet18(stem)
     inputs = torch.from_numpy(np.random.default_rng(0).standard_normal(
         (samples, 3, 32, 32), dtype=np.float32))
     for module in model.modules():
