@@ -188,11 +188,7 @@ def compress(
     recovery = RecoveryConfig.from_dict(plan.recovery) if plan.recovery else None
     if recovery is not None and train_data is None:
         raise SlimscopeError("the plan's recovery section needs training data (--train-data)")
-    bad = model.non_finite()
-    if bad:
-        name, count = next(iter(bad.items()))
-        raise SlimscopeError(f"layer {name!r} has {count} NaN/Inf weights; compression would "
-                             "spread them — fix the model first")
+    model.require_finite("compression")
     calibration = calibration or data
     batches = calibration_batches(calibration) if calibration is not None else None
     example = _example_input(model, batches)

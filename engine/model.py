@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from engine.errors import NeedsModuleError
+from engine.errors import NeedsModuleError, SlimscopeError
 
 if TYPE_CHECKING:  # torch and onnx are heavy; only adapters import them at run time
     import onnx
@@ -191,6 +191,14 @@ class Model:
                 "torch.export file, or an architecture Slimscope knows"
             )
         return self.module
+
+    def require_finite(self, purpose: str) -> None:
+        """Raise one clear line if any layer holds NaN/Inf: `purpose` would spread them."""
+        bad = self.non_finite()
+        if bad:
+            name, count = next(iter(bad.items()))
+            raise SlimscopeError(f"layer {name!r} has {count} NaN/Inf weights; {purpose} would "
+                                 "spread them — fix the model first")
 
     def non_finite(self) -> dict[str, int]:
         """Layers whose weights hold NaN or Inf, with the count of such values."""

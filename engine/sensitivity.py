@@ -796,10 +796,7 @@ def sweep(
 ) -> Sensitivity:
     """Sensitivity of every sweepable layer (or the named `layers`) of a loaded model."""
     module = model.require_module("sensitivity analysis")
-    bad = model.non_finite()
-    if bad:
-        name, count = next(iter(bad.items()))
-        raise SlimscopeError(f"layer {name!r} has {count} NaN/Inf weights; fix the model first")
+    model.require_finite("sensitivity analysis")
     result = sweep_module(module, data, method, settings, layers=layers, progress=progress,
                           cancel=cancel)
     result.model = model.path.name

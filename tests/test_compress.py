@@ -127,3 +127,16 @@ def test_invalid_recovery_section_names_the_field(demo) -> None:
                            "recovery": {"steps": 5, "optimiser": "sgd"}})
     with pytest.raises(Exception, match="optimiser"):
         compress(demo, plan, DigitsData("test"), train_data=DigitsData("train"))
+
+
+def test_nan_weights_are_refused_by_compression_and_sensitivity(tmp_path: Path) -> None:
+    from engine.errors import SlimscopeError
+    from engine.sensitivity import sweep
+    from factories import write_nan_weights
+
+    model = load_model(write_nan_weights(tmp_path))
+    model.module = torch.nn.Linear(1, 1)  # a runnable stand-in: the weights are what is checked
+    for run in (lambda: compress(model, Plan.from_dict(PLAN_50_INT8)),
+                lambda: sweep(model, DigitsData("test"))):
+        with pytest.raises(SlimscopeError, match="NaN/Inf weights; .* would spread them"):
+            run()

@@ -80,5 +80,11 @@ def human_count(count: float) -> str:
     return f"{count:.0f}"
 
 
+def print_progress(fraction: float, message: str = "") -> None:
+    """A one-line progress bar on an interactive terminal; silent when piped."""
+    if sys.stderr.isatty():
+        print(f"\r[{fraction:5.1%}] {message[:70]:<70}", end="", file=sys.stderr, flush=True)
+
+
 def fail(message: str) -> None:
     raise SlimscopeError(message)

@@ -16,6 +16,7 @@ from engine.commands._common import (
     add_model_arguments,
     human_bytes,
     load_from_args,
+    print_progress,
     resolve_model_path,
     write_json,
 )
@@ -68,11 +69,11 @@ def run(args: argparse.Namespace) -> int:
 
     check_destination(output, args.export_format)  # before the slow part, not after
     compressed, report = compress(model, plan, data, calibration=calibration, train_data=train_data,
-                                  measure=not args.no_measure, progress=_print_progress)
+                                  measure=not args.no_measure, progress=print_progress)
     result = export(compressed, model, output, format=args.export_format, data=data,
                     calibration=calibration, keep_unverified=args.keep_unverified,
                     measure=not args.no_measure, inputs=[resolve_model_path(args.model)],
-                    progress=_print_progress)
+                    progress=print_progress)
     print(format_summary(report), file=sys.stderr)
     print(format_export(result), file=sys.stderr)
     if args.report:
@@ -97,11 +98,6 @@ def format_export(result: "ExportResult") -> str:
                      f"{result.latency_method})")
     lines.extend(f"note: {note}" for note in result.notes)
     return "\n".join(lines)
-
-
-def _print_progress(fraction: float, message: str = "") -> None:
-    if sys.stderr.isatty():
-        print(f"\r[{fraction:5.1%}] {message[:70]:<70}", end="", file=sys.stderr, flush=True)
 
 
 def format_summary(report: CompressionReport) -> str:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.commands._common import add_model_arguments, load_from_args
-from engine.commands.compress import _print_progress
+from engine.commands._common import add_model_arguments, load_from_args, print_progress
 from engine.data import open_data
 from engine.errors import SlimscopeError
 from engine.plan import GRANULARITIES, RANGE_METHODS, Quantization
@@ -76,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
                                   args.group_size if args.granularity == "group" else None,
                                   args.range_method),
         collapse_fraction=args.collapse)
-    result = sweep(model, data, args.method, settings, progress=_print_progress)
+    result = sweep(model, data, args.method, settings, progress=print_progress)
     if sys.stderr.isatty():
         print(file=sys.stderr)
     print(format_summary(result), file=sys.stderr)
