@@ -427,3 +427,31 @@ def write_plain_zip(folder: Path, name: str = "archive.pt") -> Path:
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("readme.txt", "not a model")
     return path
+
+
+class TinyTransformer(nn.Module):
+    """Input projection, one pre-norm block (single-head attention + MLP), mean-pooled head.
+
+    The transformer-style model of the export and int8 tests: Linear + LayerNorm + attention
+    through plain matmuls, so ONNX export gives MatMul/Gemm nodes ONNX Runtime quantizes.
+    """
+
+    def __init__(self, features: int = 32, width: int = 64, classes: int = 10,
+                 activation: type[nn.Module] = nn.GELU) -> None:
+        super().__init__()
+        self.embed = nn.Linear(features, width)
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
+        self.out = nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), activation(),
+                                 nn.Linear(4 * width, width))
+        self.head = nn.Linear(width, classes)
+        self.scale = width ** -0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        h = self.norm1(x)
+        attention = torch.softmax(self.query(h) @ self.key(h).transpose(1, 2) * self.scale, -1)
+        x = x + self.out(attention @ self.value(h))
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x.mean(dim=1))  # 2-D input to the head: exported as Gemm

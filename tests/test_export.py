@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import factories
+from factories import TinyTransformer
 from engine.bundle import MANIFEST, pack_bits, unpack_bits
 from engine.cli import main
 from engine.compress import compress
@@ -39,29 +40,6 @@ from engine.model import TensorSpec
 from engine.plan import Plan
 
 SEQUENCE, FEATURES = 8, 32
-
-
-class TinyTransformer(nn.Module):
-    """Input projection, one pre-norm block (single-head attention + MLP), mean-pooled head."""
-
-    def __init__(self, width: int = 64, classes: int = 10) -> None:
-        super().__init__()
-        self.embed = nn.Linear(FEATURES, width)
-        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
-        self.out = nn.Linear(width, width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
-                                 nn.Linear(4 * width, width))
-        self.head = nn.Linear(width, classes)
-        self.scale = width ** -0.5
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.embed(x)
-        h = self.norm1(x)
-        attention = torch.softmax(self.query(h) @ self.key(h).transpose(1, 2) * self.scale, -1)
-        x = x + self.out(attention @ self.value(h))
-        x = x + self.mlp(self.norm2(x))
-        return self.head(x.mean(dim=1))
 
 
 class SignBranch(nn.Module):
@@ -130,7 +108,7 @@ def models(tmp_path_factory) -> dict:
     """name -> (Model, evaluation data, calibration data)."""
     folder = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
-    torch.save(TinyTransformer().eval(), folder / "transformer.pt")
+    torch.save(TinyTransformer(FEATURES).eval(), folder / "transformer.pt")
     transformer = load_model(folder / "transformer.pt",
                              LoadOptions(trust=True, input_shape=(1, SEQUENCE, FEATURES)))
     tokens = ArraySource(structured_inputs(64, 1), None, "token features")

@@ -21,6 +21,7 @@ from engine.methods.static_int8 import (
     quantize_static_int8,
     quantize_weight_only,
 )
+from factories import TinyTransformer
 
 IMAGE = (3, 16, 16)
 
@@ -44,29 +45,6 @@ def conv_only_net() -> nn.Module:
     torch.manual_seed(1)
     return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
                          nn.Conv2d(16, 8, 3, padding=1)).eval()
-
-
-class TinyTransformer(nn.Module):
-    """Input projection, one pre-norm block (single-head attention + MLP), pooled head."""
-
-    def __init__(self, features: int = 32, width: int = 64, classes: int = 10) -> None:
-        super().__init__()
-        self.embed = nn.Linear(features, width)
-        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
-        self.out = nn.Linear(width, width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.ReLU(),
-                                 nn.Linear(4 * width, width))
-        self.head = nn.Linear(width, classes)
-        self.scale = width ** -0.5
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.embed(x)
-        h = self.norm1(x)
-        attention = torch.softmax(self.query(h) @ self.key(h).transpose(1, 2) * self.scale, -1)
-        x = x + self.out(attention @ self.value(h))
-        x = x + self.mlp(self.norm2(x))
-        return self.head(x.mean(dim=1))  # 2-D input to the head: exported as Gemm
 
 
 def images(count: int, seed: int) -> np.ndarray:
@@ -109,7 +87,7 @@ def conv_fp32() -> tuple[nn.Module, onnx.ModelProto]:
 @pytest.fixture(scope="module")
 def transformer_fp32() -> tuple[nn.Module, onnx.ModelProto]:
     torch.manual_seed(2)
-    net = TinyTransformer().eval()
+    net = TinyTransformer(activation=nn.ReLU).eval()
     return net, onnx_tools.export_onnx(net, torch.zeros(1, 16, 32))
 
 
