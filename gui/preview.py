@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from PySide6.QtCore import QEventLoop
 from PySide6.QtWidgets import QApplication, QComboBox, QVBoxLayout, QWidget
@@ -22,6 +22,9 @@ from engine.formats import LoadOptions, load_model
 from engine.model import Model
 
 from gui.session import Session
+
+if TYPE_CHECKING:
+    from gui.workers import Job
 
 
 def demo_model_path() -> Path | None:
@@ -102,6 +105,21 @@ def preview(
         code = app.exec()
     session.shutdown()
     return code
+
+
+def run_job_and_show(app: QApplication, job: "Job", widget: QWidget, screenshot: Path | None,
+                     before_grab: Callable[[], None] | None = None) -> int:
+    """Start `job` with `widget` showing it; with `screenshot`, wait for the job, save, exit."""
+    job.failed.connect(lambda message, *_: print(f"error: {message}", file=sys.stderr))
+    job.start()
+    if screenshot is None:
+        return app.exec()
+    while not job.finished:
+        app.processEvents(QEventLoop.ProcessEventsFlag.AllEvents, 50)
+    app.processEvents()
+    if before_grab is not None:
+        before_grab()
+    return 0 if widget.grab().save(str(screenshot)) else 2
 
 
 def _save_when_settled(app: QApplication, session: Session, window: QWidget, out: Path) -> int:

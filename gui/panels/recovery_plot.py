@@ -218,9 +218,8 @@ def _main(argv: list[str]) -> int:
     import argparse
     from pathlib import Path
 
-    from PySide6.QtCore import QEventLoop
 
-    from gui.preview import demo_model_path, ensure_app, load_with_prompt
+    from gui.preview import demo_model_path, ensure_app, load_with_prompt, run_job_and_show
     from gui.session import CompressionData
     from gui.workers import compression_job
 
@@ -245,15 +244,7 @@ def _main(argv: list[str]) -> int:
     plot.start(plan["recovery"], "accuracy")
     job = compression_job(model, plan, CompressionData().effective(is_demo))
     job.partial.connect(plot.add_step)
-    job.failed.connect(lambda message, *_: print(f"error: {message}", file=sys.stderr))
-    job.start()
-    if args.screenshot is None:
-        return app.exec()
-    while not job.finished:
-        app.processEvents(QEventLoop.ProcessEventsFlag.AllEvents, 50)
-    app.processEvents()
-    plot._redraw()
-    return 0 if plot.grab().save(str(args.screenshot)) else 2
+    return run_job_and_show(app, job, plot, args.screenshot, before_grab=plot._redraw)
 
 
 if __name__ == "__main__":

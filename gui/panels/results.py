@@ -392,9 +392,8 @@ def _main(argv: list[str]) -> int:
     import argparse
     from pathlib import Path
 
-    from PySide6.QtCore import QEventLoop
 
-    from gui.preview import demo_model_path, ensure_app, load_with_prompt
+    from gui.preview import demo_model_path, ensure_app, load_with_prompt, run_job_and_show
     from gui.workers import compression_job
 
     parser = argparse.ArgumentParser(description="Compress a model and show the results dashboard")
@@ -415,14 +414,7 @@ def _main(argv: list[str]) -> int:
     panel.show()
     job = compression_job(session.model, session.plan_document.to_dict(), session.effective_data())
     job.succeeded.connect(session.set_result)
-    job.failed.connect(lambda message, *_: print(f"error: {message}", file=sys.stderr))
-    job.start()
-    if args.screenshot is None:
-        return app.exec()
-    while not job.finished:
-        app.processEvents(QEventLoop.ProcessEventsFlag.AllEvents, 50)
-    app.processEvents()
-    return 0 if panel.grab().save(str(args.screenshot)) else 2
+    return run_job_and_show(app, job, panel, args.screenshot)
 
 
 if __name__ == "__main__":
