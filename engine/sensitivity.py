@@ -106,6 +106,8 @@ DEFAULT_BATCH_BYTES = 256 * 2**20
 DEFAULT_MAX_BATCH = 512
 #: Memory for the activations the exact method keeps for every sample at once.
 DEFAULT_CACHE_BYTES = 4 * 2**30
+#: Samples per whole-model forward that cannot be interrupted (reference outputs, trace check).
+PIECE = 32
 
 
 @dataclass(frozen=True)
@@ -561,8 +563,11 @@ def _reference(module: nn.Module, inputs: list[torch.Tensor], cancel: CancelToke
                ) -> list[np.ndarray]:
     outputs = []
     for x in inputs:
-        cancel.check()
-        outputs.append(_logits(module(x)).numpy())
+        pieces = []
+        for piece in x.split(PIECE):  # pieces: a big model's chunk takes seconds to cancel
+            cancel.check()
+            pieces.append(_logits(module(piece)).numpy())
+        outputs.append(np.concatenate(pieces))
     return outputs
 
 
@@ -655,12 +660,14 @@ class _GraphEvaluator:
         """The evaluator, or None and why when tracing fails or the trace computes otherwise."""
         try:
             traced = fx.symbolic_trace(module)
-            check = _logits(traced(inputs[0])).numpy()
+            cancel.check()
+            check = _logits(traced(inputs[0][:PIECE])).numpy()
         except Exception as exc:  # noqa: BLE001 - any tracing failure means: use the fallback
             return None, f"torch.fx cannot trace the model ({type(exc).__name__}); " \
                          "every layer used full forward passes"
-        if check.shape != reference[0].shape or not np.allclose(check, reference[0], rtol=1e-4,
-                                                                atol=1e-5):
+        expected = reference[0][:PIECE]
+        if check.shape != expected.shape or not np.allclose(check, expected, rtol=1e-4,
+                                                            atol=1e-5):
             return None, "the traced graph computes other outputs than the model; every layer " \
                          "used full forward passes"
         return cls(traced, inputs, scorer, settings, cancel), None
@@ -674,9 +681,11 @@ class _GraphEvaluator:
 
     def _run(self, env: dict[fx.Node, Any], start: int, stop: int) -> None:
         self.interpreter.env = env
+        check = self.cancel.check
         for i in range(start, stop):
             node = self.nodes[i]
             if node.op != "placeholder":
+                check()  # per node: one suffix pass of a big model takes many seconds
                 env[node] = self.interpreter.run_node(node)
             for dead in self.free_after.get(i, ()):
                 env.pop(dead, None)

@@ -228,6 +228,36 @@ def test_sweeps_leave_the_model_untouched_and_cancel_promptly(
         assert torch.equal(value, before[key]), key
 
 
+class CancelInsideTheSuffix(Residual):
+    """Cancels its token when conv1 sees a batched suffix pass (more rows than the data has:
+    several levels of `stem` at once), and records the batch sizes the head saw, to show the
+    pass stops at the next node rather than at the end of the group."""
+
+    def __init__(self, token: CancelToken, samples: int) -> None:
+        super().__init__()
+        self.token, self.samples, self.head_batches = token, samples, []
+        self.conv1.register_forward_hook(self._conv1_ran)
+        self.head.register_forward_hook(self._head_ran)
+
+    def _conv1_ran(self, _: nn.Module, inputs: tuple[torch.Tensor], __: object) -> None:
+        if len(inputs[0]) > self.samples:
+            self.token.cancel()
+
+    def _head_ran(self, _: nn.Module, inputs: tuple[torch.Tensor], __: object) -> None:
+        self.head_batches.append(len(inputs[0]))
+
+
+def test_exact_cancel_stops_a_suffix_pass_at_the_next_node(
+        labelled_by_model: ArraySource) -> None:
+    token = CancelToken()
+    torch.manual_seed(0)
+    model = CancelInsideTheSuffix(token, len(labelled_by_model)).eval()
+    with pytest.raises(Cancelled):
+        sweep_module(model, labelled_by_model, "exact", SMALL, layers=["stem"], cancel=token)
+    assert token.cancelled and model.head_batches
+    assert max(model.head_batches) <= len(labelled_by_model)  # no suffix pass reached the head
+
+
 def test_methods_say_what_they_need(labelled_by_model: ArraySource) -> None:
     model = seeded(Residual)
     with pytest.raises(SlimscopeError, match="GiB of activations for 64 samples"):

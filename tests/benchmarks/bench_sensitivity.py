@@ -12,10 +12,11 @@ per-(layer, level) drops against the naive ones; on the demo the fast estimate a
 calibration split (128 samples), the data it is meant for. Run from the repository root:
 
     .venv/bin/python tests/benchmarks/bench_sensitivity.py [--threads 1] [--samples 256]
-        [--stem cifar|imagenet] [--only demo|resnet]
+        [--stem cifar|imagenet] [--only demo|resnet] [--cancel-latency]
 
 The exact method evaluates exactly the data the naive loop evaluates; levels it skips after a
-collapse are counted and reported. Each method first runs once on a few samples, untimed, so no
+collapse are counted and reported. `--cancel-latency` instead cancels exact sweeps of the ResNet
+part-way through (after 2, 5 and 9 s) and prints how long each took to stop. Each method first runs once on a few samples, untimed, so no
 one pays for the others' kernel set-up; wall and CPU time are both printed, since a shared
 machine stretches wall time unevenly.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,6 +39,7 @@ from engine import zoo  # noqa: E402
 from engine.data import ArraySource, DataSource, DigitsData  # noqa: E402
 from engine.demo import DEMO_MODEL  # noqa: E402
 from engine.formats import load_model  # noqa: E402
+from engine.jobs import Cancelled, CancelToken  # noqa: E402
 from engine.sensitivity import (  # noqa: E402
     EXTRAPOLATED,
     Sensitivity,
@@ -112,6 +115,29 @@ def run(name: str, module: nn.Module, data: DataSource, settings: SweepSettings,
         print(line, flush=True)
 
 
+def cancel_latencies(module: nn.Module, data: DataSource, delays: tuple[float, ...]) -> None:
+    """Seconds from cancel() to the exact sweep raising Cancelled, cancelled after each delay."""
+    for delay in delays:
+        token, stopped = CancelToken(), threading.Event()
+        outcome: list[str] = []
+
+        def work(token: CancelToken = token) -> None:
+            try:
+                sweep_module(module, data, "exact", SweepSettings(), cancel=token)
+                outcome.append("finished")
+            except Cancelled:
+                outcome.append("cancelled")
+            stopped.set()
+
+        threading.Thread(target=work, daemon=True).start()
+        time.sleep(delay)
+        cancelled_at = time.perf_counter()
+        token.cancel()
+        stopped.wait()
+        print(f"cancelled after {delay:.0f} s: {outcome[0]} {time.perf_counter() - cancelled_at:.3f} "
+              "s after cancel()", flush=True)
+
+
 def measured_mask(result: Sensitivity) -> np.ndarray:
     """Which entries of paired_drops(result, ...) were measured, in the same order."""
     return np.array([status != EXTRAPOLATED for layer in result.layers
@@ -132,9 +158,14 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=256, help="ResNet data set size")
     parser.add_argument("--stem", choices=("cifar", "imagenet"), default="imagenet")
     parser.add_argument("--only", choices=("demo", "resnet"))
+    parser.add_argument("--cancel-latency", action="store_true",
+                        help="only measure how fast an exact ResNet sweep stops when cancelled")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads")
+    if args.cancel_latency:
+        cancel_latencies(*resnet_and_data(args.stem, args.samples), delays=(2.0, 5.0, 9.0))
+        return 0
     if args.only != "resnet":
         demo = load_model(DEMO_MODEL).module
         run("demo DigitsCNN", demo, DigitsData("test"), SweepSettings(),
