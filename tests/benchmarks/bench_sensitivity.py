@@ -8,7 +8,8 @@ ResNet-18-sized network built here (torchvision's ResNet-18 layout, 11.2M parame
 inputs, seeded random weights with batch-norm statistics recalibrated on a fixed random data set
 whose labels are the unpruned model's own top-1, so accuracy starts at 100% and means "still
 agrees"). It prints wall times, speed ratios, and the Spearman rank correlation of each method's
-per-(layer, level) drops against the naive ones; on the demo the fast estimate also runs on the
+per-(layer, level) drops against the naive ones, and the multiply-add ceiling of any exact method
+(see :func:`mac_ceiling`); on the demo the fast estimate also runs on the
 calibration split (128 samples), the data it is meant for. Run from the repository root:
 
     .venv/bin/python tests/benchmarks/bench_sensitivity.py [--threads 1] [--samples 256]
@@ -40,6 +41,7 @@ from engine.data import ArraySource, DataSource, DigitsData  # noqa: E402
 from engine.demo import DEMO_MODEL  # noqa: E402
 from engine.formats import load_model  # noqa: E402
 from engine.jobs import Cancelled, CancelToken  # noqa: E402
+from engine.macs import conv_macs, dense_macs  # noqa: E402
 from engine.sensitivity import (  # noqa: E402
     EXTRAPOLATED,
     Sensitivity,
@@ -99,6 +101,11 @@ def run(name: str, module: nn.Module, data: DataSource, settings: SweepSettings,
                   for c in layer.curves.values())
     print(f"layers {len(naive.layers)}, non-baseline levels {levels}, exact skipped after "
           f"collapse {skipped}; baseline {naive.metric} {naive.baseline:.4f}")
+    sample = torch.from_numpy(next(data.batches(1))[0])
+    every_level, before_collapse = mac_ceiling(module, sample, results["exact"])
+    print(f"multiply-add ceiling of any exact method (caching what comes before the swept layer): "
+          f"{every_level:.2f}x measuring every level, {before_collapse:.2f}x skipping the levels "
+          "after collapse", flush=True)
     for method in [m for m in results if m != "naive"]:
         ratio = naive.seconds / results[method].seconds
         drops, reference = paired_drops(results[method], naive)
@@ -113,6 +120,52 @@ def run(name: str, module: nn.Module, data: DataSource, settings: SweepSettings,
                      f"{spearman(drops[measured], reference[measured]):.4f}, largest |difference| "
                      f"{np.max(np.abs(drops[measured] - reference[measured])):.4f}")
         print(line, flush=True)
+
+
+def layer_macs_in_call_order(module: nn.Module, sample: torch.Tensor) -> list[tuple[str, int]]:
+    """(layer, multiply-adds per sample) for every Conv/Linear call of one forward, in order."""
+    calls: list[tuple[str, int]] = []
+    handles = []
+    for name, layer in module.named_modules():
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            def count(layer: nn.Module, _: object, output: torch.Tensor, name: str = name) -> None:
+                per_sample = output[:1].numel()
+                calls.append((name, dense_macs(per_sample, layer.weight.shape[1])
+                              if isinstance(layer, nn.Linear)
+                              else conv_macs(per_sample, layer.weight.shape)))
+            handles.append(layer.register_forward_hook(count))
+    try:
+        with torch.inference_mode():
+            module.eval()(sample[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def mac_ceiling(module: nn.Module, sample: torch.Tensor, exact: Sensitivity
+                ) -> tuple[float, float]:
+    """The most any exact method can gain over the naive loop in multiply-adds.
+
+    To measure one level on all the data, a method has to run the compressed layer and every
+    layer after it (their inputs change); only the layers before it can be cached. The naive
+    loop runs all of them. The ratio of the two, summed over every (layer, level), bounds the
+    speed-up that caching and batching alone can give, however they are implemented; only
+    skipping levels or per-level overhead the naive loop pays can add to it. Returned twice:
+    over all of `exact`'s levels, and with the levels it skipped after collapse not run.
+    """
+    calls = layer_macs_in_call_order(module, sample)
+    total = sum(macs for _, macs in calls)
+    naive = all_levels = measured = 0
+    for layer in exact.layers:
+        first = next(i for i, (name, _) in enumerate(calls) if name == layer.name)
+        suffix = sum(macs for _, macs in calls[first:])
+        for curve in layer.curves.values():
+            levels = len(curve.levels) - 1
+            naive += levels * total
+            all_levels += levels * suffix
+            measured += (levels - curve.status.count(EXTRAPOLATED)) * suffix
+    return naive / all_levels, naive / measured
 
 
 def cancel_latencies(module: nn.Module, data: DataSource, delays: tuple[float, ...]) -> None:
