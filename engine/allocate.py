@@ -25,20 +25,21 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from engine.errors import PlanError
-from engine.plan import Plan, Sections
-from engine.compress import storage_bytes
+from engine.model import Layer
+from engine.plan import LayerPlan, Plan, Sections
 from engine.sensitivity import (
     BASELINE_LEVEL,
     LayerSensitivity,
     Sensitivity,
     level_sections,
 )
+from engine.storage import storage_bytes
 
 DEFAULT_RESOLUTION = 4096
 #: Weight of the secondary metric when the primary one is the cost: accuracy drops are mostly
@@ -330,6 +331,83 @@ def uniform_choices(sens: Sensitivity, sparsity: float, bits: int | None) -> dic
 
 def predicted_bytes(sens: Sensitivity, choices: dict[str, Option]) -> int:
     return sens.fixed_bytes + sum(o.bytes for o in choices.values())
+
+
+# -- any plan, priced by the curves -----------------------------------------------------------
+#: Pruning methods whose result the magnitude sparsity curve measures.
+MAGNITUDE_METHODS = ("magnitude", "magnitude-global")
+
+
+@dataclass(frozen=True)
+class CurvePrediction:
+    """A plan's size and metric as the sensitivity curves predict them."""
+
+    bytes: int
+    ratio: float
+    #: Predicted drop of the primary metric (positive = worse), summed over layers.
+    drop: float
+    metric: float
+    #: Layers whose settings the curves price only roughly.
+    approximate: list[str] = field(default_factory=list)
+
+
+def predict_plan(sens: Sensitivity, plan: Plan, layers: Iterable[Layer]) -> CurvePrediction:
+    """Predicted size and primary metric of any `plan` (hand-edited too) on the model whose
+    `layers` are given, read off the curves under the additive assumption, so a plan the
+    allocator made lands exactly on its Pareto front. Settings the curves do not cover (other
+    pruning methods, N:M, float formats, low rank) are priced as the nearest covered option, or
+    as uncompressed, and the layer is listed in `approximate`.
+
+    Raises :class:`PlanError` when the plan does not resolve on these layers.
+    """
+    resolved = plan.resolve(list(layers))
+    total_bytes, drop, approximate = sens.fixed_bytes, 0.0, []
+    for layer in sens.layers:
+        option, exact = _option_for(sens, layer, resolved.get(layer.name))
+        total_bytes += option.bytes
+        drop += option.cost
+        if not exact:
+            approximate.append(layer.name)
+    return CurvePrediction(total_bytes, total_bytes / sens.model_bytes, drop,
+                          predicted_metric(sens, drop), approximate)
+
+
+def _option_for(sens: Sensitivity, layer: LayerSensitivity, settings: LayerPlan | None
+                ) -> tuple[Option, bool]:
+    """The option matching a layer's resolved settings, and whether the match is exact."""
+    sparsity, bits, exact = BASELINE_LEVEL["sparsity"], None, True
+    if settings is not None:
+        if settings.low_rank is not None:
+            exact = False
+        pruning = settings.pruning
+        if pruning is not None:
+            if pruning.method in MAGNITUDE_METHODS and pruning.amount is not None:
+                sparsity = float(pruning.amount)
+            else:
+                exact = False
+                if pruning.method == "nm":
+                    kept, group = pruning.nm
+                    sparsity = 1.0 - kept / group
+                else:
+                    sparsity = float(pruning.amount or 0.0)
+        quant = settings.quantization
+        if quant is not None:
+            if quant.is_float:
+                exact = False
+            else:
+                bits = int(quant.bits)
+    options = layer_options(sens, layer)
+    if not options:
+        raise PlanError(f"layer {layer.name!r}: no options in the sensitivity results")
+    candidates = [o for o in options if (o.quantized and o.bits == bits) or (bits is None and not o.quantized)]
+    if not candidates:  # a bit width the sweep did not measure: the nearest one it did
+        exact = False
+        measured = sorted({o.bits for o in options if o.quantized}, key=lambda b: abs(b - (bits or 32)))
+        candidates = [o for o in options if o.quantized and measured and o.bits == measured[0]] or options
+    best = min(candidates, key=lambda o: abs(o.sparsity - sparsity))
+    if abs(best.sparsity - sparsity) > 1e-9:
+        exact = False
+    return best, exact
 
 
 _UNITS = {"": 1, "b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2,

@@ -24,6 +24,7 @@ from engine.jobs import NEVER_CANCELLED, CancelToken, Cancelled, Progress, no_pr
 from engine.methods.apply import apply_plan
 from engine.model import Model
 from engine.plan import Plan
+from engine.storage import storage_bytes
 
 #: Calibration samples used by gradient methods and static activation quantization.
 DEFAULT_CALIBRATION_SAMPLES = 128
@@ -79,15 +80,6 @@ def stored_bits(compressed: CompressedModel, param_name: str, tensor: torch.Tens
     if param_name in compressed.cast:
         return torch.finfo(compressed.cast[param_name]).bits
     return tensor.element_size() * 8
-
-
-def storage_bytes(numel: int, nonzero: int, bits: int, overhead: int = 0) -> int:
-    """Bytes for `numel` elements of `bits` bits with `nonzero` non-zeros: dense codes, or a
-    1-bit mask plus the non-zero codes when that is smaller, plus `overhead` (scales, zero
-    points). From counts alone, so sensitivity levels are sized without building tensors."""
-    dense = (numel * bits + 7) // 8
-    sparse = (numel + 7) // 8 + (nonzero * bits + 7) // 8
-    return min(dense, sparse) + overhead
 
 
 def tensor_storage_bytes(compressed: CompressedModel, param_name: str, tensor: torch.Tensor

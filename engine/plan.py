@@ -347,15 +347,20 @@ def pattern_matches(pattern: str, name: str) -> bool:
 
 
 # -- checks ------------------------------------------------------------------------------
-def _applies(key: str, section: Section, kind: str) -> bool:
-    """Whether a section is something this kind of layer can take at all."""
+def kind_accepts(kind: str, key: str, pruning_method: str = "magnitude") -> bool:
+    """Whether a layer of this kind can take plan section `key` at all (for pruning, by this
+    method): the check resolution makes, also used by the GUI to skip layers a bulk edit would
+    fail on."""
     if key == "pruning":
-        assert isinstance(section, Pruning)
-        kinds = {"structured": STRUCTURED_KINDS, "nm": NM_KINDS}.get(section.method, PRUNABLE_KINDS)
+        kinds = {"structured": STRUCTURED_KINDS, "nm": NM_KINDS}.get(pruning_method, PRUNABLE_KINDS)
         return kind in kinds
     if key == "quantization":
         return kind in QUANTIZABLE_KINDS
     return kind in LOW_RANK_KINDS
+
+
+def _applies(key: str, section: Section, kind: str) -> bool:
+    return kind_accepts(kind, key, section.method if isinstance(section, Pruning) else "magnitude")
 
 
 def _row_length(shape: tuple[int, ...]) -> int:

@@ -77,7 +77,7 @@ from torch import fx, nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from engine.compress import storage_bytes, tensor_storage_bytes
+from engine.compress import tensor_storage_bytes
 from engine.compressed import CompressedModel
 from engine.data import DataSource
 from engine.errors import SlimscopeError
@@ -89,6 +89,7 @@ from engine.methods.quantize import quantize_tensor
 from engine.model import PRUNABLE_KINDS, QUANTIZABLE_KINDS, Model
 from engine.plan import LOW_RANK_KINDS, LowRank, Plan, Pruning, Quantization, Sections
 from engine.safe_write import atomic_write_text, read_json
+from engine.storage import storage_bytes
 
 SENSITIVITY_VERSION = 1
 METHODS = ("exact", "fast", "datafree")

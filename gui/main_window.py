@@ -361,14 +361,12 @@ class MainWindow(QMainWindow):
             state.sensitivity_changed.connect(self._on_sensitivity)
 
     def _on_sensitivity(self, result: object) -> None:
-        """Sensitivity results predict the plan's metric as it is edited (see gui.prediction)."""
+        """Sensitivity results predict the plan's metric as it is edited (engine.allocate's
+        predict_plan)."""
         if result is None:
             self.session.set_metric_predictor(None)
             return
-        try:
-            from gui.prediction import predict_plan
-        except ImportError:
-            return
+        from engine.allocate import predict_plan  # here: it imports torch, the window need not
 
         def predictor(plan: Plan, model: Model) -> MetricPrediction:
             predicted = predict_plan(result, plan, model.layers)

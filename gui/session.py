@@ -20,10 +20,10 @@ from engine.errors import PlanError
 from engine.jobs import CancelToken, Progress
 from engine.model import Model
 from engine.plan import LayerPlan, Plan
+from engine.size_prediction import PlanPrediction, SizePredictor
 from engine.stats import DEFAULT_BINS, Histogram, LayerStats, StatsCache
 
 from gui.plan_document import PlanDocument
-from gui.plan_view import PlanPrediction, SizePredictor
 from gui.workers import Job
 
 #: Histogram bins: enough to show shape on big layers, few enough to not look like noise on small.

@@ -20,7 +20,6 @@ from engine.allocate import (
     parse_size,
     plan_from_choices,
     predicted_bytes,
-    storage_bytes,
     uniform_choices,
 )
 from engine.cli import main
@@ -34,6 +33,7 @@ from engine.methods.apply import apply_plan
 from engine.model import Model
 from engine.plan import Plan
 from engine.sensitivity import Sensitivity, SweepSettings, sweep
+from engine.storage import storage_bytes
 
 GRID = SweepSettings(sparsities=(0.0, 0.5, 0.9), bits=(8, 4, 2))
 RESOLUTION = 2048

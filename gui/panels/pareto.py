@@ -34,7 +34,15 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from engine.allocate import Allocation, FrontPoint, allocate, pareto_front, parse_size
+from engine.allocate import (
+    Allocation,
+    CurvePrediction,
+    FrontPoint,
+    allocate,
+    pareto_front,
+    parse_size,
+    predict_plan,
+)
 from engine.errors import PlanError, SlimscopeError
 from engine.jobs import CancelToken, Progress
 from engine.sensitivity import Sensitivity
@@ -42,7 +50,6 @@ from engine.sensitivity import Sensitivity
 from gui.analysis import AnalysisState
 from gui.panels.sensitivity import delta_text, in_points, metric_text
 from gui.plan_document import PlanDocument
-from gui.prediction import PlanPrediction, predict_plan
 from gui.text import human_bytes, percent
 from gui.theme import style_plot, theme_signals
 from gui.workers import Job
@@ -58,7 +65,7 @@ STAR_COLOR = "#e0663d"
 class ParetoPanel(QWidget):
     """Observes the analysis state and the plan document; see the module docstring."""
 
-    #: The current plan's PlanPrediction (None without results or for a plan that does not
+    #: The current plan's CurvePrediction (None without results or for a plan that does not
     #: resolve), after every plan, model or results change: for a "predicted metric" elsewhere.
     prediction_changed = Signal(object)
 
@@ -69,7 +76,7 @@ class ParetoPanel(QWidget):
         self.document = document
         self.sensitivity: Sensitivity | None = None
         self.front: list[FrontPoint] = []
-        self.prediction: PlanPrediction | None = None
+        self.prediction: CurvePrediction | None = None
         self.last_allocation: Allocation | None = None
         self.front_job: Job | None = None
         self.allocate_job: Job | None = None
@@ -327,7 +334,7 @@ class ParetoPanel(QWidget):
         self.plan_text.setPos(math.log10(max(x, 1e-6)), y)  # text items live in view (log) coordinates
         self.plan_label.setText(self.prediction_text(prediction))
 
-    def prediction_text(self, prediction: PlanPrediction) -> str:
+    def prediction_text(self, prediction: CurvePrediction) -> str:
         """The current plan's predicted size and metric, as one line."""
         result = self.sensitivity
         assert result is not None

@@ -1,7 +1,8 @@
 """Plan edits from the editor and the table reach PlanDocument, the table and the forecast; undo works.
 
 Everything runs on the real demo model with the real engine: resolution errors are the engine's
-own one-line PlanErrors, and predicted sizes are checked against what compress() reports.
+own one-line PlanErrors (predicted sizes are checked against compress() in
+tests/test_size_prediction.py).
 """
 
 from __future__ import annotations
@@ -10,12 +11,9 @@ import pytest
 from PySide6.QtCore import Qt
 from PySide6.QtTest import QTest
 
-from engine.compress import compress
 from engine.demo import DEMO_MODEL
-from engine.formats import load_model
 from engine.plan import Plan
 from gui.panels.layer_table import Column
-from gui.plan_view import SizePredictor
 
 WAIT_MS = 20_000
 
@@ -127,27 +125,6 @@ def test_defaults_and_recovery_forms_write_the_plan(qtbot, demo):
     assert document.plan.recovery["gradual"]["start_step"] == 0
     recovery.setChecked(False)
     assert document.plan.recovery is None
-
-
-def test_predicted_sizes_follow_the_engines_storage_rule():
-    """The forecast equals compress()'s bytes where the plan fixes them (no pruning guesswork)."""
-    model = load_model(DEMO_MODEL)
-    predictor = SizePredictor(model)
-    plans = [
-        {"defaults": {"quantization": {"bits": 8}}},
-        {"kinds": {"Linear": {"quantization": {"bits": 4, "granularity": "group", "group_size": 32,
-                                               "symmetric": False}}}},
-        {"defaults": {"pruning": {"method": "magnitude", "amount": 0.5}, "quantization": {"bits": 8}}},
-        {"layers": {"classifier.1": {"low_rank": {"rank": 32}, "quantization": {"bits": "fp16"}}}},
-        {"layers": {"classifier.1": {"low_rank": {"energy": 0.9}}}},
-    ]
-    for data in plans:
-        plan = Plan.from_dict(data)
-        predicted = predictor.predict(plan.resolve(model.layers))
-        _compressed, report = compress(model, plan, measure=False)
-        assert predicted.bytes_after == report.bytes_after, data
-        for layer in report.layers:
-            assert predicted.layers[layer.name].bytes_after == layer.bytes_after, (data, layer.name)
 
 
 def test_plan_files_load_and_a_bad_one_is_one_line(qtbot, demo, errors, tmp_path):

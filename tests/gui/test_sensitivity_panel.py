@@ -10,7 +10,7 @@ import pytest
 from PySide6.QtCore import QPointF
 from PySide6.QtWidgets import QDialog
 
-from engine.allocate import allocate
+from engine.allocate import allocate, predict_plan
 from engine.errors import SlimscopeError
 from engine.plan import Plan
 from engine.sensitivity import Sensitivity
@@ -19,7 +19,6 @@ from gui.data_dialog import ARRAYS, FOLDER, SYNTHETIC, DataDialog
 from gui.panels.pareto import ParetoPanel, percent_ticks
 from gui.panels.sensitivity import ColorScale, SensitivityPanel, drops_matrix
 from gui.plan_document import PlanDocument
-from gui.prediction import predict_plan
 from gui.project import DataChoice
 from gui.session import Session
 
