@@ -1,7 +1,10 @@
 """`slimscope plan MODEL --sensitivity sens.json (--target-size RATIO|BYTES | --max-drop X)
--o plan.yaml`: the per-layer plan predicted best for a size or a largest drop.
+[--check DATA] -o plan.yaml`: the per-layer plan predicted best for a size or a largest drop.
 
-The plan replays with `slimscope compress MODEL --plan plan.yaml`.
+With `--check`, plans are compressed and evaluated on DATA: a size target reports the measured
+metric beside the predicted one, and a largest drop is searched until the *measured* drop fits
+(engine.plan_check), since the additive prediction is usually optimistic. The plan replays with
+`slimscope compress MODEL --plan plan.yaml`.
 """
 
 from __future__ import annotations
@@ -10,9 +13,22 @@ import argparse
 import sys
 
 from engine.allocate import Allocation, allocate, parse_size
-from engine.commands._common import add_model_arguments, human_bytes, load_from_args, write_json
+from engine.commands._common import (
+    add_model_arguments,
+    human_bytes,
+    load_from_args,
+    print_progress,
+    write_json,
+)
+from engine.data import open_data
 from engine.errors import SlimscopeError
 from engine.model import Model
+from engine.plan_check import (
+    DEFAULT_TRIES,
+    CheckedAllocation,
+    allocate_within_measured_drop,
+    check_allocation,
+)
 from engine.sensitivity import Sensitivity
 
 
@@ -32,6 +48,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="what the drops are measured in: the primary metric (accuracy or "
                         "agreement, or the estimate), or the secondary one (loss or KL "
                         "divergence; exact results only)")
+    parser.add_argument("--check", metavar="DATA",
+                        help="compress and evaluate on DATA (demo, demo:calibration, a folder, "
+                        ".npy/.npz): report the measured metric; with --max-drop, search until "
+                        "the measured drop fits (held-out data gives an unbiased figure)")
+    parser.add_argument("--tries", type=int, default=DEFAULT_TRIES,
+                        help="with --check and --max-drop: plans to measure at most "
+                        "(default %(default)s)")
     parser.add_argument("-o", "--output", required=True, help="plan file (.yaml/.yml/.json)")
     parser.add_argument("--report", help="write choices, predictions and the Pareto front as JSON")
     parser.set_defaults(handler=run)
@@ -42,16 +65,33 @@ def run(args: argparse.Namespace) -> int:
     sens = Sensitivity.load(args.sensitivity)
     check_matches(sens, model)
     secondary = args.cost == "secondary"
+    data = open_data(args.check, model.inputs) if args.check else None
+    checked: CheckedAllocation | None = None
     if args.target_size is not None:
         size, ratio = parse_size(args.target_size)
         result = allocate(sens, target_bytes=size, target_ratio=ratio, secondary=secondary)
+        if data is not None:
+            checked = check_allocation(sens, model, data, result, secondary=secondary,
+                                       progress=print_progress)
+    elif data is not None:
+        checked = allocate_within_measured_drop(sens, model, data, args.max_drop,
+                                                secondary=secondary, tries=args.tries,
+                                                progress=print_progress)
+        result = checked.chosen.allocation
     else:
         result = allocate(sens, max_drop=args.max_drop, secondary=secondary)
+    if checked is not None and sys.stderr.isatty():
+        print(file=sys.stderr)
     result.plan.save(args.output)
     print(format_summary(result, sens), file=sys.stderr)
+    if checked is not None:
+        print(format_check(checked), file=sys.stderr)
     print(f"wrote {args.output}", file=sys.stderr)
     if args.report:
-        write_json(result.to_dict(), args.report)
+        report = result.to_dict()
+        if checked is not None:
+            report["checked"] = checked.to_dict()
+        write_json(report, args.report)
     return 0
 
 
@@ -77,4 +117,18 @@ def format_summary(result: Allocation, sens: Sensitivity) -> str:
         bits = f"{option.bits}-bit" if option.quantized else "float"
         lines.append(f"  {name[:40]:<40} sparsity {option.sparsity:>5.0%}  {bits:<6} "
                      f"{human_bytes(option.bytes):>10}  drop {option.cost:.3g}")
+    return "\n".join(lines)
+
+
+def format_check(checked: CheckedAllocation) -> str:
+    """Each measured try, then the measured figures of the plan written."""
+    lines = []
+    if len(checked.trials) > 1:
+        for trial in checked.trials:
+            lines.append(f"  tried: predicted drop {trial.allocation.drop:.4g} -> measured "
+                         f"{trial.drop:.4g}, {human_bytes(trial.bytes)}")
+    chosen = checked.chosen
+    lines.append(f"measured on {checked.data}: {checked.metric_name} {chosen.metric:.4g} "
+                 f"(baseline {checked.baseline:.4g}, drop {chosen.drop:.4g}), "
+                 f"size {human_bytes(chosen.bytes)}")
     return "\n".join(lines)
