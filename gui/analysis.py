@@ -71,6 +71,9 @@ class AnalysisState(QObject):
         self.session = session
         self.sensitivity: Sensitivity | None = None
         self.choice = DataChoice()
+        #: The data the current results were measured on in this session (None for results
+        #: loaded from a file, whose data the app cannot reopen): what plans are checked on.
+        self.results_data: DataChoice | None = None
         self.job: Job | None = None
         self._started = 0.0
         self._last_message = ""
@@ -79,8 +82,9 @@ class AnalysisState(QObject):
         session.model_changed.connect(self._on_model_changed)
 
     # -- results --------------------------------------------------------------------------------
-    def set_sensitivity(self, result: Sensitivity | None) -> None:
+    def set_sensitivity(self, result: Sensitivity | None, data: DataChoice | None = None) -> None:
         self.sensitivity = result
+        self.results_data = data if result is not None else None
         self.sensitivity_changed.emit(result)
 
     def save_sensitivity(self, path: str | Path) -> Path:
@@ -169,7 +173,7 @@ class AnalysisState(QObject):
         job = self._current()
         if job is None or job.context is not self.session.model:
             return
-        self.set_sensitivity(result)
+        self.set_sensitivity(result, self.choice)
         self.log_line.emit(f"Done in {time.perf_counter() - self._started:.1f} s: "
                            f"{len(result.layers)} layers, baseline {result.metric} "
                            f"{result.baseline:.4g}")
@@ -254,7 +258,7 @@ def preview_with_results(factory: Callable[[AnalysisState], QWidget], argv: list
                 state.load_sensitivity(own.results)
                 return
             choice = DataChoice(spec=None if own.method == "datafree" else own.data, method=own.method)
-            state.set_sensitivity(sensitivity_job(model, choice)(no_progress, NEVER_CANCELLED))
+            state.set_sensitivity(sensitivity_job(model, choice)(no_progress, NEVER_CANCELLED), choice)
 
         session.model_changed.connect(measure)
         widget = factory(state)
@@ -553,7 +557,8 @@ class Analysis(QObject):
             except SlimscopeError as exc:
                 self.window.show_error(self.window, str(exc), "")  # type: ignore[attr-defined]
             else:
-                self.state.set_sensitivity(project.sensitivity)
+                same_run = project.data.method == project.sensitivity.method
+                self.state.set_sensitivity(project.sensitivity, project.data if same_run else None)
                 self.show_sensitivity()
         self._update_actions()
 

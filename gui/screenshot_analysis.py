@@ -98,7 +98,9 @@ def take(out_dir: Path, only: tuple[str, ...] = SHOTS) -> list[Path]:
         pareto = analysis.pareto_panel
         show(analysis.pareto_dock)
         settle(60, lambda: bool(pareto.front), "the Pareto front")
-        pareto.size_edit.setText("0.06")
+        pareto.mode_combo.setCurrentIndex(pareto.mode_combo.findData("drop"))
+        pareto.drop_spin.setValue(2.0)  # points: the additive prediction alone measures ~5
+        pareto.check_box.setChecked(True)
         allocation = pareto.allocate()
         if allocation is not None:
             settle(60, lambda: allocation.finished, "the allocation")

@@ -3,7 +3,10 @@
 The target is a size (a fraction of the model such as ``0.25`` or ``1/8``, or bytes such as
 ``180KiB``, read by :func:`engine.allocate.parse_size`) or a largest drop of the metric.
 *Allocate* runs :func:`engine.allocate.allocate` on a worker and hands the plan to
-:meth:`PlanDocument.replace`, so the whole allocation is one undo step. The plot shows the
+:meth:`PlanDocument.replace`, so the whole allocation is one undo step. With *Check by
+measuring*, candidate plans are compressed and evaluated on the data the sensitivity was
+measured on (:mod:`engine.plan_check`): a largest drop is searched until the measured drop fits,
+and the plan's measured metric is drawn beside its prediction. The plot shows the
 predicted Pareto front (size against metric, size on a log axis), the uncompressed model, and the
 current plan as a star that moves whenever the plan changes, whoever changed it.
 
@@ -23,6 +26,7 @@ import pyqtgraph as pg
 from PySide6.QtCore import QEvent, Qt, Signal
 from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QHBoxLayout,
@@ -45,9 +49,16 @@ from engine.allocate import (
 )
 from engine.errors import PlanError, SlimscopeError
 from engine.jobs import CancelToken, Progress
+from engine.model import Model
+from engine.plan_check import (
+    MEASURABLE,
+    CheckedAllocation,
+    allocate_within_measured_drop,
+    check_allocation,
+)
 from engine.sensitivity import Sensitivity
 
-from gui.analysis import AnalysisState
+from gui.analysis import AnalysisState, worker_threads
 from gui.panels.sensitivity import delta_text, in_points, metric_text
 from gui.plan_document import PlanDocument
 from gui.text import human_bytes, percent
@@ -97,6 +108,7 @@ class ParetoPanel(QWidget):
         self.allocate_button.setToolTip("Fill the plan with the per-layer levels predicted best for this target "
                                         "(one undo step)")
         self.allocate_button.clicked.connect(self.allocate)
+        self.check_box = QCheckBox("Check by measuring")
         self.mode_combo.currentIndexChanged.connect(self._on_mode)
         self.size_edit.returnPressed.connect(self.allocate)
         target_row = QHBoxLayout()
@@ -104,6 +116,7 @@ class ParetoPanel(QWidget):
         target_row.addWidget(self.mode_combo)
         target_row.addWidget(self.value_stack)
         target_row.addWidget(self.allocate_button)
+        target_row.addWidget(self.check_box)
         target_row.addStretch(1)
 
         self.allocation_label = QLabel()
@@ -130,13 +143,16 @@ class ParetoPanel(QWidget):
         self.original_point = pg.PlotDataItem(pen=None, symbol="s", symbolSize=9)
         self.plan_point = pg.PlotDataItem(pen=None, symbol="star", symbolSize=20,
                                           symbolBrush=pg.mkBrush(STAR_COLOR))
+        self.measured_point = pg.PlotDataItem(pen=None, symbol="o", symbolSize=15, symbolBrush=None)
         self.plan_text = pg.TextItem(anchor=(0.5, -0.35))
         self.original_text = pg.TextItem("uncompressed", anchor=(0.85, -0.35))
         self.target_line = pg.InfiniteLine(angle=90, movable=False)
         for item in (self.front_tail, self.front_curve, self.original_point, self.original_text,
-                     self.target_line, self.plan_point, self.plan_text):
+                     self.target_line, self.plan_point, self.plan_text, self.measured_point):
             self.plot.addItem(item)
         self.plan_point.setZValue(20)
+        self.measured_point.setZValue(22)
+        self.measured_point.setToolTip("the allocated plan, measured")
         self.plan_text.setZValue(21)
         self.target_line.hide()
         self.front_curve.sigPointsClicked.connect(self._on_front_clicked)
@@ -190,12 +206,14 @@ class ParetoPanel(QWidget):
         self.original_point.setSymbolPen(pg.mkPen(text, width=1.5))
         self.plan_point.setSymbolPen(pg.mkPen(palette.color(QPalette.ColorRole.Base), width=1))
         self.plan_text.setColor(text)
+        self.measured_point.setSymbolPen(pg.mkPen(text, width=2))
         self.original_text.setColor(palette.color(QPalette.ColorRole.PlaceholderText))
         self.target_line.setPen(pg.mkPen(mid, width=1.5, style=Qt.PenStyle.DashLine))
 
     # -- target settings (saved in projects) ---------------------------------------------------------
     def target_settings(self) -> dict[str, Any]:
-        return {"mode": self.mode(), "size": self.size_edit.text(), "drop": self.drop_spin.value()}
+        return {"mode": self.mode(), "size": self.size_edit.text(), "drop": self.drop_spin.value(),
+                "check": self.check_box.isChecked()}
 
     def set_target_settings(self, data: dict[str, Any]) -> None:
         if not data:
@@ -204,6 +222,7 @@ class ParetoPanel(QWidget):
         self.mode_combo.setCurrentIndex(max(0, index))
         self.size_edit.setText(str(data.get("size", DEFAULT_SIZE_TEXT)))
         self.drop_spin.setValue(float(data.get("drop", self.drop_spin.value())))
+        self.check_box.setChecked(bool(data.get("check", False)))
 
     def mode(self) -> str:
         return str(self.mode_combo.currentData())
@@ -306,6 +325,30 @@ class ParetoPanel(QWidget):
         self.allocate_button.setText("Allocating…" if busy else "Allocate")
         if self.sensitivity is None:
             self.allocate_button.setToolTip("Run a sensitivity analysis first (F5)")
+        why_not = self.why_no_check()
+        self.check_box.setEnabled(not why_not and not busy)
+        self.check_box.setToolTip(why_not or (
+            f"Compress and evaluate candidate plans on {self._check_data_text()}: for a largest "
+            "drop, search until the measured drop fits; for a size, show the measured metric. "
+            "Slower: each try is a compression and an evaluation."))
+
+    def why_no_check(self) -> str:
+        """Why plans cannot be checked by measuring now, or "" when they can."""
+        result, model = self.sensitivity, self.session.model
+        if result is None:
+            return "Run a sensitivity analysis first (F5)"
+        if result.metric not in MEASURABLE:
+            return f"{result.method} results predict {result.metric}, which evaluation cannot measure"
+        data = self.state.results_data
+        if data is None or not data.spec:
+            return "Checking needs the data of a sensitivity analysis run in this session"
+        if model is None or not model.runnable:
+            return "Checking needs a runnable model"
+        return ""
+
+    def _check_data_text(self) -> str:
+        data = self.state.results_data
+        return "the sensitivity data" if data is None or not data.spec else data.spec
 
     # -- the current plan ---------------------------------------------------------------------------
     def update_plan_point(self, *_args: object) -> None:
@@ -359,7 +402,15 @@ class ParetoPanel(QWidget):
         except PlanError as exc:
             self.allocation_label.setText(str(exc))
             return None
-        job = Job(_allocate_body(result, target), "allocate", (result, target))
+        model = self.session.model
+        self.measured_point.setData([], [])
+        if self.check_box.isChecked() and not self.why_no_check() and model is not None:
+            data = self.state.results_data
+            assert data is not None and data.spec
+            body = _checked_allocate_body(result, target, model, data.spec, data.limit)
+        else:
+            body = _allocate_body(result, target)
+        job = Job(body, "allocate", (result, target))
         self.allocate_job = job
         job.succeeded.connect(self._on_allocated)
         job.failed.connect(self._on_job_failed)
@@ -380,18 +431,31 @@ class ParetoPanel(QWidget):
             self.target_line.setValue(math.log10(max(ratio * 100, 1e-6)))
         self.target_line.show()
 
-    def _on_allocated(self, allocation: Allocation) -> None:
+    def _on_allocated(self, outcome: Allocation | CheckedAllocation) -> None:
         job = self.sender()
         context = getattr(job, "context", None)
-        if job is not self.allocate_job or context is None or context[0] is not self.sensitivity:
+        result = self.sensitivity
+        if job is not self.allocate_job or context is None or context[0] is not result:
             return
+        checked = outcome if isinstance(outcome, CheckedAllocation) else None
+        allocation = checked.chosen.allocation if checked is not None else outcome
+        assert isinstance(allocation, Allocation) and result is not None
         self.last_allocation = allocation
         target = _target_text(context[1], context[0])
         self.document.replace(allocation.plan, f"Allocate for {target}")
-        self.allocation_label.setText(
-            f"Allocated for {target}: {len(allocation.plan.layers)} layers compressed, "
-            f"predicted {human_bytes(allocation.bytes)} ({percent(allocation.ratio)}). Undo with Ctrl+Z."
-        )
+        text = (f"Allocated for {target}: {len(allocation.plan.layers)} layers compressed, "
+                f"predicted {human_bytes(allocation.bytes)} ({percent(allocation.ratio)}).")
+        if checked is not None:
+            chosen = checked.chosen
+            tries = len(checked.trials)
+            text += (f" Measured on {checked.data}: {result.metric} "
+                     f"{metric_text(result, chosen.metric)} "
+                     f"({delta_text(result, chosen.metric - checked.baseline)}), "
+                     f"{human_bytes(chosen.bytes)}" + (f", after {tries} tries" if tries > 1 else "")
+                     + ".")
+            self.measured_point.setData([chosen.bytes / result.model_bytes * 100],
+                                        [self._display(chosen.metric)])
+        self.allocation_label.setText(text + " Undo with Ctrl+Z.")
 
     def _on_allocate_done(self) -> None:
         if self.sender() is self.allocate_job:
@@ -451,6 +515,27 @@ def _front_body(result: Sensitivity):  # type: ignore[no-untyped-def]
 def _allocate_body(result: Sensitivity, target: dict[str, Any]):  # type: ignore[no-untyped-def]
     def body(progress: Progress, cancel: CancelToken) -> Allocation:
         return allocate(result, **target)
+
+    return body
+
+
+def _checked_allocate_body(result: Sensitivity, target: dict[str, Any], model: Model, spec: str,
+                           limit: int | None):  # type: ignore[no-untyped-def]
+    """Allocate, then measure on the sensitivity's data (opened on the worker: it can be big)."""
+    def body(progress: Progress, cancel: CancelToken) -> CheckedAllocation:
+        import torch
+
+        from engine.data import open_data
+
+        torch.set_num_threads(worker_threads())
+        data = open_data(spec, model.inputs)
+        if limit:
+            data = data.head(limit)
+        if "max_drop" in target:
+            return allocate_within_measured_drop(result, model, data, target["max_drop"],
+                                                 progress=progress, cancel=cancel)
+        return check_allocation(result, model, data, allocate(result, **target),
+                                progress=progress, cancel=cancel)
 
     return body
 

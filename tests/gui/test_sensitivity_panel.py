@@ -12,9 +12,10 @@ from PySide6.QtWidgets import QDialog
 
 from engine.allocate import allocate, predict_plan
 from engine.errors import SlimscopeError
+from engine.jobs import NEVER_CANCELLED, no_progress
 from engine.plan import Plan
 from engine.sensitivity import Sensitivity
-from gui.analysis import AnalysisState
+from gui.analysis import AnalysisState, sensitivity_job
 from gui.data_dialog import ARRAYS, FOLDER, SYNTHETIC, DataDialog
 from gui.panels.pareto import ParetoPanel, percent_ticks
 from gui.panels.sensitivity import ColorScale, SensitivityPanel, drops_matrix
@@ -218,6 +219,29 @@ def test_allocation_replaces_the_plan_as_one_undo_step(qtbot, pareto):
     document.undo_stack.undo()
     assert document.to_dict()["defaults"]["quantization"]["bits"] == 4
     assert pareto.plan_point.xData[0] != pytest.approx(star_x[0])
+
+
+def test_checked_allocation_measures_on_the_sensitivity_data(qtbot, pareto, state, model):
+    assert not pareto.check_box.isEnabled()  # data-free results: nothing to measure
+    assert "cannot measure" in pareto.check_box.toolTip()
+    choice = DataChoice(spec="synthetic:48", method="exact", limit=0)
+    state.set_sensitivity(sensitivity_job(model, choice)(no_progress, NEVER_CANCELLED), choice)
+    assert pareto.check_box.isEnabled() and "synthetic:48" in pareto.check_box.toolTip()
+    pareto.check_box.setChecked(True)
+    pareto.mode_combo.setCurrentIndex(pareto.mode_combo.findData("drop"))
+    pareto.drop_spin.setValue(2.0)  # agreement points
+    job = pareto.allocate()
+    wait_for_job(qtbot, job)
+    text = pareto.allocation_label.text()
+    assert "Measured on synthetic" in text, text
+    measured_y = pareto.measured_point.yData
+    assert measured_y is not None and measured_y[0] >= 100 - 2.0 - 1e-9
+    assert pareto.document.to_dict() == pareto.last_allocation.plan.to_dict()
+    assert pareto.target_settings()["check"] is True
+
+    state.set_sensitivity(state.sensitivity)  # the same results, data unknown (as from a file)
+    assert not pareto.check_box.isEnabled()
+    assert "run in this session" in pareto.check_box.toolTip()
 
 
 def test_a_bad_target_says_why_and_changes_nothing(qtbot, pareto):

@@ -111,7 +111,7 @@ def test_window_saves_and_reopens_a_project(qtbot, window, fake_loader, tmp_path
     window.session.plan_document.replace(project.plan)
     analysis.state.set_sensitivity(datafree_results(model))
     analysis.state.choice = DataChoice("synthetic:16", "exact", 0)
-    analysis.pareto_panel.set_target_settings({"mode": "drop", "size": "0.2", "drop": 1.5})
+    analysis.pareto_panel.set_target_settings({"mode": "drop", "size": "0.2", "drop": 1.5, "check": True})
     path = analysis.write_project(tmp_path / "saved.slimproj")
     assert path is not None and analysis.project_path == path
 
@@ -124,7 +124,7 @@ def test_window_saves_and_reopens_a_project(qtbot, window, fake_loader, tmp_path
     assert window.session.model is model
     assert window.session.plan_document.to_dict() == project.plan
     assert analysis.state.choice == DataChoice("synthetic:16", "exact", 0)
-    assert analysis.pareto_panel.target_settings() == {"mode": "drop", "size": "0.2", "drop": 1.5}
+    assert analysis.pareto_panel.target_settings() == {"mode": "drop", "size": "0.2", "drop": 1.5, "check": True}
     assert analysis.state.sensitivity.to_dict() == datafree_results(model).to_dict() | {
         "seconds": analysis.state.sensitivity.seconds}
 
