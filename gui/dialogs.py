@@ -1,6 +1,7 @@
-"""The app's dialogs: errors as one clear line (details on request), and the trust question.
+"""The app's dialogs: errors as one clear line (details on request), the trust question, and
+"save the plan?" on close.
 
-Both are plain functions the main window receives as arguments, so tests can swap them for
+All are plain functions the main window receives as arguments, so tests can swap them for
 recorders and never block on a modal dialog.
 """
 
@@ -16,6 +17,8 @@ from PySide6.QtWidgets import QMessageBox, QPushButton, QWidget
 ErrorReporter = Callable[[QWidget | None, str, str], None]
 #: ``confirm_trust(parent, path, reason) -> bool``: True only on an explicit yes.
 TrustPrompt = Callable[[QWidget | None, Path, str], bool]
+#: ``ask_save_changes(parent, what) -> "save" | "discard" | "cancel"``.
+SavePrompt = Callable[[QWidget | None, str], str]
 
 ERROR_DIALOG_NAME = "slimscope-error-dialog"
 
@@ -78,3 +81,27 @@ def confirm_trust(parent: QWidget | None, path: Path, reason: str = "") -> bool:
     box, open_button = trust_box(parent, path, reason)
     box.exec()
     return box.clickedButton() is open_button
+
+
+def save_changes_box(parent: QWidget | None, what: str) -> QMessageBox:
+    """Save / Discard / Cancel for unsaved changes to `what`; Save is the default, Escape
+    cancels."""
+    box = QMessageBox(parent)
+    box.setIcon(QMessageBox.Icon.Question)
+    box.setWindowTitle("Unsaved changes")
+    box.setTextFormat(Qt.TextFormat.PlainText)
+    box.setText(f"Save the changes to {what} before closing?")
+    box.setInformativeText("Without saving, the edits since the last save are lost.")
+    box.setStandardButtons(QMessageBox.StandardButton.Save | QMessageBox.StandardButton.Discard
+                           | QMessageBox.StandardButton.Cancel)
+    box.setDefaultButton(QMessageBox.StandardButton.Save)
+    box.setEscapeButton(QMessageBox.StandardButton.Cancel)
+    return box
+
+
+def ask_save_changes(parent: QWidget | None, what: str) -> str:
+    """"save", "discard" or "cancel", as the user answers :func:`save_changes_box`."""
+    answer = save_changes_box(parent, what).exec()
+    return {QMessageBox.StandardButton.Save: "save",
+            QMessageBox.StandardButton.Discard: "discard"}.get(
+        QMessageBox.StandardButton(answer), "cancel")

@@ -108,12 +108,15 @@ class MainWindow(QMainWindow):
         loader: Loader = load_model,
         show_error: dialogs.ErrorReporter = dialogs.show_error,
         confirm_trust: dialogs.TrustPrompt = dialogs.confirm_trust,
+        ask_save_changes: dialogs.SavePrompt | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings if settings is not None else QSettings()
         self.loader = loader
         self.show_error = show_error
         self.confirm_trust = confirm_trust
+        # looked up now, not at definition: tests replace dialogs.ask_save_changes for all windows
+        self.ask_save_changes = ask_save_changes or dialogs.ask_save_changes
         self.session = Session(self)
         self.document = self.session.plan_document
         self.load_job: Job | None = None
@@ -787,7 +790,20 @@ class MainWindow(QMainWindow):
                                [str(int(column)) for column in self.layer_table.hidden_columns()] or "")
         self.settings.sync()
 
+    def plan_may_close(self) -> bool:
+        """True when the plan has no unsaved edits, or the user saved or discarded them."""
+        if self.document.undo_stack.isClean():
+            return True
+        name = self.document.path.name if self.document.path is not None else "the plan"
+        answer = self.ask_save_changes(self, name)
+        if answer == "save":
+            return self.save_plan() is not None  # a cancelled file dialog keeps the window
+        return answer == "discard"
+
     def closeEvent(self, event: QCloseEvent) -> None:
+        if not self.plan_may_close():
+            event.ignore()
+            return
         self.save_layout()
         if self.load_job is not None:
             self.load_job.cancel()

@@ -82,7 +82,8 @@ def take_screenshot(
     with tempfile.TemporaryDirectory() as scratch:
         settings = QSettings(str(Path(scratch) / "settings.ini"), QSettings.Format.IniFormat)
         errors: list[str] = []
-        window = MainWindow(settings, loader=loader, show_error=lambda _p, message, _d: errors.append(message))
+        window = MainWindow(settings, loader=loader, show_error=lambda _p, message, _d: errors.append(message),
+                            ask_save_changes=lambda _parent, _what: "discard")
         window.resize(*size)
         window.show()
         job = window.open_model(model_path)

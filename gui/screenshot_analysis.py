@@ -68,7 +68,8 @@ def take(out_dir: Path, only: tuple[str, ...] = SHOTS) -> list[Path]:
     with tempfile.TemporaryDirectory() as scratch:
         settings = QSettings(str(Path(scratch) / "settings.ini"), QSettings.Format.IniFormat)
         errors: list[str] = []
-        window = MainWindow(settings, show_error=lambda _parent, message, _details: errors.append(message))
+        window = MainWindow(settings, show_error=lambda _parent, message, _details: errors.append(message),
+                            ask_save_changes=lambda _parent, _what: "discard")
         install_analysis(window)  # a no-op once MainWindow installs it itself
         analysis = window.analysis  # type: ignore[attr-defined]
         window.resize(*SIZE)

@@ -82,6 +82,22 @@ def make_model(tmp_path: Path):
     return make
 
 
+@pytest.fixture(autouse=True)
+def save_prompts(monkeypatch) -> list[str]:
+    """Every window's "save the plan?" question, answered "discard" (a modal box would block
+    the test run); the list records what was asked."""
+    from gui import dialogs
+
+    asked: list[str] = []
+
+    def discard(_parent: object, what: str) -> str:
+        asked.append(what)
+        return "discard"
+
+    monkeypatch.setattr(dialogs, "ask_save_changes", discard)
+    return asked
+
+
 @pytest.fixture
 def fake_loader() -> FakeLoader:
     return FakeLoader()

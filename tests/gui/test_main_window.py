@@ -314,3 +314,24 @@ def test_closing_while_loading_is_quiet(qtbot, settings, make_model):
     release.set()
     assert QThreadPool.globalInstance().waitForDone(5000)
     qtbot.wait(100)  # the job's queued signals are delivered (to nobody) here
+
+
+def test_closing_with_an_unsaved_plan_asks_and_loses_nothing(qtbot, window, make_model, tmp_path,
+                                                             save_prompts):
+    path = window.fake_loader.add(make_model())
+    job = window.open_model(path)
+    qtbot.waitUntil(lambda: job.finished and window.session.model is not None, timeout=5000)
+    assert window.plan_may_close() and save_prompts == []  # nothing to lose: no question
+
+    window.document.set_defaults({"quantization": {"bits": 4}})
+    window.ask_save_changes = lambda _parent, what: save_prompts.append(what) or "cancel"
+    assert window.close() is False and window.isVisible()
+    assert save_prompts == ["the plan"]
+
+    saved = window.save_plan_to(tmp_path / "kept.yaml")
+    window.document.set_defaults({"quantization": {"bits": 3}})
+    assert window.isWindowModified()
+    window.ask_save_changes = lambda _parent, what: save_prompts.append(what) or "save"
+    assert window.close() is True
+    assert save_prompts[-1] == "kept.yaml"  # Save wrote to the plan's own file, no file dialog
+    assert "bits: 3" in saved.read_text()
