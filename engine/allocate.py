@@ -1,7 +1,8 @@
 """From sensitivity curves and a target to a Plan: a multiple-choice knapsack solved exactly.
 
 Every swept layer gets one *option*: a sparsity level from its sparsity curve combined with a
-bit width from its bits curve (or its own float format). Under the usual additive assumption an
+bit width from its bits curve (or its own float format); where the sweep measured a rank curve,
+also a truncated-SVD rank combined with a bit width (both factors quantized alike, unpruned). Under the usual additive assumption an
 option's predicted cost is the sparsity curve's drop plus the bits curve's drop at those levels,
 and a plan's predicted drop is the sum over its layers. Before adding, each curve's drops are
 made non-negative and non-decreasing along the axis: a measured *gain* from compressing is noise
@@ -12,7 +13,8 @@ An option's bytes follow the counting rule of :func:`engine.compress.tensor_stor
 (packed codes, or a bitmask plus packed non-zeros when smaller, plus scales), see
 :func:`storage_bytes`. The non-zeros left after pruning *and* quantizing are not measured for
 every combination: both remove the smallest magnitudes, so there are at most as many as the
-fewer of the two alone leave, and the predicted bytes never undercount the file.
+fewer of the two alone leave, and the predicted bytes never undercount the file. A rank option's
+factors are counted dense at their shapes (SVD factors have no zeros to speak of).
 
 Targets: a size (bytes, or a fraction of the uncompressed model as compress() reports it) —
 minimize the predicted drop; or a largest predicted drop — minimize the size. Sizes are
@@ -25,21 +27,22 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from engine.errors import PlanError
 from engine.model import Layer
-from engine.plan import LayerPlan, Plan, Sections
+from engine.plan import LayerPlan, LowRank, Plan, Sections
 from engine.sensitivity import (
     BASELINE_LEVEL,
     LayerSensitivity,
     Sensitivity,
     level_sections,
+    rank_for_fraction,
 )
-from engine.storage import storage_bytes
+from engine.storage import scale_overhead, storage_bytes
 
 DEFAULT_RESOLUTION = 4096
 #: Weight of the secondary metric when the primary one is the cost: accuracy drops are mostly
@@ -63,10 +66,12 @@ class Option:
     quantized: bool = True
     #: The other metric's drop, which decides between options of equal cost (see TIE_BREAK).
     tiebreak: float = 0.0
+    #: The SVD rank the layer is factorized to (None: kept whole), from the rank curve.
+    rank: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"sparsity": self.sparsity, "bits": self.bits if self.quantized else None,
-                "bytes": self.bytes, "cost": self.cost}
+                "rank": self.rank, "bytes": self.bytes, "cost": self.cost}
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,8 @@ def _axis_table(sens: Sensitivity, layer: LayerSensitivity, axis: str, other: st
 
 def layer_options(sens: Sensitivity, layer: LayerSensitivity, secondary: bool = False
                   ) -> list[Option]:
-    """Every (sparsity, bits) combination of a layer, largest first."""
+    """Every (sparsity, bits) combination of a layer, and (rank, bits) where a rank curve was
+    measured, largest first."""
     if "sparsity" not in layer.curves and "bits" not in layer.curves:
         raise PlanError(f"layer {layer.name!r}: no sparsity or bits curve to allocate from")
     s_levels, _, s_nonzero, s_drops = _axis_table(sens, layer, "sparsity", "bits", secondary)
@@ -147,7 +153,43 @@ def layer_options(sens: Sensitivity, layer: LayerSensitivity, secondary: bool = 
                                   storage_bytes(numel, nonzero, bits, overhead),
                                   float(s_drops[i] + b_drops[j]), quantized,
                                   float(s_ties[i] + b_ties[j])))
+    if "rank" in layer.curves:
+        options += _rank_options(sens, layer, secondary, b_levels, b_drops, b_ties)
     return sorted(options, key=lambda o: (-o.bytes, o.cost))
+
+
+def _rank_options(sens: Sensitivity, layer: LayerSensitivity, secondary: bool,
+                  b_levels: list[float], b_drops: np.ndarray, b_ties: np.ndarray) -> list[Option]:
+    """(rank, bits) options: the rank curve's drop plus the bits curve's, the factors stored
+    at those bits. Ranks that would not shrink the layer (the method keeps it whole) and bit
+    widths whose groups do not divide a factor's rows are left out."""
+    curve = layer.curves["rank"]
+    r_drops = _envelope(sens.drops(layer, "rank", secondary))
+    r_ties = (_envelope(sens.drops(layer, "rank", True))
+              if not secondary and sens.secondary_metric is not None else np.zeros(len(r_drops)))
+    out_channels, row = layer.shape[0], layer.numel // layer.shape[0]
+    options = []
+    for i, fraction in enumerate(curve.levels[1:], start=1):
+        rank = rank_for_fraction(layer.shape, fraction)
+        if rank * (out_channels + row) >= layer.numel:
+            continue
+        factors = [(rank, *layer.shape[1:]), (out_channels, rank)]
+        for j, bits_level in enumerate(b_levels):
+            quantized = bits_level != BASELINE_LEVEL["bits"]
+            if quantized:
+                quant = replace(sens.quantization, bits=int(bits_level))
+                if quant.granularity == "group" and any(
+                        (math.prod(shape) // shape[0]) % int(quant.group_size or 1)
+                        for shape in factors):
+                    continue
+                stored = sum(storage_bytes(math.prod(shape), math.prod(shape), int(bits_level),
+                                           scale_overhead(quant, shape)) for shape in factors)
+            else:
+                stored = curve.bytes[i]
+            options.append(Option(0.0, int(bits_level) if quantized else layer.float_bits,
+                                  stored, float(r_drops[i] + b_drops[j]), quantized,
+                                  float(r_ties[i] + b_ties[j]), rank))
+    return options
 
 
 # -- the dynamic program -------------------------------------------------------------------------
@@ -310,6 +352,8 @@ def plan_from_choices(sens: Sensitivity, choices: dict[str, Option]) -> Plan:
     layers: dict[str, Sections] = {}
     for name, option in choices.items():
         sections = dict(level_sections("sparsity", option.sparsity, sens.quantization))
+        if option.rank is not None:
+            sections["low_rank"] = LowRank(rank=option.rank)
         if option.quantized:
             sections.update(level_sections("bits", option.bits, sens.quantization))
         if sections:
@@ -321,8 +365,8 @@ def uniform_choices(sens: Sensitivity, sparsity: float, bits: int | None) -> dic
     """Every layer at the same sparsity and bits (None = float): the uniform baseline."""
     choices = {}
     for layer in sens.layers:
-        matching = [o for o in layer_options(sens, layer)
-                    if o.sparsity == sparsity and (o.bits == bits if bits else not o.quantized)]
+        matching = [o for o in layer_options(sens, layer) if o.rank is None
+                    and o.sparsity == sparsity and (o.bits == bits if bits else not o.quantized)]
         if not matching:
             raise PlanError(f"layer {layer.name!r} has no level sparsity {sparsity}, bits {bits}")
         choices[layer.name] = matching[0]
@@ -375,10 +419,11 @@ def predict_plan(sens: Sensitivity, plan: Plan, layers: Iterable[Layer]) -> Curv
 def _option_for(sens: Sensitivity, layer: LayerSensitivity, settings: LayerPlan | None
                 ) -> tuple[Option, bool]:
     """The option matching a layer's resolved settings, and whether the match is exact."""
-    sparsity, bits, exact = BASELINE_LEVEL["sparsity"], None, True
+    sparsity, bits, rank, exact = BASELINE_LEVEL["sparsity"], None, None, True
     if settings is not None:
         if settings.low_rank is not None:
-            exact = False
+            rank = settings.low_rank.rank  # None (an energy-chosen rank): not on any curve
+            exact = rank is not None and settings.pruning is None
         pruning = settings.pruning
         if pruning is not None:
             if pruning.method in MAGNITUDE_METHODS and pruning.amount is not None:
@@ -399,11 +444,16 @@ def _option_for(sens: Sensitivity, layer: LayerSensitivity, settings: LayerPlan 
     options = layer_options(sens, layer)
     if not options:
         raise PlanError(f"layer {layer.name!r}: no options in the sensitivity results")
-    candidates = [o for o in options if (o.quantized and o.bits == bits) or (bits is None and not o.quantized)]
+    ranked = [o for o in options if rank is not None and o.rank == rank]
+    if rank is not None and not ranked:
+        exact = False  # a rank the sweep did not measure: priced as the layer kept whole
+    pool = ranked if ranked and settings is not None and settings.pruning is None else \
+        [o for o in options if o.rank is None]
+    candidates = [o for o in pool if (o.quantized and o.bits == bits) or (bits is None and not o.quantized)]
     if not candidates:  # a bit width the sweep did not measure: the nearest one it did
         exact = False
-        measured = sorted({o.bits for o in options if o.quantized}, key=lambda b: abs(b - (bits or 32)))
-        candidates = [o for o in options if o.quantized and measured and o.bits == measured[0]] or options
+        measured = sorted({o.bits for o in pool if o.quantized}, key=lambda b: abs(b - (bits or 32)))
+        candidates = [o for o in pool if o.quantized and measured and o.bits == measured[0]] or pool
     best = min(candidates, key=lambda o: abs(o.sparsity - sparsity))
     if abs(best.sparsity - sparsity) > 1e-9:
         exact = False

@@ -15,6 +15,7 @@ import torch
 from engine.allocate import (
     Option,
     allocate,
+    predict_plan,
     layer_options,
     pareto_front,
     parse_size,
@@ -31,7 +32,7 @@ from engine.evaluate import TorchRunner, evaluate
 from engine.formats import load_model
 from engine.methods.apply import apply_plan
 from engine.model import Model
-from engine.plan import Plan
+from engine.plan import Plan, Quantization
 from engine.sensitivity import Sensitivity, SweepSettings, sweep
 from engine.storage import storage_bytes
 
@@ -90,6 +91,47 @@ def test_predicted_bytes_never_undercount_and_are_exact_on_one_axis(
         else:  # quantizing also zeroes small weights: the file can only be smaller
             assert report.bytes_after <= predicted, (sparsity, bits)
             assert report.bytes_after >= 0.9 * predicted, (sparsity, bits)
+
+
+@pytest.mark.parametrize("granularity", ["per-channel", "group"])
+def test_rank_options_are_sized_exactly_and_replay(demo: Model, granularity: str) -> None:
+    """Every (rank, bits) option's predicted bytes are what compress() stores for its plan;
+    group-quantized ranks whose factor rows the groups do not divide are not offered."""
+    quantization = Quantization(8, True, granularity, 16 if granularity == "group" else None)
+    settings = SweepSettings(sparsities=(0.0,), bits=(8, 4), ranks=(0.5, 0.1), quantization=quantization)
+    # features.0's rows (9 weights) take no 16-groups at all; the others' do
+    result = sweep(demo, None, "datafree", settings,
+                   layers=["features.3", "features.7", "classifier.1", "classifier.4"])
+    kept = {entry.name: entry.bytes_after for entry in compress(demo, Plan(), measure=False)[1].layers}
+    seen = 0
+    for layer in result.layers:
+        bias_bytes = kept[layer.name] - layer.curves["bits"].bytes[0]  # the bias stays as it is
+        for option in layer_options(result, layer):
+            if option.rank is None:
+                continue
+            seen += 1
+            if option.quantized and granularity == "group":
+                assert option.rank % 16 == 0, (layer.name, option)
+            plan = plan_from_choices(result, {layer.name: option})
+            compressed, report = compress(demo, plan, measure=False)
+            assert layer.name in compressed.low_rank
+            stored = next(entry.bytes_after for entry in report.layers if entry.name == layer.name)
+            assert stored == option.bytes + bias_bytes, (layer.name, option)
+            assert predict_plan(result, plan, demo.layers).approximate == []
+    assert seen >= 4
+
+
+def test_rank_options_only_ever_help_the_prediction(demo: Model) -> None:
+    ranked = sweep(demo, None, "datafree",
+                   SweepSettings(sparsities=(0.0, 0.5, 0.9), bits=(8, 4, 2), ranks=(0.5, 0.125)))
+    plain = Sensitivity.from_dict(ranked.to_dict())
+    for layer in plain.layers:
+        layer.curves.pop("rank", None)
+    for fraction in (0.25, 0.1, 0.06, 0.045):
+        with_ranks = allocate(ranked, target_ratio=fraction, resolution=RESOLUTION)
+        without = allocate(plain, target_ratio=fraction, resolution=RESOLUTION)
+        assert with_ranks.drop <= without.drop + 1e-12, fraction
+    assert any(option.rank for option in allocate(ranked, target_ratio=0.04).choices.values())
 
 
 # -- the optimization ----------------------------------------------------------------------------

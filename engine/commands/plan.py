@@ -115,7 +115,9 @@ def format_summary(result: Allocation, sens: Sensitivity) -> str:
              f"(drop {result.drop:.3g}, assuming the layers' drops add up)"]
     for name, option in result.choices.items():
         bits = f"{option.bits}-bit" if option.quantized else "float"
-        lines.append(f"  {name[:40]:<40} sparsity {option.sparsity:>5.0%}  {bits:<6} "
+        shape = f"rank {option.rank:>5}" if option.rank is not None else \
+            f"sparsity {option.sparsity:>5.0%}"
+        lines.append(f"  {name[:40]:<40} {shape:<14}  {bits:<6} "
                      f"{human_bytes(option.bytes):>10}  drop {option.cost:.3g}")
     return "\n".join(lines)
 

@@ -4,7 +4,8 @@ Why: the allocator's promise is that spending bytes where the sensitivity curves
 beats compressing every layer alike. For each target size this applies, with
 engine.compress.compress, every uniform plan (the same sparsity and bits for all layers), keeps
 the most accurate one that fits, then allocates a plan no larger than that uniform plan's real
-size from each kind of sensitivity result and applies it too. All accuracies are measured on
+size from each kind of sensitivity result and applies it too ("exact + ranks": exact results
+that also measured truncated-SVD ranks, so the allocator may factorize layers as well). All accuracies are measured on
 the DigitsData test split; the exact sensitivity is measured on that split as well, the fast
 estimate on the calibration split, the data-free one on nothing. Run from the repository root:
 
@@ -44,6 +45,8 @@ from engine.sensitivity import Sensitivity, SweepSettings, sweep  # noqa: E402
 TARGETS = [Fraction(1, n) for n in (4, 5, 6, 8, 10, 12, 14, 16)]
 UNIFORM_SPARSITIES = tuple(round(0.05 * i, 2) for i in range(20))
 UNIFORM_BITS = (None, 8, 7, 6, 5, 4, 3, 2)
+#: Fractions of full rank the "exact + ranks" column may also factorize layers to.
+RANKS = (0.75, 0.5, 0.375, 0.25, 0.125, 0.0625)
 
 
 def measure(model: Model, plan: Plan, test: DigitsData, calibration: DigitsData
@@ -65,6 +68,7 @@ def main() -> int:
     started = time.perf_counter()
     results: dict[str, Sensitivity] = {
         "exact": sweep(model, test, "exact", SweepSettings()),
+        "exact + ranks": sweep(model, test, "exact", SweepSettings(ranks=RANKS)),
         "fast": sweep(model, calibration, "fast", SweepSettings()),
         "datafree": sweep(model, None, "datafree", SweepSettings()),
     }
@@ -84,7 +88,8 @@ def main() -> int:
             uniform.append((size, ratio, accuracy, sparsity, bits))
     print(f"{len(uniform)} uniform plans measured", file=sys.stderr)
 
-    columns = [("exact", False), ("exact", True), ("fast", False), ("datafree", False)]
+    columns = [("exact", False), ("exact", True), ("exact + ranks", False), ("fast", False),
+               ("datafree", False)]
     rows, failures = [], []
     for target in TARGETS:
         fitting = [u for u in uniform if u[1] <= float(target)]
@@ -140,7 +145,8 @@ def check(key: str, reading: str, target: Fraction, best: tuple, allocated: tupl
 
 def print_table(rows: list, baseline: float, markdown: bool, strict: bool) -> None:
     header = ["target", "best uniform", "size", "accuracy"]
-    keys = ["exact", "exact (loss)"] if strict else ["exact", "exact (loss)", "fast", "datafree"]
+    keys = ["exact", "exact (loss)"] if strict else \
+        ["exact", "exact (loss)", "exact + ranks", "fast", "datafree"]
     for key in keys:
         header += [f"{key} size", f"{key} accuracy"]
     lines = [header]
