@@ -98,6 +98,9 @@ AXES = ("sparsity", "bits", "rank")
 BASELINE_LEVEL = {"sparsity": 0.0, "bits": 32, "rank": 1.0}
 DEFAULT_SPARSITIES = tuple(round(0.05 * i, 2) for i in range(20))
 DEFAULT_BITS = (8, 7, 6, 5, 4, 3, 2)
+#: Fractions of full rank a sweep asked for "ranks too" measures (none unless asked: an SVD
+#: per level costs more than a mask or a rounding).
+DEFAULT_RANKS = (0.75, 0.5, 0.375, 0.25, 0.125, 0.0625)
 
 BASELINE, MEASURED, ESTIMATED, EXTRAPOLATED = "baseline", "measured", "estimated", "extrapolated"
 

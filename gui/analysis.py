@@ -32,7 +32,7 @@ from engine.data import open_data
 from engine.errors import SlimscopeError
 from engine.jobs import CancelToken, Progress
 from engine.model import Model
-from engine.sensitivity import Sensitivity, sweep
+from engine.sensitivity import DEFAULT_RANKS, Sensitivity, SweepSettings, sweep
 
 from gui.plan_document import PlanDocument
 from gui.project import PROJECT_FILTER, PROJECT_SUFFIX, DataChoice, Project
@@ -226,7 +226,8 @@ def sensitivity_job(model: Model, choice: DataChoice) -> Callable[[Progress, Can
             if choice.limit:
                 data = data.head(choice.limit)
             progress(0.0, data.describe())
-        return sweep(model, data, choice.method, progress=progress, cancel=cancel)
+        settings = SweepSettings(ranks=DEFAULT_RANKS if choice.ranks else ())
+        return sweep(model, data, choice.method, settings, progress=progress, cancel=cancel)
 
     return body
 

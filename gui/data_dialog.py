@@ -17,6 +17,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import (
     QButtonGroup,
+    QCheckBox,
     QDialog,
     QDialogButtonBox,
     QFileDialog,
@@ -92,6 +93,11 @@ class DataDialog(QDialog):
             self.method_buttons[key] = button
             method_grid.addWidget(button, row, 0, Qt.AlignmentFlag.AlignTop)
             method_grid.addWidget(note, row, 1)
+        self.ranks_box = QCheckBox("Also measure SVD ranks, so allocation may factorize layers")
+        self.ranks_box.setToolTip("Adds ranks from 75% down to 6.25% of full rank for Linear and "
+                                  "Conv2d layers; each level is one SVD, so the sweep takes longer")
+        self.ranks_box.setChecked(initial.ranks)
+        method_grid.addWidget(self.ranks_box, len(METHODS), 0, 1, 2)
 
         # -- data --
         self.source_group = QButtonGroup(self)
@@ -192,7 +198,8 @@ class DataDialog(QDialog):
         return DEMO
 
     def choice(self) -> DataChoice:
-        return DataChoice(spec=self.spec(), method=self.method(), limit=self.limit_spin.value())
+        return DataChoice(spec=self.spec(), method=self.method(), limit=self.limit_spin.value(),
+                          ranks=self.ranks_box.isChecked())
 
     def problem(self) -> str:
         """Why Run is disabled, or "" when the choice can be tried."""

@@ -35,14 +35,17 @@ class DataChoice:
     spec: str | None = "demo"
     method: str = "exact"
     limit: int = 512
+    #: Also measure truncated-SVD ranks (engine.sensitivity.DEFAULT_RANKS), so allocation may
+    #: factorize layers too.
+    ranks: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"spec": self.spec, "method": self.method, "limit": self.limit}
+        return {"spec": self.spec, "method": self.method, "limit": self.limit, "ranks": self.ranks}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DataChoice:
         return cls(spec=data.get("spec"), method=str(data.get("method", "exact")),
-                   limit=int(data.get("limit", 512)))
+                   limit=int(data.get("limit", 512)), ranks=bool(data.get("ranks", False)))
 
 
 @dataclass

@@ -16,6 +16,7 @@ from engine.errors import SlimscopeError
 from engine.plan import GRANULARITIES, RANGE_METHODS, Quantization
 from engine.sensitivity import (
     DEFAULT_BITS,
+    DEFAULT_RANKS,
     DEFAULT_SPARSITIES,
     METHODS,
     Sensitivity,
@@ -45,8 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "0:0.95:0.05)")
     parser.add_argument("--bits", type=_ints, default=DEFAULT_BITS, metavar="LIST",
                         help="bit widths, e.g. 8,4,2 (default 8..2)")
-    parser.add_argument("--ranks", type=_floats, default=(), metavar="LIST",
-                        help="fractions of full rank to try by SVD, e.g. 0.5,0.25 (default none)")
+    parser.add_argument("--ranks", type=_ranks, default=(), metavar="LIST",
+                        help="fractions of full rank to try by SVD, e.g. 0.5,0.25, or 'default' "
+                        f"({','.join(f'{r:g}' for r in DEFAULT_RANKS)}); `slimscope plan` may "
+                        "then factorize layers (default: none)")
     parser.add_argument("--granularity", choices=GRANULARITIES, default="per-channel")
     parser.add_argument("--group-size", type=int, help="for --granularity group")
     parser.add_argument("--asymmetric", action="store_true", help="asymmetric integer codes")
@@ -114,6 +117,10 @@ def _floats(text: str) -> tuple[float, ...]:
         return tuple(float(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+
+
+def _ranks(text: str) -> tuple[float, ...]:
+    return DEFAULT_RANKS if text.strip() == "default" else _floats(text)
 
 
 def _ints(text: str) -> tuple[int, ...]:

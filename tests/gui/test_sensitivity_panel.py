@@ -184,6 +184,8 @@ def test_data_dialog_builds_specs_and_checks_paths(qtbot, tmp_path):
     dialog.synthetic_count.setValue(7)
     dialog.limit_spin.setValue(0)
     assert dialog.choice() == DataChoice(spec="synthetic:7", method="exact", limit=0)
+    dialog.ranks_box.setChecked(True)
+    assert dialog.choice().ranks and DataChoice.from_dict(dialog.choice().to_dict()).ranks
     assert dialog.limit_spin.text() == "all"
 
 
@@ -224,8 +226,9 @@ def test_allocation_replaces_the_plan_as_one_undo_step(qtbot, pareto):
 def test_checked_allocation_measures_on_the_sensitivity_data(qtbot, pareto, state, model):
     assert not pareto.check_box.isEnabled()  # data-free results: nothing to measure
     assert "cannot measure" in pareto.check_box.toolTip()
-    choice = DataChoice(spec="synthetic:48", method="exact", limit=0)
+    choice = DataChoice(spec="synthetic:48", method="exact", limit=0, ranks=True)
     state.set_sensitivity(sensitivity_job(model, choice)(no_progress, NEVER_CANCELLED), choice)
+    assert all("rank" in layer.curves for layer in state.sensitivity.layers)
     assert pareto.check_box.isEnabled() and "synthetic:48" in pareto.check_box.toolTip()
     pareto.check_box.setChecked(True)
     pareto.mode_combo.setCurrentIndex(pareto.mode_combo.findData("drop"))
