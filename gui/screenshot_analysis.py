@@ -85,7 +85,7 @@ def take(out_dir: Path, only: tuple[str, ...] = SHOTS) -> list[Path]:
             dock.raise_()
             window.resizeDocks([dock], [DOCK_HEIGHT], _vertical())
 
-        run = analysis.run(DataChoice(spec="demo", method="exact", limit=0))
+        run = analysis.run(DataChoice(spec="demo", method="exact", limit=0, ranks=True))
         show(analysis.sensitivity_dock)
         settle(300, lambda: run.finished, "the sensitivity analysis")
         if analysis.state.sensitivity is None:

@@ -42,8 +42,13 @@ from gui.analysis import AnalysisState
 from gui.text import human_bytes, short_float
 from gui.theme import is_dark, style_plot, theme_signals
 
-#: The axes drawn, with their titles; a rank axis, when swept, stays in the JSON only.
-AXES: tuple[tuple[str, str], ...] = (("sparsity", "Pruning · sparsity"), ("bits", "Quantization · weight bits"))
+#: The axes drawn, with their titles; the rank axis shows only when the results have one.
+AXES: tuple[tuple[str, str], ...] = (("sparsity", "Pruning · sparsity"), ("bits", "Quantization · weight bits"),
+                                     ("rank", "Low rank · % of full rank"))
+QWIDGETSIZE_MAX = 16_777_215  # Qt's "no maximum"
+#: What each axis' curve plot has along the bottom.
+AXIS_LABELS = {"sparsity": "sparsity, % of weights pruned", "bits": "weight bits",
+               "rank": "% of full rank kept"}
 #: Curves shown at once: the selected layer plus the most recently pinned ones.
 MAX_CURVES = 6
 #: Decades of drop the colour scale spans below the largest drop, for estimated metrics.
@@ -92,7 +97,7 @@ def tick_text(axis: str, level: float) -> str:
         return f"{level * 100:.0f}"
     if axis == "bits":
         return "fp" if level == BASELINE_LEVEL["bits"] else str(int(level))
-    return f"{level:.2f}"
+    return f"{level * 100:g}"
 
 
 def drop_label(sens: Sensitivity) -> str:
@@ -235,7 +240,7 @@ class SensitivityPanel(QWidget):
             curve_plot.hideButtons()
             curve_plot.setMouseEnabled(x=False, y=False)
             curve_plot.showGrid(x=True, y=True, alpha=0.15)
-            curve_plot.setLabel("bottom", "sparsity, % of weights pruned" if axis == "sparsity" else "weight bits")
+            curve_plot.setLabel("bottom", AXIS_LABELS[axis])
             baseline = pg.InfiniteLine(angle=0, movable=False)
             curve_plot.addItem(baseline)
             self.curves[axis] = []
@@ -246,11 +251,12 @@ class SensitivityPanel(QWidget):
                 self.curves[axis].append(item)
             self.heat_plots[axis], self.images[axis] = heat, image
             self.curve_plots[axis], self.baselines[axis], self.row_marks[axis] = curve_plot, baseline, mark
-        first, second = (axis for axis, _ in AXES)
-        self.heat_plots[second].setYLink(self.heat_plots[first])
-        self.heat_plots[second].getAxis("left").setStyle(showValues=False)
-        self.curve_plots[second].setYLink(self.curve_plots[first])
-        self.curve_plots[second].getAxis("left").setStyle(showValues=False)
+        first = AXES[0][0]
+        for other, _title in AXES[1:]:
+            self.heat_plots[other].setYLink(self.heat_plots[first])
+            self.heat_plots[other].getAxis("left").setStyle(showValues=False)
+            self.curve_plots[other].setYLink(self.curve_plots[first])
+            self.curve_plots[other].getAxis("left").setStyle(showValues=False)
         self.color_bar = pg.ColorBarItem(values=(0, 1), width=14, interactive=False, colorMapMenu=False)
         self.color_bar.setImageItem(list(self.images.values()))
         self.plots.addItem(self.color_bar, row=0, col=len(AXES))
@@ -259,6 +265,8 @@ class SensitivityPanel(QWidget):
         grid = self.plots.ci.layout
         grid.setColumnStretchFactor(0, 5)
         grid.setColumnStretchFactor(1, 3)
+        grid.setColumnStretchFactor(2, 3)
+        self._show_axis("rank", False)
         grid.setRowStretchFactor(0, 3)
         grid.setRowStretchFactor(1, 2)
 
@@ -383,6 +391,7 @@ class SensitivityPanel(QWidget):
         self.scale = ColorScale.for_drops(result, matrices)
         for axis, _title in AXES:
             self._draw_heat(axis)
+        self._show_axis("rank", bool(self._rows["rank"]))
         self._size_rows()
         self.color_bar.setLevels((self.scale.low, self.scale.high))
         self.color_bar.axis.setTicks([self.scale.ticks()])
@@ -398,6 +407,18 @@ class SensitivityPanel(QWidget):
         self._show_curves()
         self._mark_row(selected)
         self.stack.setCurrentIndex(1)
+
+    def _show_axis(self, axis: str, visible: bool) -> None:
+        """Show or hide one axis' column (its heat map and curves), giving its width back."""
+        column = [a for a, _title in AXES].index(axis)
+        self.heat_plots[axis].setVisible(visible)
+        self.curve_plots[axis].setVisible(visible)
+        policy = self.heat_plots[axis].sizePolicy()
+        policy.setRetainSizeWhenHidden(False)
+        for item in (self.heat_plots[axis], self.curve_plots[axis]):
+            item.setSizePolicy(policy)
+            item.setMaximumWidth(QWIDGETSIZE_MAX if visible else 0)
+        self.plots.ci.layout.setColumnStretchFactor(column, 3 if visible else 0)
 
     def _summary(self, result: Sensitivity) -> str:
         method = {"datafree": "data-free"}.get(result.method, result.method)

@@ -14,7 +14,7 @@ from engine.allocate import allocate, predict_plan
 from engine.errors import SlimscopeError
 from engine.jobs import NEVER_CANCELLED, no_progress
 from engine.plan import Plan
-from engine.sensitivity import Sensitivity
+from engine.sensitivity import Sensitivity, SweepSettings, sweep_module
 from gui.analysis import AnalysisState, sensitivity_job
 from gui.data_dialog import ARRAYS, FOLDER, SYNTHETIC, DataDialog
 from gui.panels.pareto import ParetoPanel, percent_ticks
@@ -93,6 +93,21 @@ def test_hover_tells_exact_numbers_and_click_selects_and_pins(qtbot, state, pane
     np.testing.assert_allclose(shown_x, x)
     np.testing.assert_allclose(shown_y, y, equal_nan=True)
     assert panel.row_marks["bits"].getRegion() == (1, 2)
+
+
+def test_the_rank_column_shows_only_for_results_with_ranks(qtbot, state, panel, model):
+    state.set_sensitivity(datafree_results(model))
+    assert not panel.heat_plots["rank"].isVisible() and not panel.curve_plots["rank"].isVisible()
+    ranked = sweep_module(model.module, None, "datafree", SweepSettings(ranks=(0.5, 0.25)))
+    state.set_sensitivity(ranked)
+    assert panel.heat_plots["rank"].isVisible() and panel.curve_plots["rank"].isVisible()
+    names, levels, drops = drops_matrix(ranked, "rank")
+    assert panel.images["rank"].image.shape == drops.shape == (2, 3)
+    scene = panel.heat_plots["rank"].vb.mapViewToScene(QPointF(1.5, 1.5))  # fc at 50 % rank
+    assert panel.cell_at(scene) == ("rank", 1, 1)
+    assert "fc" in panel.cell_text("rank", 1, 1) and "50 % rank" in panel.cell_text("rank", 1, 1)
+    state.set_sensitivity(datafree_results(model))
+    assert not panel.heat_plots["rank"].isVisible()
 
 
 def test_items_are_built_once_and_cleared_with_the_model(qtbot, state, panel, model, tmp_path):
