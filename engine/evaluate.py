@@ -62,7 +62,7 @@ class TorchRunner:
                 torch.set_num_threads(self.threads)
             _to_eval(self.module)
             with torch.inference_mode():
-                output = _first_tensor(self.module(inputs))
+                output = first_tensor(self.module(inputs))
         finally:
             for submodule, training in modes:
                 submodule.training = training
@@ -168,8 +168,9 @@ class Metrics:
         return {**asdict(self), "primary": self.primary}
 
 
-class _Totals:
-    """Running sums, so evaluation memory does not grow with the data."""
+class MetricTotals:
+    """Running sums of the metrics, so evaluation memory does not grow with the data; public
+    because sensitivity scores its batched suffix passes with them too."""
 
     def __init__(self) -> None:
         self.samples = 0
@@ -247,7 +248,7 @@ def evaluate(
     total = len(data)
     if total == 0:
         raise SlimscopeError(f"{data.name}: no samples to evaluate")
-    totals = _Totals()
+    totals = MetricTotals()
     progress(0.0, f"evaluating on {data.describe()}")
     for inputs, labels in _checked(data.batches(batch_size), cancel):
         outputs = runner.run(inputs)
@@ -335,7 +336,7 @@ def _class_log_probs(outputs: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def _first_tensor(output: Any) -> "torch.Tensor":
+def first_tensor(output: Any) -> "torch.Tensor":
     """The logits of whatever a module returns: a tensor, a tuple, or a dict with 'logits'."""
     import torch
 

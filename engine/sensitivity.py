@@ -81,7 +81,7 @@ from engine.compress import tensor_storage_bytes
 from engine.compressed import CompressedModel
 from engine.data import DataSource
 from engine.errors import SlimscopeError
-from engine.evaluate import Metrics, TorchRunner, _first_tensor, _Totals, evaluate
+from engine.evaluate import Metrics, MetricTotals, TorchRunner, evaluate, first_tensor
 from engine.jobs import NEVER_CANCELLED, CancelToken, Progress, no_progress, sub_progress
 from engine.methods.apply import apply_plan, module_layers
 from engine.methods.lowrank import factorize
@@ -508,7 +508,7 @@ def _as_input(batch: np.ndarray, module: nn.Module) -> torch.Tensor:
 
 
 def _logits(output: Any) -> torch.Tensor:
-    return _first_tensor(output).detach().float()
+    return first_tensor(output).detach().float()
 
 
 class _Scorer:
@@ -519,16 +519,16 @@ class _Scorer:
         self.reference = reference
         self.has_labels = all(label is not None for label in labels)
 
-    def new(self) -> _Totals:
-        return _Totals()
+    def new(self) -> MetricTotals:
+        return MetricTotals()
 
-    def add(self, totals: _Totals, chunk: int, outputs: np.ndarray) -> None:
+    def add(self, totals: MetricTotals, chunk: int, outputs: np.ndarray) -> None:
         if self.has_labels:
             totals.add_labels(outputs, self.labels[chunk])  # type: ignore[arg-type]
         totals.add_reference(outputs, self.reference[chunk])
         totals.samples += len(outputs)
 
-    def metrics(self, totals: _Totals) -> Metrics:
+    def metrics(self, totals: MetricTotals) -> Metrics:
         return totals.metrics(self.has_labels, True)
 
     @property
@@ -1034,7 +1034,7 @@ def fisher_diagonal(module: nn.Module, names: Sequence[str], inputs: list[torch.
                     cancel.check()
                     xb = x[start:start + micro_batch]
                     yb = torch.from_numpy(y[start:start + micro_batch]).long()
-                    logits = _first_tensor(module(xb)).float()
+                    logits = first_tensor(module(xb)).float()
                     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1))
                     grads = torch.autograd.grad(loss, list(weights.values()))
                     for name, grad in zip(weights, grads):
