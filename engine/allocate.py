@@ -25,6 +25,7 @@ Pareto front of predicted size against predicted metric, which the GUI plots.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -99,7 +100,15 @@ class Allocation:
     drop: float
     metric: float
     cost_metric: str
-    front: list[FrontPoint]
+    #: What the front is computed from, on first use: a search that allocates many times
+    #: (engine.plan_check) never needs it, and it costs as much as the allocation itself.
+    sensitivity: Sensitivity = field(repr=False, compare=False)
+    secondary: bool = False
+    resolution: int = DEFAULT_RESOLUTION
+
+    @functools.cached_property
+    def front(self) -> list[FrontPoint]:
+        return pareto_front(self.sensitivity, self.secondary, self.resolution)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -279,7 +288,7 @@ def allocate(
         if max_drop < 0:
             raise PlanError(f"max drop {max_drop} must not be negative")
         chosen = _smallest_within(sens, options, max_drop, smallest, resolution)
-    return _allocation(sens, chosen, secondary, pareto_front(sens, secondary, resolution))
+    return _allocation(sens, chosen, secondary, resolution)
 
 
 def _smallest_within(sens: Sensitivity, options: list[list[Option]], max_drop: float,
@@ -337,13 +346,13 @@ def predicted_metric(sens: Sensitivity, drop: float, secondary: bool = False) ->
 
 
 def _allocation(sens: Sensitivity, chosen: Sequence[Option], secondary: bool,
-                front: list[FrontPoint]) -> Allocation:
+                resolution: int) -> Allocation:
     choices = {layer.name: option for layer, option in zip(sens.layers, chosen)}
     point = _point(sens, sens.fixed_bytes + sum(o.bytes for o in chosen),
                    sum(o.cost for o in chosen), secondary)
     name = (sens.secondary_metric if secondary else sens.metric) or "metric"
     return Allocation(plan_from_choices(sens, choices), choices, point.bytes, point.ratio,
-                      point.drop, point.metric, name, front)
+                      point.drop, point.metric, name, sens, secondary, resolution)
 
 
 def plan_from_choices(sens: Sensitivity, choices: dict[str, Option]) -> Plan:
