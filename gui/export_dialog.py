@@ -368,17 +368,16 @@ class ExportDialog(QDialog):
 def _main(argv: list[str]) -> int:
     from PySide6.QtCore import QEventLoop
 
-    from gui.preview import demo_model_path, ensure_app, load_with_prompt
+    from gui.preview import ensure_app, open_preview_model
     from gui.session import Session
     from gui.workers import compression_job
 
-    path = Path(argv[0]) if argv else demo_model_path()
-    if path is None:
-        print("no model given and the demo model is not available", file=sys.stderr)
-        return 2
     app = ensure_app()
+    model = open_preview_model(argv[0] if argv else None)
+    if model is None:
+        return 2
     session = Session()
-    session.set_model(load_with_prompt(path), sweep=False)
+    session.set_model(model, sweep=False)
     session.plan_document.set_defaults({"quantization": {"bits": 8}})
     outcomes: list[CompressionOutcome] = []
     job = compression_job(session.model, session.plan_document.to_dict(), session.effective_data())

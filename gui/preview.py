@@ -58,6 +58,20 @@ def load_with_prompt(path: Path, parent: QWidget | None = None) -> Model:
         return load_model(path, LoadOptions(trust=True))
 
 
+def open_preview_model(text: str | None) -> Model | None:
+    """The model a preview names (the demo when `text` is empty), loaded on this thread after
+    ensure_app(); None, with one line on stderr, when there is none or it cannot be opened."""
+    path = Path(text) if text else demo_model_path()
+    if path is None:
+        print("no model given and the demo model is not available", file=sys.stderr)
+        return None
+    try:
+        return load_with_prompt(path)
+    except SlimscopeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
 def preview(
     factory: Callable[[Session], QWidget],
     argv: list[str],
@@ -71,20 +85,13 @@ def preview(
     parser.add_argument("--layer", help="layer to select (default: the first)")
     parser.add_argument("--screenshot", type=Path, metavar="PNG", help="save the panel to PNG and exit")
     args = parser.parse_args(argv)
-    path = Path(args.model) if args.model else demo_model_path()
-    if path is None:
-        print("no model given and the demo model is not available", file=sys.stderr)
-        return 2
-
     app = ensure_app()
-    try:
-        model = load_with_prompt(path)
-    except SlimscopeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    model = open_preview_model(args.model)
+    if model is None:
         return 2
     session = Session()
     window = QWidget()
-    window.setWindowTitle(f"{title} — {path.name}")
+    window.setWindowTitle(f"{title} — {model.path.name}")
     layout = QVBoxLayout(window)
     if layer_picker:
         picker = QComboBox()

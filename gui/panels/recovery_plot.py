@@ -219,7 +219,7 @@ def _main(argv: list[str]) -> int:
     from pathlib import Path
 
 
-    from gui.preview import demo_model_path, ensure_app, load_with_prompt, run_job_and_show
+    from gui.preview import demo_model_path, ensure_app, open_preview_model, run_job_and_show
     from gui.session import CompressionData
     from gui.workers import compression_job
 
@@ -228,17 +228,15 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--screenshot", type=Path, metavar="PNG")
     args = parser.parse_args(argv)
-    path = Path(args.model) if args.model else demo_model_path()
-    if path is None:
-        print("no model given and the demo model is not available", file=sys.stderr)
-        return 2
     app = ensure_app()
-    model = load_with_prompt(path)
-    is_demo = path == demo_model_path()
+    model = open_preview_model(args.model)
+    if model is None:
+        return 2
+    is_demo = model.path == demo_model_path()
     plan = {"defaults": {"pruning": {"method": "magnitude", "amount": 0.7}},
             "recovery": {"steps": args.steps, "eval_every": max(args.steps // 10, 1)}}
     plot = RecoveryPlot()
-    plot.setWindowTitle(f"Recovery — {path.name}")
+    plot.setWindowTitle(f"Recovery — {model.path.name}")
     plot.resize(800, 560)
     plot.show()
     plot.start(plan["recovery"], "accuracy")

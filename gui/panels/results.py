@@ -393,20 +393,19 @@ def _main(argv: list[str]) -> int:
     from pathlib import Path
 
 
-    from gui.preview import demo_model_path, ensure_app, load_with_prompt, run_job_and_show
+    from gui.preview import ensure_app, open_preview_model, run_job_and_show
     from gui.workers import compression_job
 
     parser = argparse.ArgumentParser(description="Compress a model and show the results dashboard")
     parser.add_argument("model", nargs="?")
     parser.add_argument("--screenshot", type=Path, metavar="PNG")
     args = parser.parse_args(argv)
-    path = Path(args.model) if args.model else demo_model_path()
-    if path is None:
-        print("no model given and the demo model is not available", file=sys.stderr)
-        return 2
     app = ensure_app()
+    model = open_preview_model(args.model)
+    if model is None:
+        return 2
     session = Session()
-    session.set_model(load_with_prompt(path), sweep=False)
+    session.set_model(model, sweep=False)
     session.plan_document.set_defaults({"pruning": {"method": "magnitude", "amount": 0.5},
                                         "quantization": {"bits": 8}})
     panel = ResultsPanel(session)
