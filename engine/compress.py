@@ -91,10 +91,8 @@ def tensor_storage_bytes(compressed: CompressedModel, param_name: str, tensor: t
     """
     numel = tensor.numel()
     bits = stored_bits(compressed, param_name, tensor)
-    overhead = 0
-    if param_name in compressed.quantized:
-        quant = compressed.quantized[param_name]
-        overhead = quant.scale.numel() * 4 + (0 if quant.symmetric else quant.zero_point.numel())
+    quant = compressed.quantized.get(param_name)
+    overhead = quant.overhead_bytes if quant is not None else 0
     return storage_bytes(numel, int(torch.count_nonzero(tensor)), bits, overhead)
 
 

@@ -31,6 +31,12 @@ class QuantizedWeight:
     axis: int | None = None
     group_size: int | None = None
 
+    @property
+    def overhead_bytes(self) -> int:
+        """Bytes stored beside the codes: float32 scales and, when asymmetric, uint8 zero points
+        (what engine.storage.scale_overhead counts from shapes alone)."""
+        return self.scale.numel() * 4 + (0 if self.symmetric else self.zero_point.numel())
+
     def dequantize(self) -> torch.Tensor:
         """The float weight the codes stand for, in the original shape."""
         codes = self.codes.to(torch.float32)

@@ -418,8 +418,8 @@ class LayerLevels:
                                     q.group_size, q.range)
             deq = codes.dequantize().to(weight.dtype)
             nonzero = int(torch.count_nonzero(deq))
-            overhead = codes.scale.numel() * 4 + (0 if q.symmetric else codes.zero_point.numel())
-            return Level(deq, storage_bytes(numel, nonzero, int(value), overhead), nonzero)
+            return Level(deq, storage_bytes(numel, nonzero, int(value), codes.overhead_bytes),
+                         nonzero)
         pair = factorize(self.layer, LowRank(rank=rank_for_fraction(weight.shape, value)))
         if pair is None:  # not smaller: the low-rank method keeps the layer whole
             return self.level(axis, BASELINE_LEVEL[axis])
