@@ -28,7 +28,7 @@ from PySide6.QtCore import QEvent, QObject, QSettings, Qt, QThreadPool, Signal
 from PySide6.QtGui import QAction, QActionGroup, QKeySequence
 from PySide6.QtWidgets import QDockWidget, QFileDialog, QMainWindow, QMenu, QWidget
 
-from engine.data import open_data
+from engine.data import DataSource, open_data
 from engine.errors import SlimscopeError
 from engine.jobs import CancelToken, Progress
 from engine.model import Model
@@ -210,22 +210,33 @@ class AnalysisState(QObject):
         return self._pool.waitForDone(timeout_ms)
 
 
-def sensitivity_job(model: Model, choice: DataChoice) -> Callable[[Progress, CancelToken], Sensitivity]:
-    """The job body: open the chosen data (on the worker: folders can be big), then sweep."""
+def cap_worker_threads() -> None:
+    """Torch's intra-op threads are per calling thread: this caps the calling job, not the app."""
     import torch
 
+    torch.set_num_threads(worker_threads())
+
+
+def open_choice_data(model: Model, spec: str, limit: int | None, progress: Progress) -> DataSource:
+    """The data a DataChoice names, opened by the job that uses it (folders can be big)."""
+    progress(0.0, f"opening {spec}")
+    data = open_data(spec, model.inputs)
+    if limit:
+        data = data.head(limit)
+    progress(0.0, data.describe())
+    return data
+
+
+def sensitivity_job(model: Model, choice: DataChoice) -> Callable[[Progress, CancelToken], Sensitivity]:
+    """The job body: open the chosen data on the worker, then sweep."""
+
     def body(progress: Progress, cancel: CancelToken) -> Sensitivity:
-        # Torch's intra-op threads are per calling thread: this caps the sweep, not the app.
-        torch.set_num_threads(worker_threads())
+        cap_worker_threads()
         data = None
         if choice.method != "datafree":
             if choice.spec is None:
                 raise SlimscopeError(f"the {choice.method} method needs data")
-            progress(0.0, f"opening {choice.spec}")
-            data = open_data(choice.spec, model.inputs)
-            if choice.limit:
-                data = data.head(choice.limit)
-            progress(0.0, data.describe())
+            data = open_choice_data(model, choice.spec, choice.limit, progress)
         settings = SweepSettings(ranks=DEFAULT_RANKS if choice.ranks else ())
         return sweep(model, data, choice.method, settings, progress=progress, cancel=cancel)
 

@@ -58,7 +58,7 @@ from engine.plan_check import (
 )
 from engine.sensitivity import Sensitivity
 
-from gui.analysis import AnalysisState, worker_threads
+from gui.analysis import AnalysisState, cap_worker_threads, open_choice_data
 from gui.panels.sensitivity import delta_text, in_points, metric_text
 from gui.plan_document import PlanDocument
 from gui.text import human_bytes, percent
@@ -523,14 +523,8 @@ def _checked_allocate_body(result: Sensitivity, target: dict[str, Any], model: M
                            limit: int | None):  # type: ignore[no-untyped-def]
     """Allocate, then measure on the sensitivity's data (opened on the worker: it can be big)."""
     def body(progress: Progress, cancel: CancelToken) -> CheckedAllocation:
-        import torch
-
-        from engine.data import open_data
-
-        torch.set_num_threads(worker_threads())
-        data = open_data(spec, model.inputs)
-        if limit:
-            data = data.head(limit)
+        cap_worker_threads()
+        data = open_choice_data(model, spec, limit, progress)
         if "max_drop" in target:
             return allocate_within_measured_drop(result, model, data, target["max_drop"],
                                                  progress=progress, cancel=cancel)
