@@ -35,7 +35,7 @@ import numpy as np
 
 from engine.errors import PlanError
 from engine.model import Layer
-from engine.plan import LayerPlan, LowRank, Plan, Sections
+from engine.plan import LayerPlan, LowRank, Plan, Sections, row_length
 from engine.sensitivity import (
     BASELINE_LEVEL,
     LayerSensitivity,
@@ -188,9 +188,8 @@ def _rank_options(sens: Sensitivity, layer: LayerSensitivity, secondary: bool,
             if quantized:
                 quant = replace(sens.quantization, bits=int(bits_level))
                 if quant.granularity == "group" and any(
-                        (math.prod(shape) // shape[0]) % int(quant.group_size or 1)
-                        for shape in factors):
-                    continue
+                        row_length(shape) % int(quant.group_size or 1) for shape in factors):
+                    continue  # plan resolution would refuse these groups
                 stored = sum(storage_bytes(math.prod(shape), math.prod(shape), int(bits_level),
                                            scale_overhead(quant, shape)) for shape in factors)
             else:

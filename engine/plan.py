@@ -363,7 +363,8 @@ def _applies(key: str, section: Section, kind: str) -> bool:
     return kind_accepts(kind, key, section.method if isinstance(section, Pruning) else "magnitude")
 
 
-def _row_length(shape: tuple[int, ...]) -> int:
+def row_length(shape: tuple[int, ...]) -> int:
+    """Elements per output row: what group sizes must divide (resolution checks it)."""
     return math.prod(shape[1:]) if len(shape) > 1 else 1
 
 
@@ -393,14 +394,14 @@ def _check_section(info: LayerInfo, key: str, section: Section, origin: str) -> 
             size = section.group_size
             if not _is_int(size) or size < 1:
                 fail("group_size", f"= {size!r} must be a positive integer")
-            if shape is not None and _row_length(shape) % size:
-                fail("group_size", f"= {size} does not divide the input dimension {_row_length(shape)}")
+            if shape is not None and row_length(shape) % size:
+                fail("group_size", f"= {size} does not divide the input dimension {row_length(shape)}")
     elif isinstance(section, LowRank):
         if section.rank is not None:
             if not _is_int(section.rank) or section.rank < 1:
                 fail("rank", f"= {section.rank!r} must be a positive integer")
-            if shape is not None and section.rank > min(shape[0], _row_length(shape)):
-                fail("rank", f"= {section.rank} exceeds the full rank {min(shape[0], _row_length(shape))}")
+            if shape is not None and section.rank > min(shape[0], row_length(shape)):
+                fail("rank", f"= {section.rank} exceeds the full rank {min(shape[0], row_length(shape))}")
         elif not _is_number(section.energy) or not 0 < section.energy <= 1:
             fail("energy", f"= {section.energy!r} must be a number in (0, 1]")
 
