@@ -413,10 +413,7 @@ class SensitivityPanel(QWidget):
         column = [a for a, _title in AXES].index(axis)
         self.heat_plots[axis].setVisible(visible)
         self.curve_plots[axis].setVisible(visible)
-        policy = self.heat_plots[axis].sizePolicy()
-        policy.setRetainSizeWhenHidden(False)
         for item in (self.heat_plots[axis], self.curve_plots[axis]):
-            item.setSizePolicy(policy)
             item.setMaximumWidth(QWIDGETSIZE_MAX if visible else 0)
         self.plots.ci.layout.setColumnStretchFactor(column, 3 if visible else 0)
 
