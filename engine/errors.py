@@ -27,3 +27,8 @@ def one_line(error: BaseException) -> str:
         if line.strip():
             return line.strip()
     return type(error).__name__
+
+
+class FormatError(ModelLoadError):
+    """A file's own description of its contents is impossible or unsafe to follow
+    (a negative shape, data past the end, a path outside the model's folder, a zip bomb)."""

@@ -1,4 +1,4 @@
-"""Atomic writes (a temporary file in the target folder, then a rename) and checked reads.
+"""Atomic writes: a temporary file in the target folder, then a rename.
 
 An interrupted or failed write leaves no partial file and any previous file of the same name
 intact. Refuses to write over the model the user opened.
@@ -7,11 +7,10 @@ intact. Refuses to write over the model the user opened.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from engine.errors import SlimscopeError
 
@@ -53,13 +52,3 @@ def atomic_write_bytes(destination: Path, data: bytes) -> None:
 
 def atomic_write_text(destination: Path, text: str) -> None:
     atomic_write_bytes(destination, text.encode("utf-8"))
-
-
-def read_json(path: Path) -> Any:
-    """A JSON file's content, or one clear SlimscopeError for a missing or malformed file."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise SlimscopeError(f"{path}: cannot read ({exc.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SlimscopeError(f"{Path(path).name}: not valid JSON: {exc}") from None

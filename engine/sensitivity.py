@@ -88,7 +88,8 @@ from engine.methods.lowrank import factorize
 from engine.methods.quantize import quantize_tensor
 from engine.model import PRUNABLE_KINDS, QUANTIZABLE_KINDS, Model
 from engine.plan import LOW_RANK_KINDS, LowRank, Plan, Pruning, Quantization, Sections
-from engine.safe_write import atomic_write_text, read_json
+from engine.parsing import read_json
+from engine.safe_write import atomic_write_text
 from engine.storage import storage_bytes
 
 SENSITIVITY_VERSION = 1

@@ -17,7 +17,8 @@ from typing import Any
 
 from engine.errors import PlanError, SlimscopeError
 from engine.plan import Plan
-from engine.safe_write import atomic_write_text, read_json
+from engine.parsing import read_json
+from engine.safe_write import atomic_write_text
 from engine.sensitivity import Sensitivity
 
 PROJECT_VERSION = 1
