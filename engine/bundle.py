@@ -44,7 +44,8 @@ from torch import nn
 
 from engine import zoo
 from engine.compressed import CompressedModel, QuantizedWeight
-from engine.errors import ModelLoadError
+from engine.errors import FormatError, ModelLoadError, one_line
+from engine.formats import guard
 from engine.model import TensorSpec
 
 #: Zip member holding the manifest; its presence is what marks a zip as a bundle.
@@ -91,7 +92,7 @@ def _tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) 
 
 def _code_offset(quant: QuantizedWeight) -> int:
     """Lowest code: symmetric codes run from -(2^(b-1)-1), asymmetric ones from 0."""
-    return -(2 ** (quant.bits - 1) - 1) if quant.symmetric else 0
+    return _offset_for(quant.bits, quant.symmetric)
 
 
 # -- writing ----------------------------------------------------------------------------------
@@ -317,53 +318,201 @@ def is_bundle(zip_names: list[str]) -> bool:
 
 
 def read_bundle(path: Path) -> Bundle:
-    """Decode every tensor and rebuild the module the manifest describes."""
+    """Decode every tensor and rebuild the module the manifest describes.
+
+    Every manifest claim is checked against the bytes really stored before anything is
+    allocated: a manifest is as untrusted as the rest of the file.
+    """
+    name = path.name
+    size = guard.regular_file(path).st_size
     with zipfile.ZipFile(path) as archive:
-        manifest = json.loads(archive.read(MANIFEST))
-        if manifest.get("format") != BUNDLE_FORMAT or manifest.get("version") != BUNDLE_VERSION:
-            raise ModelLoadError(f"{path.name}: bundle version {manifest.get('version')!r} is not "
-                                 f"supported (expected {BUNDLE_VERSION})")
-        decoded = {entry["name"]: _decode(archive, entry) for entry in manifest["tensors"]
+        guard.check_zip(archive, size, name)
+        reader = _BundleReader(archive, name)
+        manifest = reader.manifest()
+        decoded = {entry["name"]: reader.decode(entry) for entry in manifest["tensors"]
                    if entry["encoding"] != "alias"}
-        state = {entry["name"]: decoded[entry["of"] if entry["encoding"] == "alias"
-                                         else entry["name"]] for entry in manifest["tensors"]}
+        state = {}
+        for entry in manifest["tensors"]:
+            source = entry["of"] if entry["encoding"] == "alias" else entry["name"]
+            if source not in decoded:
+                raise FormatError(f"{guard.quote(name)}: tensor {guard.quote(entry['name'])} "
+                                  f"is an alias of {guard.quote(source)}, which is not stored")
+            state[entry["name"]] = decoded[source]
         recipe = manifest["architecture"]
-        if recipe["kind"] == "zoo":
-            module = _rebuild_zoo(recipe["name"], state, manifest.get("low_rank", {}))
-        elif recipe["kind"] == "torchscript":
-            module = _rebuild_torchscript(archive.read(ARCHITECTURE_MEMBER), state)
-        else:
-            raise ModelLoadError(f"{path.name}: unknown architecture recipe {recipe['kind']!r}")
+        try:
+            if recipe["kind"] == "zoo":
+                module = _rebuild_zoo(recipe["name"], state, manifest["low_rank"])
+            else:
+                module = _rebuild_torchscript(reader.torchscript(), state)
+        except ModelLoadError:
+            raise
+        except (RuntimeError, ValueError, TypeError, AttributeError, KeyError) as exc:
+            raise FormatError(f"{guard.quote(name)}: its tensors do not fit its architecture "
+                              f"({guard.quote(one_line(exc), 160)})") from None
     return Bundle(module.eval(), manifest)
 
 
-def _decode(archive: zipfile.ZipFile, entry: Mapping[str, Any]) -> torch.Tensor:
-    shape = tuple(entry["shape"])
-    count = int(np.prod(shape, dtype=np.int64))
-    mask = _unpack_mask(archive.read(entry["mask"]), count) if "mask" in entry else None
-    stored = count if mask is None else int(mask.sum())
-    dtype = _DTYPES[entry["dtype"]]
-    if entry["encoding"] == "plain":
-        values = _tensor_from_bytes(archive.read(entry["values"]), _DTYPES[entry["stored_dtype"]],
-                                    (stored,))
-        return _scatter(values, mask, count).reshape(shape).to(dtype)
-    bits, offset = entry["bits"], entry["code_offset"]
-    codes = torch.from_numpy(unpack_bits(archive.read(entry["codes"]), bits, stored)
-                             .astype(np.int16) + offset)
-    scale = _tensor_from_bytes(archive.read(entry["scale"]), torch.float32,
-                               tuple(entry["scale_shape"]))
-    if entry["symmetric"]:
-        zero = torch.zeros(scale.shape, dtype=torch.int16)
-    else:
-        zero = torch.from_numpy(unpack_bits(archive.read(entry["zero_point"]), bits,
-                                            scale.numel()).astype(np.int16)).reshape(scale.shape)
-    quant = QuantizedWeight(codes=_scatter(codes, mask, count).reshape(shape), scale=scale,
-                            zero_point=zero, bits=bits, symmetric=entry["symmetric"],
-                            axis=entry["axis"], group_size=entry["group_size"])
-    weight = quant.dequantize()
-    if mask is not None:  # masked codes were dropped, not stored as the zero point
-        weight = weight.reshape(-1).masked_fill(~mask, 0.0).reshape(shape)
-    return weight.to(dtype)
+class _BundleReader:
+    """Reads one bundle's members, refusing any manifest claim its bytes do not back."""
+
+    def __init__(self, archive: zipfile.ZipFile, name: str) -> None:
+        self.archive, self.name = archive, name
+
+    def fail(self, message: str) -> FormatError:
+        return FormatError(f"{guard.quote(self.name)}: {message}")
+
+    def manifest(self) -> dict[str, Any]:
+        """The manifest, with every field the reader relies on checked for type."""
+        try:
+            manifest = json.loads(guard.read_member(self.archive, MANIFEST, self.name))
+        except (ValueError, RecursionError):
+            raise self.fail("its manifest is not valid JSON") from None
+        if not isinstance(manifest, dict):
+            raise self.fail("its manifest is not a JSON object")
+        if manifest.get("format") != BUNDLE_FORMAT or manifest.get("version") != BUNDLE_VERSION:
+            raise self.fail(f"bundle version {guard.quote(manifest.get('version'))} is not "
+                            f"supported (expected {BUNDLE_VERSION})")
+        recipe = manifest.get("architecture")
+        if not isinstance(recipe, dict) or recipe.get("kind") not in ("zoo", "torchscript"):
+            kind = recipe.get("kind") if isinstance(recipe, dict) else recipe
+            raise self.fail(f"unknown architecture recipe {guard.quote(kind)}")
+        if recipe["kind"] == "zoo" and not isinstance(recipe.get("name"), str):
+            raise self.fail("its architecture recipe names no architecture")
+        low_rank = manifest.setdefault("low_rank", {})
+        if not isinstance(low_rank, dict) or not all(
+                isinstance(rank, int) and not isinstance(rank, bool) and rank > 0
+                for rank in low_rank.values()):
+            raise self.fail("its low-rank table is not a map of layer names to ranks")
+        for key in ("inputs", "outputs"):
+            specs = manifest.setdefault(key, [])
+            if not isinstance(specs, list) or not all(_is_spec(raw) for raw in specs):
+                raise self.fail(f"its {key} are not a list of name/shape/dtype entries")
+        tensors = manifest.get("tensors")
+        if not isinstance(tensors, list) or not tensors:
+            raise self.fail("its manifest lists no tensors")
+        for entry in tensors:
+            self._check_entry(entry)
+        return manifest
+
+    def _check_entry(self, entry: Any) -> None:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise self.fail(f"tensor entry {guard.quote(entry)} has no name")
+        where = f"tensor {guard.quote(entry['name'])}"
+        encoding = entry.get("encoding")
+        if encoding == "alias":
+            if not isinstance(entry.get("of"), str):
+                raise self.fail(f"{where}: an alias of nothing")
+            return
+        if encoding not in ("plain", "quantized"):
+            raise self.fail(f"{where}: unknown encoding {guard.quote(encoding)}")
+        if not isinstance(entry.get("shape"), list) or entry.get("dtype") not in _DTYPES:
+            raise self.fail(f"{where}: its shape or dtype {guard.quote(entry.get('dtype'))} "
+                            "is not valid")
+        guard.element_count(f"{guard.quote(self.name)}: {where}", entry["shape"])
+        members = ["mask", "values"] if encoding == "plain" else [
+            "mask", "codes", "scale", "zero_point"]
+        for key in members:
+            if key in entry and not isinstance(entry[key], str):
+                raise self.fail(f"{where}: its {key} member name is not a string")
+        if encoding == "plain":
+            if entry.get("stored_dtype") not in _DTYPES or "values" not in entry:
+                raise self.fail(f"{where}: stored dtype {guard.quote(entry.get('stored_dtype'))}"
+                                " is not valid, or no values member")
+            return
+        bits = entry.get("bits")
+        if not (type(bits) is int and 2 <= bits <= 8) or type(entry.get("symmetric")) is not bool:
+            raise self.fail(f"{where}: {guard.quote(bits)} bits or its symmetry is not valid")
+        for key in ("axis", "group_size"):
+            value = entry.get(key)
+            if value is not None and not (type(value) is int and value >= 0):
+                raise self.fail(f"{where}: its {key} {guard.quote(value)} is not valid")
+        if entry.get("code_offset") != _offset_for(bits, entry["symmetric"]):
+            raise self.fail(f"{where}: code offset {guard.quote(entry.get('code_offset'))} does "
+                            f"not fit {bits}-bit codes")
+        if not isinstance(entry.get("scale_shape"), list) or "codes" not in entry or (
+                "scale" not in entry) or (not entry["symmetric"] and "zero_point" not in entry):
+            raise self.fail(f"{where}: its scales or codes are missing")
+
+    def member(self, name: str, size: int, where: str) -> bytes:
+        """Exactly `size` bytes from member `name`, as the manifest's shapes require."""
+        data = guard.read_member(self.archive, name, self.name, limit=size)
+        if len(data) != size:
+            raise self.fail(f"{where}: member {guard.quote(name)} holds {len(data)} bytes, not "
+                            f"the {size} its shape needs")
+        return data
+
+    def decode(self, entry: Mapping[str, Any]) -> torch.Tensor:
+        where = f"tensor {guard.quote(entry['name'])}"
+        shape = tuple(entry["shape"])
+        count = guard.element_count(f"{guard.quote(self.name)}: {where}", shape)
+        mask = None
+        if "mask" in entry:
+            mask = _unpack_mask(self.member(entry["mask"], (count + 7) // 8, where), count)
+        stored = count if mask is None else int(mask.sum())
+        dtype = _DTYPES[entry["dtype"]]
+        if entry["encoding"] == "plain":
+            stored_dtype = _DTYPES[entry["stored_dtype"]]
+            itemsize = torch.empty((), dtype=stored_dtype).element_size()
+            values = _tensor_from_bytes(self.member(entry["values"], stored * itemsize, where),
+                                        stored_dtype, (stored,))
+            return _scatter(values, mask, count).reshape(shape).to(dtype)
+        return self._dequantized(entry, shape, count, stored, mask, where).to(dtype)
+
+    def _dequantized(self, entry: Mapping[str, Any], shape: tuple[int, ...], count: int,
+                     stored: int, mask: torch.Tensor | None, where: str) -> torch.Tensor:
+        bits, symmetric = entry["bits"], entry["symmetric"]
+        axis, group_size = entry["axis"], entry["group_size"]
+        scale_shape = tuple(entry["scale_shape"])
+        scales = guard.element_count(f"{guard.quote(self.name)}: {where} scales", scale_shape)
+        if group_size:
+            rows = shape[0] if shape else 0
+            expected = count // group_size if rows and count % (rows * group_size) == 0 else -1
+        elif axis is not None:
+            expected = shape[axis] if axis < len(shape) else -1
+        else:
+            expected = 1
+        if scales != expected:
+            raise self.fail(f"{where}: {scales} scales do not fit shape {list(shape)} "
+                            f"(axis {axis}, group size {group_size})")
+        codes = unpack_bits(self.member(entry["codes"], (stored * bits + 7) // 8, where), bits,
+                            stored).astype(np.int16) + entry["code_offset"]
+        scale = _tensor_from_bytes(self.member(entry["scale"], scales * 4, where),
+                                   torch.float32, scale_shape)
+        if symmetric:
+            zero = torch.zeros(scale_shape, dtype=torch.int16)
+        else:
+            packed = self.member(entry["zero_point"], (scales * bits + 7) // 8, where)
+            zero = torch.from_numpy(unpack_bits(packed, bits, scales).astype(np.int16)
+                                    ).reshape(scale_shape)
+        quant = QuantizedWeight(codes=_scatter(torch.from_numpy(codes), mask, count).reshape(shape),
+                                scale=scale, zero_point=zero, bits=bits, symmetric=symmetric,
+                                axis=axis, group_size=group_size)
+        weight = quant.dequantize()
+        if mask is not None:  # masked codes were dropped, not stored as the zero point
+            weight = weight.reshape(-1).masked_fill(~mask, 0.0).reshape(shape)
+        return weight
+
+    def torchscript(self) -> bytes:
+        """The stripped TorchScript member, zip-checked: torch.jit.load inflates in C++."""
+        data = guard.read_member(self.archive, ARCHITECTURE_MEMBER, self.name)
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as inner:
+                guard.check_zip(inner, len(data), f"{self.name}:{ARCHITECTURE_MEMBER}")
+        except zipfile.BadZipFile:
+            raise self.fail(f"member {ARCHITECTURE_MEMBER} is not a TorchScript archive"
+                            ) from None
+        return data
+
+
+def _is_spec(raw: Any) -> bool:
+    return (isinstance(raw, dict) and isinstance(raw.get("name"), str)
+            and isinstance(raw.get("shape"), list)
+            and all(isinstance(dim, (int, str)) for dim in raw["shape"])
+            and isinstance(raw.get("dtype", "float32"), str))
+
+
+def _offset_for(bits: int, symmetric: bool) -> int:
+    return -(2 ** (bits - 1) - 1) if symmetric else 0
 
 
 def _scatter(values: torch.Tensor, mask: torch.Tensor | None, count: int) -> torch.Tensor:
@@ -432,7 +581,7 @@ def _resize(module: nn.Module, name: str, shape: torch.Size) -> None:
 
 def _rebuild_torchscript(data: bytes, state: Mapping[str, torch.Tensor]) -> nn.Module:
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore")
         module = torch.jit.load(io.BytesIO(data), map_location="cpu")
     expected = set(module.state_dict())
     if expected != set(state):

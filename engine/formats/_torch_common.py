@@ -9,8 +9,11 @@ are refused through :func:`untrusted_pickle_error`, naming what they would impor
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import pickletools
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -21,6 +24,7 @@ from torch import nn
 
 from engine import zoo
 from engine.errors import ModelLoadError, UntrustedPickleError, one_line
+from engine.formats import guard
 from engine.macs import profile_module
 from engine.model import Layer, Model, TensorSpec, TensorStore, layer_from_store, mark_shared
 from engine.model import numpy_dtype_name
@@ -281,6 +285,37 @@ _ROUTINE_GLOBALS = frozenset({
 #: A legacy torch.save file is a handful of pickles in a row before the raw storages.
 _MAX_PICKLES_IN_STREAM = 6
 _GLOBALS_NAMED = 3
+
+
+def check_archive(path: Path) -> None:
+    """guard.check_zip on a torch zip before torch's C++ reader inflates any member.
+
+    torch reads the first of two same-named members and inflates whatever size a member claims.
+    """
+    size = guard.regular_file(path).st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            guard.check_zip(archive, size, path.name)
+    except zipfile.BadZipFile:
+        raise ModelLoadError(f"{guard.quote(path.name)}: the zip archive is damaged or "
+                             "truncated") from None
+
+
+@contextlib.contextmanager
+def quiet_torch() -> Iterator[None]:
+    """Keep torch's warnings (e.g. about protocol 4/5 pickles) and export log lines off stderr:
+    the user is told one line, by us."""
+    loggers = [logging.getLogger(name) for name in ("torch._export", "torch.export")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
 
 
 def is_weights_only_refusal(error: BaseException) -> bool:

@@ -5,31 +5,22 @@ The zip layout is `<root>/archive_format`, `<root>/models/*.json` and `<root>/da
 operators, because ``ExportedProgram.module()`` keeps weights on plain ``nn.Module`` holders
 that no longer say what they were. Input shapes come from the graph's placeholders.
 
-``torch.export.load`` unpickles some members with ``weights_only=False`` (pickled weights and
-constants, custom objects, sample inputs as a fallback), so a crafted archive could run code.
-Before loading, every member it would unpickle is checked with the weights-only unpickler;
-anything more needs the user's trust, as for any pickle.
+``torch.export.load`` can run code from the archive (pickles, imports, ``eval`` of shape
+expressions, guard code), so it runs only for files the user trusts. Any other archive is read by
+:mod:`engine.formats.pt2_reader`, which builds the same runnable program from the raw tensors and
+the checked JSON graph, and refuses what it cannot build without running the file's code.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from engine.formats import LoadOptions
-from engine.formats._torch_common import (
-    guess_kind,
-    is_weights_only_refusal,
-    module_model,
-    referenced_globals,
-    untrusted_pickle_error,
-)
+from engine.formats._torch_common import check_archive, guess_kind, module_model, quiet_torch
+from engine.formats.pt2_reader import read_program
 from engine.model import Model, TensorSpec, numpy_dtype_name
 
 NAME = "torch-export"
@@ -54,9 +45,6 @@ _WEIGHT_OPS: dict[str, tuple[str | None, int]] = {
     "group_norm": ("GroupNorm", 2),
 }
 _ARCHIVE_MARKERS = ("archive_format", "serialized_exported_program.json")
-#: Plain-text members of a .pt2 archive that torch.export.load never unpickles.
-_TEXT_MEMBERS = frozenset({"archive_format", "archive_version", "byteorder", "version",
-                           "serialization_id"})
 
 
 def match(path: Path, head: bytes, zip_names: list[str]) -> bool:
@@ -64,11 +52,15 @@ def match(path: Path, head: bytes, zip_names: list[str]) -> bool:
 
 
 def load(path: Path, options: LoadOptions) -> Model:
-    if not options.trust:
-        _refuse_code_in(path)
-    program = torch.export.load(str(path))
+    if options.trust:
+        check_archive(path)
+        with quiet_torch():
+            program = torch.export.load(str(path))
+    else:
+        program = read_program(path)
     kinds = _layer_kinds(program)
-    module = program.module()
+    with quiet_torch():
+        module = program.module()
 
     def kind_of(name: str, submodule: nn.Module) -> str:
         weight = submodule.get_parameter("weight")
@@ -79,52 +71,6 @@ def load(path: Path, options: LoadOptions) -> Model:
 
     return module_model(path, NAME, module, inputs=_user_inputs(program),
                         input_shape=options.input_shape, kind_of=kind_of)
-
-
-def _refuse_code_in(path: Path) -> None:
-    """Raise UntrustedPickleError if loading would unpickle more than tensors and containers.
-
-    Every member is tried except JSON, plain-text markers and raw tensor payloads; an unknown
-    member counts as a pickle, erring on the side of asking.
-    """
-    with zipfile.ZipFile(path) as archive:
-        raw_payloads = _raw_tensor_members(archive)
-        for name in archive.namelist():
-            leaf = name.rpartition("/")[2]
-            if name in raw_payloads or leaf.endswith(".json") or leaf in _TEXT_MEMBERS:
-                continue
-            payload = io.BytesIO(archive.read(name))
-            # Imported here: torch.export costs ~1.4 s to import, and most opens never need it.
-            from torch.export.pt2_archive import constants as pt2
-
-            if leaf.startswith((pt2.CUSTOM_OBJ_FILENAME_PREFIX, pt2.OPAQUE_OBJ_FILENAME_PREFIX)):
-                raise untrusted_pickle_error(path.name, referenced_globals(payload) or [leaf])
-            try:
-                torch.load(payload, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as exc:
-                if is_weights_only_refusal(exc):
-                    raise untrusted_pickle_error(path.name, referenced_globals(payload)) from None
-            except Exception:  # noqa: BLE001 - not a pickle; nothing here can run
-                continue
-
-
-def _raw_tensor_members(archive: zipfile.ZipFile) -> set[str]:
-    """Members the payload configs declare as raw tensor bytes only, never to be unpickled."""
-    raw: set[str] = set()
-    pickled: set[str] = set()
-    for name in archive.namelist():
-        if not name.endswith("_config.json"):
-            continue
-        folder = name.rpartition("/")[0]
-        try:
-            config = json.loads(archive.read(name)).get("config", {})
-        except (ValueError, AttributeError):
-            continue
-        for entry in config.values():
-            if isinstance(entry, dict) and entry.get("path_name"):
-                member = f"{folder}/{entry['path_name']}"
-                (pickled if entry.get("use_pickle") else raw).add(member)
-    return raw - pickled
 
 
 def _rank(node: object) -> int | None:

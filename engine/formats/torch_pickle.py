@@ -22,8 +22,10 @@ from engine.errors import ModelLoadError
 from engine.formats import LoadOptions
 from engine.formats._torch_common import (
     architecture_model,
+    check_archive,
     is_weights_only_refusal,
     module_model,
+    quiet_torch,
     referenced_globals,
     tensor_store,
     untrusted_pickle_error,
@@ -57,14 +59,18 @@ def load(path: Path, options: LoadOptions) -> Model:
         damaged_zip = not is_zip and handle.read(4) == b"PK\x03\x04"
     if damaged_zip:
         raise ModelLoadError(f"{path.name}: the zip archive is damaged or truncated")
+    if is_zip:
+        check_archive(path)
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=is_zip)
+        with quiet_torch():
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as exc:
         if not is_weights_only_refusal(exc):
             raise
         if not options.trust:
             raise untrusted_pickle_error(path.name, referenced_globals(path)) from None
-        obj = torch.load(str(path), map_location="cpu", weights_only=False, mmap=is_zip)
+        with quiet_torch():
+            obj = torch.load(str(path), map_location="cpu", weights_only=False, mmap=is_zip)
         module = _find_module(obj)
         if module is not None:
             module.eval()

@@ -7,13 +7,12 @@ is TorchScript, interpreted by torch.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
 
 from engine.formats import LoadOptions
-from engine.formats._torch_common import module_model
+from engine.formats._torch_common import check_archive, module_model, quiet_torch
 from engine.model import Model
 
 NAME = "torchscript"
@@ -26,9 +25,8 @@ def match(path: Path, head: bytes, zip_names: list[str]) -> bool:
 
 
 def load(path: Path, options: LoadOptions) -> Model:
-    with warnings.catch_warnings():
-        # torch deprecates writing TorchScript; files that exist still need reading.
-        warnings.simplefilter("ignore", DeprecationWarning)
+    check_archive(path)  # torch's C++ reader would inflate a zip bomb
+    with quiet_torch():  # e.g. torch deprecating TorchScript; files that exist still need reading
         module = torch.jit.load(str(path), map_location="cpu")
     module.eval()
     return module_model(path, NAME, module, input_shape=options.input_shape)
