@@ -10,8 +10,11 @@ and on a fresh load of the same model. Settings come in three *sections* — ``p
 * A section set to ``null`` switches that technique off for the matched layers; ``keep``
   (or ``{keep: true}``) switches all three off.
 * Pattern keys are shell-style globs (``fnmatch``, case-sensitive); a key starting with
-  ``re:`` is a Python regular expression that must match the whole name. When several
-  patterns match a layer, the later one in the file wins.
+  ``re:`` is a regular expression that must match the whole name. When several patterns match
+  a layer, the later one in the file wins. Regular expressions run on RE2 (``google-re2``),
+  whose matching time is linear in the name's length, so ``re:(a+)+b`` cannot freeze the app;
+  the price is that backreferences and lookarounds are refused with a clear error. Patterns
+  are at most :data:`MAX_PATTERN_CHARS` long.
 * Defaults and patterns apply a section only to layer kinds that can take it (a ``features.*``
   pattern does not try to quantize the BatchNorms it also matches). Kind and exact-name
   overrides are explicit, so asking them for something the kind cannot do is an error.
@@ -20,7 +23,7 @@ and on a fresh load of the same model. Settings come in three *sections* — ``p
   silently compress nothing, and warnings are easy to miss in the CLI.
 
 Value rules (checked per layer in :meth:`Plan.resolve`, the error names layer and field):
-pruning ``amount`` in [0, 1); ``pattern`` "N:M" with 1 <= N <= M, M dividing the input
+pruning ``amount`` in [0, 1); ``pattern`` "N:M" with 1 <= N <= M <= 64, M dividing the input
 channels; quantization ``bits`` 2..8 or "fp16"/"bf16"; ``group_size`` dividing the row length
 (``prod(weight.shape[1:])``, i.e. in_features, or in_channels*kh*kw for a conv); low-rank
 ``rank`` >= 1 and <= min(out, row length), a multiple of the layer's group size and N:M M
@@ -55,17 +58,21 @@ Example (YAML; JSON has the same structure)::
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple, Union
 
 import yaml
 
-from engine.errors import PlanError, one_line
+from engine.errors import PlanError
 from engine.model import PRUNABLE_KINDS, QUANTIZABLE_KINDS
+from engine.parsing import (MAX_JSON_BYTES, MAX_YAML_BYTES, check_depth, load_json, load_yaml,
+                            quote, read_text)
 from engine.safe_write import atomic_write_text
 
 PLAN_VERSION = 1
@@ -76,6 +83,12 @@ RANGE_METHODS = ("minmax", "mse")
 FLOAT_FORMATS = ("fp16", "bf16")
 MIN_BITS, MAX_BITS = 2, 8
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+#: Longest pattern key: enough for any real name pattern, small enough to compile instantly.
+MAX_PATTERN_CHARS = 1000
+#: Longest "N:M" text and largest M: beyond 64 an N:M group is unstructured pruning in effect.
+MAX_NM_CHARS, MAX_NM_GROUP = 16, 64
+#: Quote lengths in messages: names in the "where" part, offending values after it.
+_KEY_QUOTE, _VALUE_QUOTE = 48, 60
 
 #: Kinds whose output channels torch-pruning can physically remove.
 STRUCTURED_KINDS = frozenset({"Conv1d", "Conv2d", "Conv3d", "Linear"})
@@ -98,8 +111,11 @@ class Pruning:
     @property
     def nm(self) -> tuple[int, int]:
         """(N, M) of the pattern; only meaningful for method "nm"."""
-        n, m = (self.pattern or "2:4").split(":")
-        return int(n), int(m)
+
+        def fail(field_name: str, problem: str) -> None:
+            raise PlanError(f"pruning.{field_name} {problem}")
+
+        return _parse_nm(self.pattern or "2:4", fail)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.method}
@@ -239,25 +255,25 @@ class Plan:
         """(where it came from, sections, explicit?) from lowest to highest priority."""
         yield "defaults", self.defaults, False
         if info.kind in self.kinds:
-            yield f"kinds[{info.kind!r}]", self.kinds[info.kind], True
+            yield f"kinds[{_key(info.kind)}]", self.kinds[info.kind], True
         for pattern, sections in self.patterns.items():
             if pattern_matches(pattern, info.name):
-                yield f"patterns[{pattern!r}]", sections, False
+                yield f"patterns[{_key(pattern)}]", sections, False
         if info.name in self.layers:
-            yield f"layers[{info.name!r}]", self.layers[info.name], True
+            yield f"layers[{_key(info.name)}]", self.layers[info.name], True
 
     def _check_overrides_match(self, infos: list[LayerInfo]) -> None:
         names = {info.name for info in infos}
         kinds = {info.kind for info in infos}
         for kind in self.kinds:
             if kind not in kinds:
-                raise PlanError(f"plan kinds[{kind!r}]: no layer of this kind in the model")
+                raise PlanError(f"plan kinds[{_key(kind)}]: no layer of this kind in the model")
         for pattern in self.patterns:
             if not any(pattern_matches(pattern, name) for name in names):
-                raise PlanError(f"plan patterns[{pattern!r}]: the pattern matches no layer")
+                raise PlanError(f"plan patterns[{_key(pattern)}]: the pattern matches no layer")
         for name in self.layers:
             if name not in names:
-                raise PlanError(f"layer {name!r}: no layer of this name in the model")
+                raise PlanError(f"layer {_key(name)}: no layer of this name in the model")
 
     # -- plain data ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -276,28 +292,36 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
+        """A plan from plain data; anything malformed, of any type or depth, is one PlanError."""
         if not isinstance(data, Mapping):
-            raise PlanError("plan: expected a mapping at the top level")
+            raise PlanError(f"plan: expected a mapping at the top level, got {_value(data)}")
+        check_depth(data, "plan", error=PlanError)
         _reject_unknown(
             "plan", data,
             {"version", "defaults", "kinds", "patterns", "layers", "activation_quant", "recovery"},
         )
         version = data.get("version", PLAN_VERSION)
-        if version != PLAN_VERSION:
-            raise PlanError(f"plan version: {version!r} is not supported (expected {PLAN_VERSION})")
+        if not _is_int(version) or version != PLAN_VERSION:
+            raise PlanError(f"plan version: {_value(version)} is not supported (expected {PLAN_VERSION})")
         tables: dict[str, dict[str, Sections]] = {}
         for level in ("kinds", "patterns", "layers"):
-            raw = data.get(level) or {}
+            raw = data.get(level)
+            if raw is None:
+                raw = {}
             if not isinstance(raw, Mapping):
-                raise PlanError(f"plan {level}: expected a mapping of names to settings")
-            tables[level] = {str(k): _sections_from_data(f"{level}[{k!r}]", v) for k, v in raw.items()}
+                raise PlanError(f"plan {level}: expected a mapping of names to settings, got {_value(raw)}")
+            tables[level] = {}
+            for k, v in raw.items():
+                name = _name_key(level, k)
+                tables[level][name] = _sections_from_data(f"{level}[{_key(name)}]", v)
         for pattern in tables["patterns"]:
             _compile_pattern(pattern)
         recovery = data.get("recovery")
         if recovery is not None and not isinstance(recovery, Mapping):
-            raise PlanError("plan recovery: expected a mapping")
+            raise PlanError(f"plan recovery: expected a mapping, got {_value(recovery)}")
+        defaults = data.get("defaults")
         return cls(
-            defaults=_sections_from_data("defaults", data.get("defaults") or {}),
+            defaults=_sections_from_data("defaults", {} if defaults is None else defaults),
             kinds=tables["kinds"],
             patterns=tables["patterns"],
             layers=tables["layers"],
@@ -317,28 +341,57 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
+        """Read a YAML or JSON plan, bounded in size and nesting (see engine.parsing)."""
         path = Path(path)
         is_yaml = _is_yaml(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PlanError(f"plan {path}: cannot read it ({one_line(exc)})") from None
-        try:
-            data = yaml.safe_load(text) if is_yaml else json.loads(text)
-        except (yaml.YAMLError, json.JSONDecodeError) as exc:
-            first_line = str(exc).splitlines()[0]
-            raise PlanError(f"plan {path.name}: not valid {'YAML' if is_yaml else 'JSON'}: {first_line}") from None
-        return cls.from_dict(data or {})
+        limit = MAX_YAML_BYTES if is_yaml else MAX_JSON_BYTES
+        text = read_text(path, what="plan", limit=limit, error=PlanError)
+        where = f"plan {quote(path.name)}"
+        data = load_yaml(text, where, error=PlanError) if is_yaml else load_json(text, where, error=PlanError)
+        return cls.from_dict({} if data is None else data)
 
 
 # -- patterns ------------------------------------------------------------------------------
-def _compile_pattern(pattern: str) -> re.Pattern[str]:
-    if pattern.startswith("re:"):
-        try:
-            return re.compile(pattern[3:])
-        except re.error as exc:
-            raise PlanError(f"plan patterns[{pattern!r}]: invalid regular expression ({exc})") from None
-    return re.compile(fnmatch.translate(pattern))
+@functools.lru_cache(maxsize=512)
+def _compile_pattern(pattern: str) -> Any:
+    """A compiled matcher with ``fullmatch``: RE2 for ``re:`` keys, Python's re for globs.
+
+    Globs need no RE2: ``fnmatch.translate`` (Python 3.11+) emits atomic groups, which keep
+    even a many-star glob linear. Python's own compile checks ``re:`` syntax first, so a typo
+    gets the familiar message and only RE2's limits get the linear-time one.
+    """
+    where = f"plan patterns[{_key(pattern)}]"
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise PlanError(f"{where}: the pattern is {len(pattern)} characters long, "
+                        f"more than the {MAX_PATTERN_CHARS} allowed")
+    if not pattern.startswith("re:"):
+        return re.compile(fnmatch.translate(pattern))
+    expression = pattern[3:]
+    try:
+        with warnings.catch_warnings():  # e.g. "possible nested set": not for the user's stderr
+            warnings.simplefilter("ignore")
+            re.compile(expression)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise PlanError(f"{where}: invalid regular expression ({_short(exc)})") from None
+    return _linear_regex(where, expression)
+
+
+def _linear_regex(where: str, expression: str) -> Any:
+    try:
+        import re2  # google-re2: linear-time matching
+    except ImportError:
+        raise PlanError(f"{where}: re: patterns need the google-re2 package "
+                        "(pip install google-re2); use a glob instead") from None
+    options = re2.Options()
+    options.log_errors = False  # RE2 would print its own lines on stderr
+    try:
+        return re2.compile(expression, options)
+    except re2.error as exc:
+        reason = exc.args[0] if exc.args else exc
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        raise PlanError(f"{where}: the linear-time matcher refuses it ({_short(reason, 50)}); "
+                        "avoid backreferences and lookarounds, or use a glob") from None
 
 
 def pattern_matches(pattern: str, name: str) -> bool:
@@ -372,38 +425,42 @@ def _check_section(info: LayerInfo, key: str, section: Section, origin: str) -> 
     """Raise PlanError naming the layer and field when `section` cannot apply to `info`."""
 
     def fail(field_name: str, problem: str) -> None:
-        raise PlanError(f"layer {info.name!r} ({info.kind}, from {origin}): {key}.{field_name} {problem}")
+        raise PlanError(f"layer {_key(info.name)} ({_kind(info.kind)}, from {origin}): "
+                        f"{key}.{field_name} {problem}")
 
     if not _applies(key, section, info.kind):
-        what = f"{key}.method {section.method!r}" if isinstance(section, Pruning) else key
-        raise PlanError(f"layer {info.name!r} (from {origin}): {what} cannot apply to {info.kind} layers")
+        what = f"{key}.method {_value(section.method)}" if isinstance(section, Pruning) else key
+        raise PlanError(f"layer {_key(info.name)} (from {origin}): {what} cannot apply to "
+                        f"{_kind(info.kind)} layers")
     shape = info.shape
     if isinstance(section, Pruning):
         if section.method == "nm":
             n, m = _parse_nm(section.pattern or "2:4", fail)
             if shape is not None and len(shape) > 1 and shape[1] % m:
-                fail("pattern", f"{section.pattern!r}: M={m} does not divide the {shape[1]} input channels")
+                fail("pattern", f"{_value(section.pattern)}: M={m} does not divide the {shape[1]} "
+                                "input channels")
         elif not _is_number(section.amount) or not 0 <= section.amount < 1:
-            fail("amount", f"= {section.amount!r} must be a number in [0, 1)")
+            fail("amount", f"= {_value(section.amount)} must be a number in [0, 1)")
     elif isinstance(section, Quantization):
         if section.is_float:
             return
         if not _is_int(section.bits) or not MIN_BITS <= section.bits <= MAX_BITS:
-            fail("bits", f"= {section.bits!r} must be an integer {MIN_BITS}..{MAX_BITS} or one of {', '.join(FLOAT_FORMATS)}")
+            fail("bits", f"= {_value(section.bits)} must be an integer {MIN_BITS}..{MAX_BITS} "
+                         f"or one of {', '.join(FLOAT_FORMATS)}")
         if section.granularity == "group":
             size = section.group_size
             if not _is_int(size) or size < 1:
-                fail("group_size", f"= {size!r} must be a positive integer")
+                fail("group_size", f"= {_value(size)} must be a positive integer")
             if shape is not None and row_length(shape) % size:
                 fail("group_size", f"= {size} does not divide the input dimension {row_length(shape)}")
     elif isinstance(section, LowRank):
         if section.rank is not None:
             if not _is_int(section.rank) or section.rank < 1:
-                fail("rank", f"= {section.rank!r} must be a positive integer")
+                fail("rank", f"= {_value(section.rank)} must be a positive integer")
             if shape is not None and section.rank > min(shape[0], row_length(shape)):
                 fail("rank", f"= {section.rank} exceeds the full rank {min(shape[0], row_length(shape))}")
         elif not _is_number(section.energy) or not 0 < section.energy <= 1:
-            fail("energy", f"= {section.energy!r} must be a number in (0, 1]")
+            fail("energy", f"= {_value(section.energy)} must be a number in (0, 1]")
 
 
 def _check_rank_splits(info: LayerInfo, layer_plan: LayerPlan) -> None:
@@ -419,7 +476,7 @@ def _check_rank_splits(info: LayerInfo, layer_plan: LayerPlan) -> None:
     for what, size in sizes:
         if low_rank.rank % size:
             raise PlanError(
-                f"layer {info.name!r}: low_rank.rank {low_rank.rank} must be a multiple of {what} {size}, "
+                f"layer {_key(info.name)}: low_rank.rank {low_rank.rank} must be a multiple of {what} {size}, "
                 "which splits the second factor's input"
             )
 
@@ -435,18 +492,21 @@ def _check_global_amount(resolved: Mapping[str, LayerPlan]) -> None:
             first = (name, pruning.amount)
         elif pruning.amount != first[1]:
             raise PlanError(
-                f"layer {name!r}: pruning.amount {pruning.amount} differs from {first[1]} on "
-                f"{first[0]!r}; magnitude-global layers share one amount"
+                f"layer {_key(name)}: pruning.amount {_value(pruning.amount)} differs from "
+                f"{_value(first[1])} on {_key(first[0])}; magnitude-global layers share one amount"
             )
 
 
 def _parse_nm(pattern: Any, fail: Any) -> tuple[int, int]:
-    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
+    """(N, M) of an "N:M" text; bounded before any int() so 5,000 digits are one clear line."""
+    match = None
+    if isinstance(pattern, str) and len(pattern) <= MAX_NM_CHARS:
+        match = re.fullmatch(r"\s*(\d{1,6})\s*:\s*(\d{1,6})\s*", pattern)
     if not match:
-        fail("pattern", f"= {pattern!r} must look like 'N:M', e.g. '2:4'")
+        fail("pattern", f"= {_value(pattern)} must look like 'N:M', e.g. '2:4'")
     n, m = int(match.group(1)), int(match.group(2))
-    if n < 1 or n > m:
-        fail("pattern", f"= {pattern!r} needs 1 <= N <= M")
+    if n < 1 or n > m or m > MAX_NM_GROUP:
+        fail("pattern", f"= {_value(pattern)} needs 1 <= N <= M <= {MAX_NM_GROUP}")
     return n, m
 
 
@@ -473,75 +533,122 @@ def _sections_to_data(sections: Mapping[str, Section | None]) -> dict[str, Any] 
 
 
 def _sections_from_data(where: str, raw: Any) -> Sections:
-    if raw == "keep" or (isinstance(raw, Mapping) and raw.get("keep") is True and len(raw) == 1):
+    if raw == "keep" or (isinstance(raw, Mapping) and len(raw) == 1 and raw.get("keep") is True):
         return {key: None for key in SECTIONS}
     if not isinstance(raw, Mapping):
-        raise PlanError(f"plan {where}: expected a mapping of sections or 'keep', got {raw!r}")
+        raise PlanError(f"plan {where}: expected a mapping of sections or 'keep', got {_value(raw)}")
     _reject_unknown(f"plan {where}", raw, set(SECTIONS))
     return {key: _section_from_data(f"{where}.{key}", key, value) for key, value in raw.items()}
 
 
 def _section_from_data(where: str, key: str, raw: Any) -> Section | None:
+    """One section, its fields type-checked here; ranges that depend on the layer (amount in
+    [0, 1), bits 2..8, a rank within the shape) are checked at resolution, naming the layer."""
     if raw is None:
         return None
     cls, fields = _SECTION_FIELDS[key]
     if not isinstance(raw, Mapping):
-        raise PlanError(f"plan {where}: expected a mapping, got {raw!r}")
+        raise PlanError(f"plan {where}: expected a mapping, got {_value(raw)}")
     _reject_unknown(f"plan {where}", raw, fields)
     if key == "pruning":
-        method = raw.get("method", "magnitude")
-        if method not in PRUNING_METHODS:
-            raise PlanError(f"plan {where}.method: {method!r} is not one of {', '.join(PRUNING_METHODS)}")
+        method = _choice(f"{where}.method", raw.get("method", "magnitude"), PRUNING_METHODS)
         if method == "nm":
-            return Pruning(method, pattern=str(raw.get("pattern", "2:4")))
+            pattern = raw.get("pattern", "2:4")
+            if not isinstance(pattern, str):
+                raise PlanError(f"plan {where}.pattern: {_value(pattern)} must be text like '2:4' "
+                                "(quote it in YAML, which reads a bare 2:4 as the number 124)")
+            if len(pattern) > MAX_NM_CHARS:
+                raise PlanError(f"plan {where}.pattern: {_value(pattern)} is too long for 'N:M' "
+                                f"(at most {MAX_NM_CHARS} characters)")
+            return Pruning(method, pattern=pattern)
         if "amount" not in raw:
             raise PlanError(f"plan {where}.amount: required for method {method!r}")
-        return Pruning(method, amount=raw["amount"])
+        return Pruning(method, amount=_typed(f"{where}.amount", raw["amount"], _is_number, "a number"))
     if key == "quantization":
-        granularity = raw.get("granularity", "per-channel")
-        if granularity not in GRANULARITIES:
-            raise PlanError(f"plan {where}.granularity: {granularity!r} is not one of {', '.join(GRANULARITIES)}")
-        range_method = raw.get("range", "minmax")
-        if range_method not in RANGE_METHODS:
-            raise PlanError(f"plan {where}.range: {range_method!r} is not one of {', '.join(RANGE_METHODS)}")
+        granularity = _choice(f"{where}.granularity", raw.get("granularity", "per-channel"), GRANULARITIES)
+        range_method = _choice(f"{where}.range", raw.get("range", "minmax"), RANGE_METHODS)
         symmetric = raw.get("symmetric", True)
         if not isinstance(symmetric, bool):
-            raise PlanError(f"plan {where}.symmetric: expected true or false, got {symmetric!r}")
+            raise PlanError(f"plan {where}.symmetric: expected true or false, got {_value(symmetric)}")
+        bits = raw.get("bits", 8)
+        if not _is_int(bits) and not (isinstance(bits, str) and bits in FLOAT_FORMATS):
+            raise PlanError(f"plan {where}.bits: {_value(bits)} must be an integer "
+                            f"{MIN_BITS}..{MAX_BITS} or one of {', '.join(FLOAT_FORMATS)}")
         if granularity == "group" and "group_size" not in raw:
             raise PlanError(f"plan {where}.group_size: required for granularity 'group'")
-        return Quantization(
-            bits=raw.get("bits", 8),
-            symmetric=symmetric,
-            granularity=granularity,
-            group_size=raw.get("group_size") if granularity == "group" else None,
-            range=range_method,
-        )
+        group_size = raw.get("group_size") if granularity == "group" else None
+        if group_size is not None:
+            _typed(f"{where}.group_size", group_size, _is_int, "an integer")
+        return Quantization(bits=bits, symmetric=symmetric, granularity=granularity,
+                            group_size=group_size, range=range_method)
     if ("rank" in raw) == ("energy" in raw):
         raise PlanError(f"plan {where}: give exactly one of rank or energy")
-    return LowRank(rank=raw.get("rank"), energy=raw.get("energy"))
+    if "rank" in raw:
+        return LowRank(rank=_typed(f"{where}.rank", raw["rank"], _is_int, "an integer"))
+    return LowRank(energy=_typed(f"{where}.energy", raw["energy"], _is_number, "a number"))
 
 
 def _activation_from_data(raw: Any) -> ActivationQuant | None:
     if raw is None:
         return None
     if not isinstance(raw, Mapping):
-        raise PlanError(f"plan activation_quant: expected a mapping, got {raw!r}")
+        raise PlanError(f"plan activation_quant: expected a mapping, got {_value(raw)}")
     _reject_unknown("plan activation_quant", raw, {"calibration", "percentile"})
-    calibration = raw.get("calibration", "minmax")
-    if calibration not in CALIBRATION_METHODS:
-        raise PlanError(
-            f"plan activation_quant.calibration: {calibration!r} is not one of {', '.join(CALIBRATION_METHODS)}"
-        )
+    calibration = _choice("activation_quant.calibration", raw.get("calibration", "minmax"),
+                          CALIBRATION_METHODS)
     percentile = raw.get("percentile", ActivationQuant.percentile)
     if not _is_number(percentile) or not 0 < percentile <= 100:
-        raise PlanError(f"plan activation_quant.percentile: {percentile!r} must be in (0, 100]")
+        raise PlanError(f"plan activation_quant.percentile: {_value(percentile)} must be in (0, 100]")
     return ActivationQuant(calibration, float(percentile))
 
 
-def _reject_unknown(where: str, raw: Mapping[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise PlanError(f"{where}: unknown field {unknown[0]!r} (expected {', '.join(sorted(allowed))})")
+def _choice(where: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise PlanError(f"plan {where}: {_value(value)} is not one of {', '.join(allowed)}")
+    return value
+
+
+def _typed(where: str, value: Any, check: Any, expected: str) -> Any:
+    if not check(value):
+        raise PlanError(f"plan {where}: expected {expected}, got {_value(value)}")
+    return value
+
+
+def _reject_unknown(where: str, raw: Mapping[Any, Any], allowed: set[str]) -> None:
+    for name in raw:
+        if not isinstance(name, str) or name not in allowed:
+            raise PlanError(f"{where}: unknown field {_key(name)} (expected {', '.join(sorted(allowed))})")
+
+
+def _name_key(level: str, key: Any) -> str:
+    """A kinds/patterns/layers key as text: YAML reads ``0:`` (a Sequential's first layer) as
+    an integer, which is accepted; anything else that is not text is refused."""
+    if isinstance(key, str):
+        return key
+    if _is_int(key) and abs(key) < 1 << 63:
+        return str(key)
+    raise PlanError(f"plan {level}: the key {_key(key)} is not a name (expected text)")
+
+
+def _key(value: Any) -> str:
+    """A name (layer, kind, pattern) as quoted in the "where" part of a message."""
+    return quote(value, _KEY_QUOTE)
+
+
+def _value(value: Any) -> str:
+    """An offending value as quoted after the "where" part of a message."""
+    return quote(value, _VALUE_QUOTE)
+
+
+def _kind(kind: Any) -> str:
+    """A layer kind, unquoted when it is a plain identifier (as every real kind is)."""
+    return kind if isinstance(kind, str) and kind.isidentifier() and len(kind) <= 40 else _key(kind)
+
+
+def _short(exc: Any, limit: int = 80) -> str:
+    """An exception's text on one line, cut to `limit` characters."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _layer_infos(layers: LayerSource) -> list[LayerInfo]:
@@ -563,4 +670,5 @@ def _is_yaml(path: Path) -> bool:
         return True
     if suffix == ".json":
         return False
-    raise PlanError(f"plan {path.name}: unknown extension {suffix!r} (use .yaml, .yml or .json)")
+    raise PlanError(f"plan {quote(path.name)}: unknown extension {quote(suffix, 24)} "
+                    "(use .yaml, .yml or .json)")

@@ -80,7 +80,7 @@ from torch.nn import functional as F
 from engine.compress import tensor_storage_bytes
 from engine.compressed import CompressedModel
 from engine.data import DataSource
-from engine.errors import SlimscopeError
+from engine.errors import PlanError, SlimscopeError
 from engine.evaluate import Metrics, MetricTotals, TorchRunner, evaluate, first_tensor
 from engine.jobs import NEVER_CANCELLED, CancelToken, Progress, no_progress, sub_progress
 from engine.methods.apply import apply_plan, module_layers
@@ -88,7 +88,7 @@ from engine.methods.lowrank import factorize
 from engine.methods.quantize import quantize_tensor
 from engine.model import PRUNABLE_KINDS, QUANTIZABLE_KINDS, Model
 from engine.plan import LOW_RANK_KINDS, LowRank, Plan, Pruning, Quantization, Sections
-from engine.parsing import read_json
+from engine.parsing import REQUIRED, check_depth, expect, list_of, quote, read_json, typed_field
 from engine.safe_write import atomic_write_text
 from engine.storage import storage_bytes
 
@@ -178,11 +178,22 @@ class Curve:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Curve:
-        return cls(levels=list(data["levels"]), metric=list(data["metric"]),
-                   delta=list(data["delta"]), bytes=[int(b) for b in data["bytes"]],
-                   nonzero=[int(n) for n in data["nonzero"]], status=list(data["status"]),
-                   secondary=data.get("secondary"))
+    def from_dict(cls, data: dict[str, Any], where: str = "curve") -> Curve:
+        """A curve from plain data; wrong types or unequal lengths are one SlimscopeError."""
+        expect(data, "mapping", where)
+        levels = list_of(typed_field(data, "levels", "list", where), "number", f"{where}.levels")
+        lists = {name: list_of(typed_field(data, name, "list", where), kind, f"{where}.{name}")
+                 for name, kind in (("metric", "number"), ("delta", "number"), ("bytes", "int"),
+                                    ("nonzero", "int"), ("status", "str"))}
+        secondary = typed_field(data, "secondary", "list", where, default=None)
+        if secondary is not None:
+            lists["secondary"] = list_of(secondary, "number", f"{where}.secondary",
+                                         optional_items=True)
+        for name, values in lists.items():
+            if len(values) != len(levels):
+                raise SlimscopeError(f"{where}.{name}: {len(values)} values for "
+                                     f"{len(levels)} levels")
+        return cls(levels=levels, **lists)
 
 
 @dataclass
@@ -204,10 +215,23 @@ class LayerSensitivity:
                 "curves": {axis: curve.to_dict() for axis, curve in self.curves.items()}}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LayerSensitivity:
-        return cls(data["name"], data["kind"], tuple(data["shape"]),
-                   {axis: Curve.from_dict(c) for axis, c in data["curves"].items()},
-                   int(data.get("float_bits", 32)))
+    def from_dict(cls, data: dict[str, Any], where: str = "layer") -> LayerSensitivity:
+        """A layer's results from plain data; anything malformed is one SlimscopeError."""
+        expect(data, "mapping", where)
+        name = typed_field(data, "name", "str", where)
+        where = f"{where} {quote(name, 48)}"
+        shape = tuple(list_of(typed_field(data, "shape", "list", where), "int", f"{where}.shape"))
+        if any(dim < 0 for dim in shape):
+            raise SlimscopeError(f"{where}.shape: {quote(list(shape), 48)} has a negative "
+                                 "dimension")
+        curves = {}
+        for axis, curve in typed_field(data, "curves", "mapping", where).items():
+            if axis not in AXES:
+                raise SlimscopeError(f"{where}.curves: unknown axis {quote(axis, 24)} "
+                                     f"(expected {', '.join(AXES)})")
+            curves[axis] = Curve.from_dict(curve, f"{where}.curves.{axis}")
+        return cls(name, typed_field(data, "kind", "str", where), shape, curves,
+                   typed_field(data, "float_bits", "int", where, default=32))
 
 
 @dataclass
@@ -293,34 +317,59 @@ class Sensitivity:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Sensitivity:
-        if data.get("version") != SENSITIVITY_VERSION:
-            raise SlimscopeError(f"sensitivity version {data.get('version')!r} is not supported "
+        """Results from plain data (a file's or a project's); every missing field or wrong
+        type, at any depth, is one SlimscopeError naming where it is."""
+        where = "sensitivity"
+        expect(data, "mapping", where)
+        check_depth(data, where)
+        version = data.get("version")
+        if isinstance(version, bool) or version != SENSITIVITY_VERSION:
+            raise SlimscopeError(f"sensitivity version {quote(version, 24)} is not supported "
                                  f"(expected {SENSITIVITY_VERSION})")
+        quantization = typed_field(data, "quantization", "mapping", where)
         try:
-            quant = Plan.from_dict({"defaults": {"quantization": data["quantization"]}})
-            return cls(
-                method=data["method"], metric=data["metric"],
-                higher_is_better=bool(data["higher_is_better"]), baseline=data["baseline"],
-                layers=[LayerSensitivity.from_dict(layer) for layer in data["layers"]],
-                quantization=quant.defaults["quantization"],  # type: ignore[arg-type]
-                model_bytes=int(data["model_bytes"]), fixed_bytes=int(data["fixed_bytes"]),
-                secondary_metric=data.get("secondary_metric"),
-                secondary_baseline=data.get("secondary_baseline"), chance=data.get("chance"),
-                collapse_fraction=data.get("collapse_fraction"), model=data.get("model", ""),
-                data=data.get("data"), samples=int(data.get("samples", 0)),
-                seconds=float(data.get("seconds", 0.0)), notes=list(data.get("notes", [])),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SlimscopeError(f"not a sensitivity file: missing or bad field {exc}") from None
+            quant = Plan.from_dict({"defaults": {"quantization": quantization}})
+        except PlanError as exc:
+            raise SlimscopeError(f"sensitivity quantization: {exc}") from None
+        layers = typed_field(data, "layers", "list", where)
+        return cls(
+            method=typed_field(data, "method", "str", where),
+            metric=typed_field(data, "metric", "str", where),
+            higher_is_better=typed_field(data, "higher_is_better", "bool", where),
+            baseline=typed_field(data, "baseline", "number", where),
+            layers=[LayerSensitivity.from_dict(layer, f"{where}.layers[{index}]")
+                    for index, layer in enumerate(layers)],
+            quantization=quant.defaults["quantization"],  # type: ignore[arg-type]
+            model_bytes=_count(data, "model_bytes", where),
+            fixed_bytes=_count(data, "fixed_bytes", where),
+            secondary_metric=typed_field(data, "secondary_metric", "str", where, default=None),
+            secondary_baseline=typed_field(data, "secondary_baseline", "number", where,
+                                           default=None),
+            chance=typed_field(data, "chance", "number", where, default=None),
+            collapse_fraction=typed_field(data, "collapse_fraction", "number", where, default=None),
+            model=typed_field(data, "model", "str", where, default=""),
+            data=typed_field(data, "data", "str", where, default=None),
+            samples=_count(data, "samples", where, default=0),
+            seconds=float(typed_field(data, "seconds", "number", where, default=0.0)),
+            notes=list_of(typed_field(data, "notes", "list", where, default=[]), "str",
+                          f"{where}.notes"),
+        )
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Sensitivity:
-        path = Path(path)
-        data = read_json(path)
-        return cls.from_dict(data)
+        """Read a sensitivity JSON file, bounded in size and nesting (see engine.parsing)."""
+        return cls.from_dict(read_json(Path(path), what="sensitivity"))
+
+
+def _count(data: dict[str, Any], key: str, where: str, default: Any = REQUIRED) -> int:
+    """A non-negative integer field (bytes, samples)."""
+    value = typed_field(data, key, "int", where, default=default)
+    if value < 0:
+        raise SlimscopeError(f"{where}.{key}: {quote(value, 24)} must not be negative")
+    return value
 
 
 # -- levels: compressed weights made by the methods' own functions ---------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import reprlib
 import stat
 import zipfile
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from engine.errors import FormatError
+from engine.errors import FormatError, SlimscopeError
 
 #: Largest element count a tensor may claim (2**40, 4 TiB of bytes at fp32): a guard against
 #: overflowing products, not a size policy; the file-size checks below are the real bound.
@@ -36,39 +37,74 @@ QUOTE_LIMIT = 80
 _NUMERIC_KINDS = frozenset("biuf")
 
 
+class _BoundedRepr(reprlib.Repr):
+    """reprlib's bounded repr, made safe for integers too long for ``repr()`` to print."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 3
+        self.maxstring = 60
+        self.maxlong = 30
+        self.maxother = 40
+        self.maxdict = self.maxlist = self.maxtuple = self.maxset = 5
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 256:  # repr() refuses past 4,300 digits; this stays cheap
+            return f"<an integer of about {int(x.bit_length() * 0.30103)} digits>"
+        return super().repr_int(x, level)
+
+
+_BOUNDED_REPR = _BoundedRepr()
+
+
 def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
-    """`repr(value)` (which escapes control characters), cut to about `limit` characters."""
-    text = repr(value)
+    """`repr(value)` cut to about `limit` characters, for any value a parser can produce.
+
+    It never builds the full repr first, so a 100 MB string, a list
+    nested 50,000 deep or a 5,000-digit integer cost nothing and raise nothing.
+    """
+    try:
+        text = _BOUNDED_REPR.repr(value)
+    except Exception:  # noqa: BLE001 - a value's own __repr__ may raise anything
+        text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def regular_file(path: Path) -> os.stat_result:
-    """The file's stat, or one line saying why it is not an ordinary readable file.
+def regular_file(path: Path, what: str = "model",
+                 error: type[SlimscopeError] = FormatError) -> os.stat_result:
+    """The file's stat, or one `error` line saying why it is not an ordinary readable file.
 
-    FIFOs would block forever, devices and `/proc` files have no honest size; neither is a
-    model. Asked without opening the file, so nothing blocks.
+    FIFOs would block forever, devices and `/proc` files have no honest size; none of them is
+    a model (or plan, or project). Asked without opening the file, so nothing blocks.
     """
-    name = quote(path.name or str(path))
+    label = quote(path.name or str(path))
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        raise FormatError(f"{name}: no such file") from None
+        raise error(f"{label}: no such file") from None
     except PermissionError:
-        raise FormatError(f"{name}: permission denied") from None
+        raise error(f"{label}: permission denied") from None
     except OSError as exc:
-        raise FormatError(f"{name}: cannot open ({exc.strerror or type(exc).__name__})") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise FormatError(f"{name}: is a folder, not a model file")
-    if not stat.S_ISREG(info.st_mode):
-        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(info.st_mode)
-                else "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)
-                else "a socket" if stat.S_ISSOCK(info.st_mode) else "not a regular file")
-        raise FormatError(f"{name}: is {kind}, not a model file")
-    if _in_proc(path):
-        raise FormatError(f"{name}: is a /proc or /sys file, not a model file")
+        raise error(f"{label}: cannot open ({exc.strerror or type(exc).__name__})") from None
+    refuse_special(info, path, label, what, error)
     if not os.access(path, os.R_OK):
-        raise FormatError(f"{name}: permission denied")
+        raise error(f"{label}: permission denied")
     return info
+
+
+def refuse_special(info: os.stat_result, path: Path, label: str, what: str,
+                   error: type[SlimscopeError] = FormatError) -> None:
+    """Only regular files: a FIFO blocks, a device or /proc file has no honest size."""
+    mode = info.st_mode
+    if stat.S_ISDIR(mode):
+        raise error(f"{label}: is a folder, not a {what} file")
+    if not stat.S_ISREG(mode):
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise error(f"{label}: is {kind}, not a {what} file")
+    if _in_proc(path):
+        raise error(f"{label}: is a /proc or /sys file, not a {what} file")
 
 
 def _in_proc(path: Path) -> bool:
