@@ -538,10 +538,9 @@ class Analysis(QObject):
 
     def open_project(self, path: Path) -> Job | None:
         """Load the project's model on the worker; plan and results follow once it is in."""
-        try:
-            project = Project.load(path)
-        except SlimscopeError as exc:
-            self.window.show_error(self.window, str(exc), "")  # type: ignore[attr-defined]
+        # one line for every failure; files outside the project's folder only if the user agrees
+        project = self.window.read_project(path)  # type: ignore[attr-defined]
+        if project is None:
             return None
         if project.model_path is None or not project.model_path.exists():
             where = project.model_path or "(none)"

@@ -2,6 +2,8 @@
 
 Loading runs on a worker; until it succeeds the previous model stays on screen, and a failure
 is a dialog with one clear line. Pickles are opened only after the user says they trust them.
+Only ordinary files reach a loader (a FIFO would block the worker for good), and a project's
+files outside its own folder are opened only after the user says yes (:meth:`read_project`).
 The loader and both dialogs are constructor arguments, so tests run the real flow without a
 person at the keyboard.
 
@@ -15,10 +17,11 @@ when that module is present.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import sys
 import traceback
@@ -38,6 +41,7 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QMainWindow,
+    QMessageBox,
     QProgressBar,
     QPushButton,
     QSplitter,
@@ -50,8 +54,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from engine.errors import NeedsModuleError, SlimscopeError, UntrustedPickleError
-from engine.formats import LoadOptions, load_model
+from engine.errors import NeedsModuleError, SlimscopeError, UntrustedPickleError, one_line
+from engine.formats import LoadOptions, check_model_path, load_model
+from engine.formats.guard import quote
 from engine.jobs import CancelToken, Progress
 from engine.model import Model
 from engine.plan import Plan
@@ -67,7 +72,12 @@ from gui.preview import demo_model_path
 from gui.session import CompressionOutcome, MetricPrediction, PlanState, Session
 from gui.workers import Job, compression_job
 
+if TYPE_CHECKING:
+    from gui.project import Project
+
 Loader = Callable[[Path, LoadOptions], Model]
+#: ``confirm_outside(parent, project_file, paths) -> bool``: True only on an explicit yes.
+OutsidePrompt = Callable[[QWidget | None, Path, list[Path]], bool]
 
 MAX_RECENT = 10
 RECENT_KEY = "recent_files"
@@ -80,6 +90,23 @@ MODEL_FILTER = (
     "Model files (*.safetensors *.onnx *.pt *.pth *.bin *.ckpt *.pt2 *.ts *.jit *.torchscript);;"
     "All files (*)"
 )
+
+
+def confirm_outside_paths(parent: QWidget | None, project_file: Path, paths: list[Path]) -> bool:
+    """Ask before opening files a project names outside its own folder; No is the default.
+
+    The first line names no file: Qt would render a first line that looks like HTML as rich
+    text, and file names come from the project file.
+    """
+    listed = "\n".join(f"  {quote(str(path), 200)}" for path in paths[:5])
+    more = f"\n  … and {len(paths) - 5} more" if len(paths) > 5 else ""
+    text = (f"This project names files outside its own folder.\n\nProject: {quote(str(project_file), 200)}"
+            f"\nOutside its folder:\n{listed}{more}\n\nOpen them anyway? Answer Yes only if you "
+            "trust where the project file came from.")
+    answer = QMessageBox.question(parent, "Open files outside the project?", text,
+                                  QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                                  QMessageBox.StandardButton.No)
+    return answer == QMessageBox.StandardButton.Yes
 
 
 def _to_str_list(value: object) -> list[str]:
@@ -109,12 +136,15 @@ class MainWindow(QMainWindow):
         show_error: dialogs.ErrorReporter = dialogs.show_error,
         confirm_trust: dialogs.TrustPrompt = dialogs.confirm_trust,
         ask_save_changes: dialogs.SavePrompt | None = None,
+        confirm_outside: OutsidePrompt | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings if settings is not None else QSettings()
         self.loader = loader
         self.show_error = show_error
         self.confirm_trust = confirm_trust
+        #: Asked before a project's files outside its folder are opened (see read_project).
+        self.confirm_outside = confirm_outside or confirm_outside_paths
         # looked up now, not at definition: tests replace dialogs.ask_save_changes for all windows
         self.ask_save_changes = ask_save_changes or dialogs.ask_save_changes
         self.session = Session(self)
@@ -404,6 +434,10 @@ class MainWindow(QMainWindow):
         loader = self.loader
 
         def body(progress: Progress, cancel: CancelToken) -> Model:
+            # Refused before any loader reads: a FIFO or device would block this worker forever.
+            # A path that is not there is left to the loader, which says what it expected.
+            if os.path.exists(path):
+                check_model_path(path)
             return loader(path, LoadOptions(trust=trust, progress=progress))
 
         job = Job(body, f"load {path.name}", _LoadRequest(path, trust, time.perf_counter()))
@@ -457,9 +491,46 @@ class MainWindow(QMainWindow):
             else:
                 self.statusBar().showMessage(f"{path.name} was not opened: it was not trusted", 8000)
             return
-        self.statusBar().showMessage(f"Could not open {path.name}", 8000)
-        self.log.add(f"could not open {path.name}: {message}", "error")
+        self.statusBar().showMessage(f"Could not open {quote(path.name)}", 8000)
+        self.log.add(f"could not open {quote(path.name)}: {message}", "error")
         self.show_error(self, message, details)
+
+    def read_project(self, path: Path) -> "Project | None":
+        """The project at `path`, or None after telling the user, in one line, why not.
+
+        Every failure of reading or validating it is one line (never an exception reaching Qt);
+        its model must be an ordinary file; files it names outside its folder are opened only
+        when the user says yes.
+        """
+        from gui.project import Project  # here: it imports torch, the window need not
+
+        path = Path(path)
+        try:
+            project = Project.load(path)
+        except SlimscopeError as exc:
+            return self._refuse_project(path, one_line(exc))
+        except Exception as exc:  # noqa: BLE001 - a bad project file must never crash the window
+            return self._refuse_project(path, f"cannot open project: {type(exc).__name__}: {one_line(exc)}")
+        model = project.model_path
+        if model is not None:
+            try:
+                check_model_path(model)
+            except SlimscopeError as exc:
+                missing = not os.path.lexists(model)
+                reason = (f"its model {quote(str(model))} is missing" if missing
+                          else f"its model cannot be opened: {one_line(exc)}")
+                return self._refuse_project(path, f"{quote(path.name)}: {reason}")
+        if project.outside_paths and not self.confirm_outside(self, path, project.outside_paths):
+            self.log.add(f"did not open project {quote(path.name)}: it names files outside its folder "
+                         f"({', '.join(quote(str(p)) for p in project.outside_paths)})", "warning")
+            self.statusBar().showMessage(f"{quote(path.name)} was not opened", 8000)
+            return None
+        return project
+
+    def _refuse_project(self, path: Path, message: str) -> None:
+        self.log.add(f"could not open project {quote(path.name)}: {message}", "error")
+        self.show_error(self, message, "")
+        return None
 
     def _on_load_done(self) -> None:
         if self.sender() is self.load_job:
