@@ -37,7 +37,7 @@ from PySide6.QtWidgets import (
 )
 
 from engine.errors import SlimscopeError
-from engine.safe_write import refuse_input_overwrite
+from engine.safe_write import check_outputs, data_input
 
 from gui import dialogs
 from gui.session import CompressionOutcome
@@ -229,7 +229,11 @@ class ExportDialog(QDialog):
         destination = self.destination()
         try:
             check_destination(destination, self.format_name())
-            refuse_input_overwrite(destination, self.outcome.model.path)
+            data = self.outcome.data
+            check_outputs([destination], [self.outcome.model.path,
+                                          data_input("data", data.evaluation),
+                                          data_input("calibration data", data.calibration),
+                                          data_input("training data", data.train)])
         except SlimscopeError as exc:
             return str(exc)
         if not destination.parent.is_dir():

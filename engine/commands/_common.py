@@ -6,11 +6,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from engine.errors import SlimscopeError
 from engine.formats import LoadOptions, load_model
 from engine.model import Model
+from engine.safe_write import Input, check_outputs
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -39,6 +40,13 @@ def resolve_model_path(text: str) -> Path:
 
         return DEMO_MODEL
     return Path(text)
+
+
+def guard_outputs(args: argparse.Namespace, outputs: Sequence[str | Path | None],
+                  *inputs: Input) -> None:
+    """Before any work: refuse outputs that are inputs (the model always among them), folders,
+    or not writable. Each refusal is one line."""
+    check_outputs(outputs, [("model", resolve_model_path(args.model)), *inputs])
 
 
 def load_from_args(args: argparse.Namespace) -> Model:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from engine.commands._common import (
     add_model_arguments,
+    guard_outputs,
     human_bytes,
     load_from_args,
     print_progress,
@@ -23,7 +24,7 @@ from engine.commands._common import (
 from engine.compress import CompressionReport, compress
 from engine.data import open_data
 from engine.plan import Plan
-from engine.safe_write import refuse_input_overwrite
+from engine.safe_write import data_input
 
 if TYPE_CHECKING:
     from engine.export import ExportResult
@@ -55,29 +56,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load_from_args(args)
-    plan = Plan.load(args.plan)
     data_spec = args.data or ("demo" if args.model == "demo" else None)
-    data = open_data(data_spec, model.inputs) if data_spec else None
     calibration_spec = args.calibration or ("demo:calibration" if data_spec == "demo" else None)
-    calibration = open_data(calibration_spec, model.inputs) if calibration_spec else None
     train_spec = args.train_data or ("demo:train" if data_spec == "demo" else None)
-    train_data = open_data(train_spec, model.inputs) if train_spec else None
     output = Path(args.output)
-    refuse_input_overwrite(output, model.path, resolve_model_path(args.model))
+    inputs = [("plan", args.plan), data_input("data", data_spec),
+              data_input("calibration data", calibration_spec),
+              data_input("training data", train_spec)]
+    guard_outputs(args, [output, args.report], *inputs)  # before the slow part, not after
     from engine.export import check_destination, export
 
-    check_destination(output, args.export_format)  # before the slow part, not after
+    check_destination(output, args.export_format)
+    model = load_from_args(args)
+    plan = Plan.load(args.plan)
+    data = open_data(data_spec, model.inputs) if data_spec else None
+    calibration = open_data(calibration_spec, model.inputs) if calibration_spec else None
+    train_data = open_data(train_spec, model.inputs) if train_spec else None
     compressed, report = compress(model, plan, data, calibration=calibration, train_data=train_data,
                                   measure=not args.no_measure, progress=print_progress)
     result = export(compressed, model, output, format=args.export_format, data=data,
                     calibration=calibration, keep_unverified=args.keep_unverified,
-                    measure=not args.no_measure, inputs=[resolve_model_path(args.model)],
+                    measure=not args.no_measure,
+                    inputs=[("model", resolve_model_path(args.model)), *inputs],
                     progress=print_progress)
+    if args.report:  # first: a failed write must be the only stderr line
+        write_json({**report.to_dict(), "export": result.to_dict()}, args.report)
     print(format_summary(report), file=sys.stderr)
     print(format_export(result), file=sys.stderr)
-    if args.report:
-        write_json({**report.to_dict(), "export": result.to_dict()}, args.report)
     return 0 if result.verification.passed else 1
 
 

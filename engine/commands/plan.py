@@ -15,6 +15,7 @@ import sys
 from engine.allocate import Allocation, allocate, parse_size
 from engine.commands._common import (
     add_model_arguments,
+    guard_outputs,
     human_bytes,
     load_from_args,
     print_progress,
@@ -29,6 +30,7 @@ from engine.plan_check import (
     allocate_within_measured_drop,
     check_allocation,
 )
+from engine.safe_write import data_input
 from engine.sensitivity import Sensitivity
 
 
@@ -61,6 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    guard_outputs(args, [args.output, args.report], ("sensitivity results", args.sensitivity),
+                  data_input("check data", args.check))
     model = load_from_args(args)
     sens = Sensitivity.load(args.sensitivity)
     check_matches(sens, model)
@@ -80,18 +84,19 @@ def run(args: argparse.Namespace) -> int:
         result = checked.chosen.allocation
     else:
         result = allocate(sens, max_drop=args.max_drop, secondary=secondary)
-    if checked is not None and sys.stderr.isatty():
-        print(file=sys.stderr)
+    # Files first: a failed write must be the only stderr line.
     result.plan.save(args.output)
-    print(format_summary(result, sens), file=sys.stderr)
-    if checked is not None:
-        print(format_check(checked), file=sys.stderr)
-    print(f"wrote {args.output}", file=sys.stderr)
     if args.report:
         report = result.to_dict()
         if checked is not None:
             report["checked"] = checked.to_dict()
         write_json(report, args.report)
+    if checked is not None and sys.stderr.isatty():
+        print(file=sys.stderr)
+    print(format_summary(result, sens), file=sys.stderr)
+    if checked is not None:
+        print(format_check(checked), file=sys.stderr)
+    print(f"wrote {args.output}", file=sys.stderr)
     return 0
 
 

@@ -10,10 +10,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.commands._common import add_model_arguments, load_from_args, print_progress
+from engine.commands._common import (
+    add_model_arguments,
+    guard_outputs,
+    load_from_args,
+    print_progress,
+)
 from engine.data import open_data
 from engine.errors import SlimscopeError
 from engine.plan import GRANULARITIES, RANGE_METHODS, Quantization
+from engine.safe_write import data_input
 from engine.sensitivity import (
     DEFAULT_BITS,
     DEFAULT_RANKS,
@@ -61,8 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load_from_args(args)
     data_spec = args.data or (DEMO_DATA.get(args.method) if args.model == "demo" else None)
+    guard_outputs(args, [args.output], data_input("data", data_spec))
+    model = load_from_args(args)
     if args.method != "datafree" and data_spec is None:
         raise SlimscopeError(f"the {args.method} method needs --data (or use --method datafree)")
     data = None
@@ -79,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
                                   args.range_method),
         collapse_fraction=args.collapse)
     result = sweep(model, data, args.method, settings, progress=print_progress)
+    if args.output != "-":
+        result.save(args.output)  # first: a failed write must be the only stderr line
     if sys.stderr.isatty():
         print(file=sys.stderr)
     print(format_summary(result), file=sys.stderr)
@@ -87,7 +96,6 @@ def run(args: argparse.Namespace) -> int:
 
         print(json.dumps(result.to_dict(), indent=1))
     else:
-        result.save(args.output)
         print(f"wrote {args.output}", file=sys.stderr)
     return 0
 

@@ -8,10 +8,10 @@ the architecture is unchanged, else TorchScript. ``.safetensors``, ``.pt2`` and 
 one format each.
 
 Every export writes to a temporary file beside the destination, reloads it with its users'
-runtime (onnxruntime or torch), runs it on the evaluation data next to the in-memory model, and
-only then renames it into place: a failed verification (unless kept on request), an error, a
-cancel or an interrupt leaves no partial file and any previous file of that name untouched.
-The input model is never overwritten.
+runtime (onnxruntime or torch), runs it on the evaluation data next to the in-memory model,
+times it, and only then renames it into place: the rename is the last step, so a failed
+verification (unless kept on request), an error, a cancel or an interrupt at any stage leaves
+no partial file and any previous file of that name untouched. No input is ever overwritten.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from engine.export.base import REGISTRY, Exporter, ExportJob, architecture_uncha
 from engine.export.verify import Verification, verify
 from engine.jobs import NEVER_CANCELLED, CancelToken, Progress, no_progress, sub_progress
 from engine.model import Model
-from engine.safe_write import atomic_path, refuse_input_overwrite
+from engine.safe_write import Input, atomic_path, check_outputs, write_error
 
 #: Samples in the example batch used to trace and time (as compress() times).
 EXAMPLE_BATCH = 32
@@ -172,7 +172,7 @@ def export(
     calibration: DataSource | None = None,
     keep_unverified: bool = False,
     measure: bool = True,
-    inputs: Sequence[Path] = (),
+    inputs: Sequence[Input] = (),
     progress: Progress = no_progress,
     cancel: CancelToken = NEVER_CANCELLED,
 ) -> ExportResult:
@@ -180,12 +180,13 @@ def export(
 
     `data` is what verification runs on (default: synthetic inputs shaped like the model's);
     `calibration` feeds static int8 (default: `data`). With `measure`, the file and the
-    original are also timed and the original evaluated. `inputs` are further paths never to
-    overwrite. Returns the result whether or not verification passed; check `.kept`.
+    original are also timed and the original evaluated (on the temp file, before the rename).
+    `inputs` are further paths never to overwrite: a path, or ("plan", path) to be named so in
+    a refusal. Returns the result whether or not verification passed; check `.kept`.
     """
     destination = Path(destination)
     exporter, reason = resolve_format(destination, format, compressed, model)
-    refuse_input_overwrite(destination, model.path, *inputs)
+    check_outputs([destination], [model.path, *inputs])
     if data is None:
         data = verification_data(model)
     job = ExportJob(compressed, model, example=example_batch(data),
@@ -193,36 +194,49 @@ def export(
                     progress=sub_progress(progress, 0.0, 0.5), cancel=cancel)
     exporter.check(job)
     progress(0.0, f"writing {exporter.name}: {exporter.description}")
+    result: ExportResult | None = None
     try:
+        # Everything that can be cancelled happens on the temp file inside this block; the
+        # rename into place is the block's end, so a cancel at any step keeps the old file.
         with atomic_path(destination) as temp:
-            exporter.write(job, temp)
+            try:
+                exporter.write(job, temp)
+            except OSError as exc:
+                raise write_error(exc, destination) from None
             cancel.check()
-            size = temp.stat().st_size
             progress(0.5, f"verifying {destination.name} with {exporter.runtime}")
             verification = verify(exporter, temp, job, data)
-            kept = verification.passed or keep_unverified
-            if not kept:
+            result = _result(exporter, reason, destination, temp, job, model, verification)
+            if not (verification.passed or keep_unverified):
                 raise _Discard
+            if measure:
+                progress(0.8, "timing the file and the original")
+                result.latency_ms, result.baseline_latency_ms, result.latency_method = \
+                    exporter.latency(temp, job)
+                result.baseline_metrics = evaluate(TorchRunner(job.original), data,
+                                                   cancel=cancel).to_dict()
+            cancel.check()
     except _Discard:
-        pass
-    baseline_bytes, baseline = exporter.baseline_bytes(job)
-    result = ExportResult(
-        format=exporter.name, description=exporter.description, reason=reason,
-        path=str(destination) if kept else None, bytes=size, baseline_bytes=baseline_bytes,
-        baseline=baseline, original_file_bytes=model.file_bytes, verification=verification,
-        notes=job.notes)
-    if measure and kept:
-        progress(0.8, "timing the file and the original")
-        result.latency_ms, result.baseline_latency_ms, result.latency_method = \
-            exporter.latency(destination, job)
-        result.baseline_metrics = evaluate(TorchRunner(job.original), data,
-                                           cancel=cancel).to_dict()
-    progress(1.0, f"{'wrote' if kept else 'discarded'} {destination.name}")
+        assert result is not None
+        result.path = None
+    assert result is not None
+    progress(1.0, f"{'wrote' if result.kept else 'discarded'} {destination.name}")
     return result
 
 
+def _result(exporter: Exporter, reason: str, destination: Path, temp: Path, job: ExportJob,
+            model: Model, verification: Verification) -> ExportResult:
+    """The result for a file about to be renamed to `destination` (measurements still empty)."""
+    baseline_bytes, baseline = exporter.baseline_bytes(job)
+    return ExportResult(
+        format=exporter.name, description=exporter.description, reason=reason,
+        path=str(destination), bytes=temp.stat().st_size, baseline_bytes=baseline_bytes,
+        baseline=baseline, original_file_bytes=model.file_bytes, verification=verification,
+        notes=job.notes)
+
+
 def write_output(compressed: CompressedModel, model: Model, destination: Path,
-                 inputs: Sequence[Path] = ()) -> Path:
+                 inputs: Sequence[Input] = ()) -> Path:
     """Write and verify `destination` in the format its extension names; raise if unverified."""
     result = export(compressed, model, destination, inputs=inputs, measure=False)
     if not result.kept:
