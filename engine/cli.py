@@ -21,7 +21,7 @@ import signal
 import sys
 import unicodedata
 from types import FrameType
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NoReturn, Sequence
 
 from engine import __version__
 from engine.errors import SlimscopeError, one_line
@@ -38,8 +38,17 @@ _BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
                            "\u2066\u2067\u2068\u2069")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with usage errors on one terminal-safe line (argparse prints the usage first,
+    and echoes arguments raw); subcommand parsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {terminal_safe(message)} (see {self.prog} "
+                              "--help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="slimscope",
         description="Inspect and compress neural networks. With no command, opens the app.",
     )

@@ -264,10 +264,13 @@ def export_job(outcome: "CompressionOutcome", destination: Path, format_name: st
 
     def body(progress: Progress, cancel: CancelToken) -> Any:
         from engine.export import export
+        from engine.safe_write import data_input
 
         evaluation, calibration = open_sources(outcome.model, outcome.data.evaluation, outcome.data.calibration)
+        read = [outcome.model.path, data_input("data", outcome.data.evaluation),
+                data_input("calibration data", outcome.data.calibration), *inputs]
         return export(outcome.compressed, outcome.model, destination, format=format_name, data=evaluation,
-                      calibration=calibration, inputs=[outcome.model.path, *inputs],
+                      calibration=calibration, inputs=read,
                       progress=progress, cancel=cancel)
 
     return Job(body, f"export {destination.name}", destination)
