@@ -15,6 +15,7 @@ the user agrees, so a shared project cannot quietly point the app at ``~/.ssh`` 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,6 +178,19 @@ _DATA_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+#: What the target panel stores (gui/panels/pareto.py target_settings).
+_TARGET_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "mode": (lambda value: isinstance(value, str), "a text"),
+    "size": (lambda value: isinstance(value, str) and len(value) <= 64, "a short text such as '1/4'"),
+    "drop": (lambda value: _is_number(value) and value >= 0, "a number ≥ 0"),
+    "check": (lambda value: isinstance(value, bool), "true or false"),
+}
+
+
 def validate(data: Any) -> None:
     """Refuse, with one line naming the field and quoting its value, any field of the wrong type.
 
@@ -191,6 +205,8 @@ def validate(data: Any) -> None:
     _check_fields("", data, _TOP_FIELDS)
     if data.get("data") is not None:
         _check_fields("data.", data["data"], _DATA_FIELDS)
+    if data.get("target") is not None:
+        _check_fields("target.", data["target"], _TARGET_FIELDS)
 
 
 def _check_fields(prefix: str, data: dict[str, Any],

@@ -280,6 +280,18 @@ def test_pt2_loads_without_trust_runnable_and_weights_memory_mapped(pt2: Path) -
     assert str(pt2) in Path("/proc/self/maps").read_text()  # stored members are mapped, not read
 
 
+def test_pt2_with_a_dynamic_batch_loads_without_trust(tmp_path: Path) -> None:
+    """Dynamic dimensions are written as Symbol('s31', positive=True, integer=True)."""
+    module = torch.nn.Sequential(torch.nn.Linear(6, 3)).eval()
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(module, (torch.randn(2, 6),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(tmp_path / "dynamic.pt2"))
+    model = load_model(tmp_path / "dynamic.pt2")
+    assert isinstance(model.inputs[0].shape[0], str)
+    x = torch.randn(5, 6)
+    assert torch.allclose(model.module(x), module(x))
+
+
 def test_pt_zip_bomb_data_pkl_is_refused(tmp_path: Path) -> None:
     source = factories.write_state_dict(tmp_path)
     members = read_members(source)

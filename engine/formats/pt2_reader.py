@@ -67,6 +67,9 @@ _EXPRESSION_NAMES = frozenset({
     "Identity", "IsNonOverlappingAndDenseIndicator",
 })
 _SYMBOL = re.compile(r"[a-z]+_?\d+")
+#: How torch writes a dynamic dimension's symbol with its assumptions: Symbol('s31',
+#: positive=True, integer=True). The only quoted text a shape expression may hold.
+_SYMBOL_CALL = re.compile(r"Symbol\('([a-z]+_?\d+)'(?:,\s*[a-z]+=(?:True|False))*\)")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _EXPRESSION_CHARS = re.compile(r"[A-Za-z0-9_ +\-*/%(),.<>=&|~]*")
 _NUMBER = re.compile(r"\d+(\.\d+)?(e[+-]?\d+)?")
@@ -371,6 +374,7 @@ def _check_expression(text: str) -> None:
     Besides names and attributes, huge numbers and towers of powers are refused: sympy would
     compute them exactly, for hours.
     """
+    text = _SYMBOL_CALL.sub(r"\1", text)
     plain = _NUMBER.sub("0", text)
     names = [word for word in _IDENTIFIER.findall(plain)
              if not (_SYMBOL.fullmatch(word) or word in _EXPRESSION_NAMES)]
