@@ -55,14 +55,27 @@ def load_from_args(args: argparse.Namespace) -> Model:
 
 
 def write_json(data: Any, destination: str | None) -> None:
-    """JSON to a file (atomically) or to stdout when `destination` is None or '-'."""
-    text = json.dumps(data, indent=2, default=_json_default, allow_nan=True) + "\n"
-    if destination in (None, "-"):
-        sys.stdout.write(text)
-        return
-    from engine.safe_write import atomic_write_text
+    """JSON to a file (atomically) or to stdout when `destination` is None or '-'.
 
-    atomic_write_text(Path(destination), text)
+    Streamed piece by piece: ``json.dumps(indent=2)`` of a 300k-layer report holds tens of
+    millions of string pieces at once (2 GiB).
+    """
+    encoder = json.JSONEncoder(indent=2, default=_json_default, allow_nan=True)
+    if destination in (None, "-"):
+        for piece in encoder.iterencode(data):
+            sys.stdout.write(piece)
+        sys.stdout.write("\n")
+        return
+    from engine.safe_write import atomic_path, write_error
+
+    with atomic_path(Path(destination)) as temp:
+        try:
+            with temp.open("w", encoding="utf-8") as stream:
+                for piece in encoder.iterencode(data):
+                    stream.write(piece)
+                stream.write("\n")
+        except OSError as exc:
+            raise write_error(exc, Path(destination)) from None
 
 
 def _json_default(value: Any) -> Any:

@@ -25,7 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     model = load_from_args(args)
     report = model_report(model)
-    bad = model.non_finite()
+    # from the statistics just computed: model.non_finite() would read every weight again
+    bad = {layer["name"]: layer["stats"]["non_finite"] for layer in report["layers"]
+           if layer.get("stats", {}).get("non_finite")}
     if bad:
         where = ", ".join(f"{name} ({count})" for name, count in list(bad.items())[:5])
         print(f"slimscope: warning: non-finite weights (NaN/Inf) in {where}", file=sys.stderr)

@@ -162,14 +162,6 @@ def _mark_shared(layers: list[Layer], store: TensorStore) -> None:
 
 
 # -- models -------------------------------------------------------------------------------
-def parse_shape(text: str) -> tuple[int, ...]:
-    """'1,1,8,8' (or '1x1x8x8') -> (1, 1, 8, 8)."""
-    try:
-        return tuple(int(part) for part in re.split(r"[,x\s]+", text.strip()) if part)
-    except ValueError:
-        raise ModelLoadError(f"input shape {text!r} is not a list of integers") from None
-
-
 def _default_input_dtype(module: nn.Module) -> str:
     for tensor in module.parameters():
         if tensor.is_floating_point():
