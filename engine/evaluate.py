@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from engine.model import Model
 
 DEFAULT_BATCH_SIZE = 64
+#: Attribute on a torch module that only takes batches of exactly this many samples.
+FIXED_BATCH_ATTRIBUTE = "_slimscope_fixed_batch"
 
 
 class Runner(Protocol):
@@ -43,11 +45,21 @@ class TorchRunner:
     its train/eval flags are restored after every call, and no weight or buffer is written.
     """
 
-    def __init__(self, module: "torch.nn.Module", threads: int | None = None) -> None:
+    def __init__(self, module: "torch.nn.Module", threads: int | None = None,
+                 fixed_batch: int | None = None) -> None:
         self.module = module
         self.threads = threads
+        #: A program exported for exactly this many samples (torch.export with a static batch)
+        #: is fed that many at a time; the backend marks such modules (FIXED_BATCH_ATTRIBUTE),
+        #: and copies of them keep the mark.
+        self.fixed_batch = fixed_batch or getattr(module, FIXED_BATCH_ATTRIBUTE, None)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        if self.fixed_batch:
+            return in_fixed_batches(self._run, batch, self.fixed_batch)
+        return self._run(batch)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
         inputs = torch.from_numpy(np.ascontiguousarray(batch))
@@ -71,7 +83,21 @@ class TorchRunner:
         return output.detach().float().numpy()
 
     def with_threads(self, threads: int | None) -> TorchRunner:
-        return TorchRunner(self.module, threads)
+        return TorchRunner(self.module, threads, self.fixed_batch)
+
+
+def in_fixed_batches(run: Callable[[np.ndarray], np.ndarray], batch: np.ndarray,
+                     size: int) -> np.ndarray:
+    """`run` over pieces of exactly `size` samples: a model exported for a fixed batch takes no
+    other. The last piece is padded with copies of its last sample, whose outputs are dropped."""
+    outputs = []
+    for start in range(0, len(batch), size):
+        piece = batch[start:start + size]
+        missing = size - len(piece)
+        if missing:
+            piece = np.concatenate([piece, np.repeat(piece[-1:], missing, axis=0)])
+        outputs.append(run(piece)[:size - missing])
+    return np.concatenate(outputs)
 
 
 def _to_eval(module: "torch.nn.Module") -> None:
@@ -114,13 +140,12 @@ class OnnxRunner:
     def run(self, batch: np.ndarray) -> np.ndarray:
         from engine import onnx_tools
 
-        step = self._fixed_batch or len(batch)
-        if len(batch) % step:
-            raise SlimscopeError(f"this ONNX model takes batches of exactly {step}, and "
-                                 f"{len(batch)} samples do not divide into them")
-        outputs = [onnx_tools.run(self.session, batch[i:i + step])
-                   for i in range(0, len(batch), step)]
-        return np.concatenate(outputs).astype(np.float32, copy=False)
+        if self._fixed_batch:
+            outputs = in_fixed_batches(lambda piece: onnx_tools.run(self.session, piece), batch,
+                                       self._fixed_batch)
+        else:
+            outputs = onnx_tools.run(self.session, batch)
+        return outputs.astype(np.float32, copy=False)
 
     def with_threads(self, threads: int | None) -> OnnxRunner:
         return OnnxRunner(self._model_bytes, threads)
@@ -131,7 +156,9 @@ ONNX_IN_MEMORY_LIMIT = 1_800_000_000
 
 
 def runner_for(model: "Model", threads: int | None = None) -> Runner:
-    """A runner for a loaded model: its torch module if it has one, else its ONNX graph."""
+    """A runner for a loaded model: its backend's, with external ONNX weights read in."""
+    if model.backend is not None and model.onnx_model is None and model.can("run"):
+        return model.backend.runner(threads)
     if model.module is not None:
         return TorchRunner(model.module, threads)
     if model.onnx_model is not None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from engine.backends.base import RUN, TORCH_MODULE, Backend, require
 from engine.errors import NeedsModuleError, SlimscopeError
 
 if TYPE_CHECKING:  # torch and onnx are heavy; only adapters import them at run time
@@ -154,8 +155,14 @@ class Model:
     notes: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
 
+    #: The runtime that reads, replaces and runs this model's weights (engine/backends); built
+    #: from `module` / `onnx_model` / the tensors when the adapter does not give a specific one.
+    backend: "Backend | None" = None
+
     def __post_init__(self) -> None:
         self._by_name = {layer.name: layer for layer in self.layers}
+        if self.backend is None:
+            self.backend = default_backend(self)
 
     # -- lookup -------------------------------------------------------------------------
     def layer(self, name: str) -> Layer:
@@ -194,16 +201,28 @@ class Model:
     # -- capabilities ------------------------------------------------------------------------
     @property
     def runnable(self) -> bool:
-        return self.module is not None or self.onnx_model is not None
+        return self.can(RUN)
+
+    def can(self, capability: str) -> bool:
+        """Whether this model's backend can do `capability` (engine.backends' names)."""
+        return self.backend is not None and self.backend.can(capability)
+
+    def why_not(self, capability: str) -> str | None:
+        """None when `capability` is available, else one line saying why not and what would."""
+        assert self.backend is not None
+        return self.backend.why_not(capability)
+
+    def require(self, capability: str, purpose: str) -> "Backend":
+        """The backend, or one NeedsModuleError line saying why `purpose` cannot run here."""
+        assert self.backend is not None
+        return require(self.backend, capability, purpose, self.path.name)
 
     def require_module(self, purpose: str) -> "torch.nn.Module":
         """The torch module, or a clear error saying why `purpose` cannot run on this file."""
+        self.require(TORCH_MODULE, purpose)
         if self.module is None:
-            raise NeedsModuleError(
-                f"{purpose} needs a runnable PyTorch module, but {self.path.name} ({self.format}) "
-                "holds only weights; load a pickled module (with --trust), a TorchScript or "
-                "torch.export file, or an architecture Slimscope knows"
-            )
+            raise NeedsModuleError(f"{purpose} needs a PyTorch module, which {self.path.name} "
+                                   "does not hold")
         return self.module
 
     def require_finite(self, purpose: str) -> None:
@@ -240,6 +259,8 @@ class Model:
             "inputs": [spec.to_dict() for spec in self.inputs],
             "outputs": [spec.to_dict() for spec in self.outputs],
             "runnable": self.runnable,
+            "backend": self.backend.name if self.backend is not None else None,
+            "capabilities": sorted(self.backend.capabilities) if self.backend is not None else [],
             "has_module": self.module is not None,
             "notes": list(self.notes),
         }
@@ -351,3 +372,23 @@ def _release(mapping: mmap.mmap, map_start: int, chunk: np.ndarray) -> None:
             mapping.madvise(mmap.MADV_DONTNEED, begin, end - begin)
         except (OSError, ValueError, AttributeError):  # no madvise here: pages just stay
             pass
+
+
+def default_backend(model: Model) -> Backend:
+    """The backend a model's own fields imply: its torch module, its ONNX graph, or its tensors.
+
+    Adapters that know more (TorchScript, torch.export's fixed batch) pass their own.
+    """
+    if model.module is not None:
+        from engine.backends.torch_module import TorchModuleBackend
+
+        return TorchModuleBackend(model.module)
+    if model.onnx_model is not None:
+        from engine.backends.onnx_graph import OnnxBackend
+
+        folder = model.metadata.get("onnx.external_data_dir")
+        return OnnxBackend(model.onnx_model, model.path, Path(folder) if folder else None,
+                           read=model.tensors.get)
+    from engine.backends.weights import WeightsBackend
+
+    return WeightsBackend(model.tensors)

@@ -26,6 +26,7 @@ from engine import zoo
 from engine.errors import ModelLoadError, UntrustedPickleError, one_line
 from engine.formats import guard
 from engine.macs import profile_module
+from engine.backends.base import Backend
 from engine.model import Layer, Model, TensorSpec, TensorStore, layer_from_store, mark_shared
 from engine.model import numpy_dtype_name
 
@@ -179,6 +180,7 @@ def module_model(
     kind_of: Callable[[str, nn.Module], str] | None = None,
     notes: list[str] | None = None,
     metadata: dict[str, str] | None = None,
+    backend: "Backend | None" = None,
 ) -> Model:
     """A runnable Model around `module`; with static input shapes, also MACs and outputs.
 
@@ -210,7 +212,8 @@ def module_model(
             for layer in layers:
                 layer.macs = profile.macs.get(layer.name)
     return Model(path=path, format=format_name, layers=layers, tensors=store, inputs=inputs,
-                 outputs=outputs, module=module, notes=notes, metadata=dict(metadata or {}))
+                 outputs=outputs, module=module, notes=notes, metadata=dict(metadata or {}),
+                 backend=backend)
 
 
 def weights_only_model(

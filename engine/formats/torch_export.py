@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.backends.torch_module import ExportedProgramBackend
 from engine.formats import LoadOptions
 from engine.formats._torch_common import check_archive, guess_kind, module_model, quiet_torch
 from engine.formats.pt2_reader import read_program
@@ -69,8 +70,23 @@ def load(path: Path, options: LoadOptions) -> Model:
             name, tuple(weight.shape), has_running_stats="running_mean" in buffers
         ) or "Tensor"
 
-    return module_model(path, NAME, module, inputs=_user_inputs(program),
-                        input_shape=options.input_shape, kind_of=kind_of)
+    inputs = _user_inputs(program)
+    static_batch = _static_batch(inputs)
+    notes = [f"exported for a fixed batch of {static_batch}: evaluation feeds {static_batch} "
+             "sample(s) at a time"] if static_batch else []
+    return module_model(path, NAME, module, inputs=inputs, input_shape=options.input_shape,
+                        kind_of=kind_of, notes=notes,
+                        backend=ExportedProgramBackend(module, program, static_batch))
+
+
+def _static_batch(inputs: list[TensorSpec]) -> int | None:
+    """The batch size every input was exported with, when all are fixed; None if any is dynamic."""
+    sizes = {spec.shape[0] if spec.shape else None for spec in inputs}
+    if len(sizes) == 1:
+        size = sizes.pop()
+        if isinstance(size, int) and size > 0:
+            return size
+    return None
 
 
 def _rank(node: object) -> int | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from engine.backends.torch_module import TorchScriptBackend
 from engine.formats import LoadOptions
 from engine.formats._torch_common import check_archive, module_model, quiet_torch
 from engine.model import Model
@@ -29,4 +30,5 @@ def load(path: Path, options: LoadOptions) -> Model:
     with quiet_torch():  # e.g. torch deprecating TorchScript; files that exist still need reading
         module = torch.jit.load(str(path), map_location="cpu")
     module.eval()
-    return module_model(path, NAME, module, input_shape=options.input_shape)
+    return module_model(path, NAME, module, input_shape=options.input_shape,
+                        backend=TorchScriptBackend(module))
