@@ -8,10 +8,13 @@ quantized weights (so exporters can write real low-bit data), and ranks for fact
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from engine.backends.base import Backend
 
 
 @dataclass
@@ -55,9 +58,14 @@ class QuantizedWeight:
 
 @dataclass
 class CompressedModel:
-    """A compressed copy of a model; `module` runs in float, the rest says how to store it."""
+    """A compressed copy of a model; `module` runs in float, the rest says how to store it.
 
-    module: nn.Module
+    For a model without a torch module (ONNX, weights only) `module` is None and `backend` holds
+    the compressed copy (engine.backends: the float values, masks applied, codes dequantized);
+    the dictionaries below are then keyed by the model's tensor keys (Layer.weight_key).
+    """
+
+    module: nn.Module | None
     #: parameter name (e.g. "features.0.weight") -> bool mask of kept weights.
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     #: parameter name -> integer codes and scales; the module holds the dequantized values.
@@ -74,3 +82,5 @@ class CompressedModel:
     plan: dict[str, Any] = field(default_factory=dict)
     #: one line per thing a method chose not to do, and why (e.g. a rank too high to pay off).
     notes: list[str] = field(default_factory=list)
+    #: The compressed copy as a backend, for models without a torch module (see above).
+    backend: "Backend | None" = None
