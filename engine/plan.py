@@ -193,11 +193,16 @@ class ActivationQuant:
 
     calibration: str = "minmax"
     percentile: float = 99.999
+    #: ONNX node names whose activations stay in float (whole-model int8 breaks some models;
+    #: the activation sensitivity sweep says which nodes), honoured by the int8 exporter.
+    keep_float: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"calibration": self.calibration}
         if self.calibration == "percentile":
             out["percentile"] = self.percentile
+        if self.keep_float:
+            out["keep_float"] = list(self.keep_float)
         return out
 
 
@@ -593,13 +598,17 @@ def _activation_from_data(raw: Any) -> ActivationQuant | None:
         return None
     if not isinstance(raw, Mapping):
         raise PlanError(f"plan activation_quant: expected a mapping, got {_value(raw)}")
-    _reject_unknown("plan activation_quant", raw, {"calibration", "percentile"})
+    _reject_unknown("plan activation_quant", raw, {"calibration", "percentile", "keep_float"})
     calibration = _choice("activation_quant.calibration", raw.get("calibration", "minmax"),
                           CALIBRATION_METHODS)
     percentile = raw.get("percentile", ActivationQuant.percentile)
     if not _is_number(percentile) or not 0 < percentile <= 100:
         raise PlanError(f"plan activation_quant.percentile: {_value(percentile)} must be in (0, 100]")
-    return ActivationQuant(calibration, float(percentile))
+    keep_float = raw.get("keep_float", [])
+    if not isinstance(keep_float, list) or not all(isinstance(name, str) for name in keep_float):
+        raise PlanError(f"plan activation_quant.keep_float: expected a list of node names, got "
+                        f"{_value(keep_float)}")
+    return ActivationQuant(calibration, float(percentile), tuple(keep_float))
 
 
 def _choice(where: str, value: Any, allowed: tuple[str, ...]) -> str:
