@@ -128,6 +128,9 @@ def _guarded(run: Callable[[], int], debug: bool) -> int:
             raise
         _say("error: out of memory: the input asks for more memory than this machine has")
         return EXIT_USAGE
+    except BrokenPipeError:  # `slimscope inspect M | head`: the reader has all it wanted
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, as a shell reports a process killed by it
     except OSError as exc:  # the environment, not a bug: a full disk, a vanished file
         if debug:
             raise
@@ -142,6 +145,15 @@ def _guarded(run: Callable[[], int], debug: bool) -> int:
         _say(f"internal error: {type(exc).__name__}: {one_line(exc)} "
              "(set SLIMSCOPE_DEBUG=1 to see the traceback)")
         return EXIT_INTERNAL
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush meets no closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 @contextlib.contextmanager

@@ -80,3 +80,14 @@ def test_console_script_version_and_clean_error(tmp_path: Path) -> None:
     assert failed.returncode == 2
     assert failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr
     assert DEMO_MODEL.exists()
+
+
+def test_a_reader_that_stops_early_gets_no_error_line() -> None:
+    """`slimscope inspect M --json | head -1`: the closed pipe is not an error to report."""
+    process = subprocess.Popen([sys.executable, "-m", "engine.cli", "inspect", "demo", "--json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141
+    assert stderr == ""
