@@ -1,25 +1,126 @@
 """Where evaluation and calibration samples come from, behind one small interface.
 
-Every source hands out ``(inputs, labels)`` batches of numpy arrays, inputs shaped
-``(batch, *input_shape)`` and labels ``(batch,)`` int64 or None. Sources are single-input:
-a model with several inputs is refused with a clear error rather than fed half its data.
+Every source hands out ``(inputs, labels)`` batches, labels ``(batch,)`` int64 or None. For a
+model with one input, inputs are one array shaped ``(batch, *input_shape)``, as always. For a
+model with several inputs they are a :class:`NamedInputs`: one array per input name, each with
+its own sample axis (a recurrent state laid out ``[layers, batch, hidden]`` has it on axis 1),
+or none for a constant fed unchanged with every batch (a sample rate). :func:`batch_length`,
+:func:`take_samples` and :func:`pad_samples` handle both kinds, so runners need not ask which.
+
 :func:`open_data` turns what a user typed ("demo", "synthetic", a folder, a .npy/.npz file)
 into a source already checked against the model's inputs, so a mismatch is reported before
-any work starts, as one line.
+any work starts, as one line. The general file format is an ``.npz`` with one array per input
+name (labels, if any, under ``y``/``labels``); a single-input model also takes ``x``/``inputs``
+or an array named after its input. Each input's sample axis comes from the model's input spec
+(its first dynamic axis; see :func:`spec_sample_axis`); an input the spec gives no sample axis
+(a scalar), or whose array lacks that axis, is a constant. Without specs (TorchScript), the first
+axis of every array that has one is the sample axis.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+import re
+from typing import Iterator, Literal, Mapping, Sequence, Union
 
 import numpy as np
 
 from engine.errors import SlimscopeError, one_line
+from engine.formats.guard import quote
 from engine.model import TensorSpec
 
-Batch = tuple[np.ndarray, "np.ndarray | None"]
+
+class NamedInputs(dict):
+    """One batch of a model with several inputs: arrays by input name (``dict[str, ndarray]``).
+
+    `axes` gives each input's sample axis, or None for a constant fed unchanged with every
+    batch. A plain dict passed instead is read as sample axis 0 for every array that has axes.
+    """
+
+    def __init__(self, arrays: Mapping[str, np.ndarray],
+                 axes: Mapping[str, int | None] | None = None) -> None:
+        super().__init__(arrays)
+        given = dict(axes or {})
+        self.axes: dict[str, int | None] = {
+            name: given[name] if name in given else (0 if np.ndim(array) else None)
+            for name, array in self.items()}
+
+
+#: A batch's model inputs: one array (one input), or arrays by input name (several).
+Inputs = Union[np.ndarray, NamedInputs]
+Batch = tuple[Inputs, "np.ndarray | None"]
+
+
+def sample_axes(inputs: Mapping[str, np.ndarray]) -> dict[str, int | None]:
+    """Each named input's sample axis (None: a constant)."""
+    if isinstance(inputs, NamedInputs):
+        return inputs.axes
+    return NamedInputs(inputs).axes
+
+
+def batch_length(inputs: "Inputs | Mapping[str, np.ndarray]") -> int:
+    """How many samples a batch holds, whichever kind of inputs it has."""
+    if isinstance(inputs, Mapping):
+        for name, axis in sample_axes(inputs).items():
+            if axis is not None:
+                return int(np.shape(inputs[name])[axis])
+        return 1
+    return len(inputs)
+
+
+def _along(array: np.ndarray, axis: int, start: int, stop: int) -> np.ndarray:
+    return array[(slice(None),) * axis + (slice(start, stop),)]
+
+
+def take_samples(inputs: "Inputs | Mapping[str, np.ndarray]", start: int, stop: int) -> Inputs:
+    """Samples ``start:stop`` of a batch; constants are passed along whole."""
+    if isinstance(inputs, Mapping):
+        axes = sample_axes(inputs)
+        return NamedInputs({name: array if axes[name] is None
+                            else _along(array, axes[name], start, stop)  # type: ignore[arg-type]
+                            for name, array in inputs.items()}, axes)
+    return inputs[start:stop]
+
+
+def pad_samples(inputs: "Inputs | Mapping[str, np.ndarray]", size: int) -> Inputs:
+    """The batch grown to `size` samples by repeating its last one (a fixed-batch model takes
+    no fewer); the caller drops the extra outputs."""
+    missing = size - batch_length(inputs)
+    if missing <= 0:
+        return inputs  # type: ignore[return-value]
+
+    def grown(array: np.ndarray, axis: int) -> np.ndarray:
+        last = _along(array, axis, array.shape[axis] - 1, array.shape[axis])
+        return np.concatenate([array, np.repeat(last, missing, axis=axis)], axis=axis)
+
+    if isinstance(inputs, Mapping):
+        axes = sample_axes(inputs)
+        return NamedInputs({name: array if axes[name] is None else grown(array, axes[name])
+                            for name, array in inputs.items()}, axes)
+    return grown(inputs, 0)
+
+
+def spec_sample_axis(spec: TensorSpec, batch: int | None = None) -> int | None:
+    """The sample axis of a model input: its first dynamic axis. A fully static input has it
+    where its size is the model's fixed `batch` (axis 1 of silero's ``[2, 1, 128]`` state when
+    the batch is 1), else on axis 0. A scalar input has none: it is a constant."""
+    if not spec.shape:
+        return None
+    for axis, size in enumerate(spec.shape):
+        if not (isinstance(size, int) and size > 0):
+            return axis
+    if batch is not None and spec.shape[0] != batch and batch in spec.shape:
+        return spec.shape.index(batch)
+    return 0
+
+
+def _static_batch(specs: Sequence[TensorSpec]) -> int | None:
+    """The batch of a model whose inputs are all static: its first input's first size."""
+    shaped = [spec for spec in specs if spec.shape]
+    if shaped and all(spec.is_static for spec in shaped):
+        return int(shaped[0].shape[0])  # type: ignore[arg-type]
+    return None
 
 #: The demo's fixed split: any change here changes the recorded demo accuracy.
 DIGITS_TEST_FRACTION = 0.25
@@ -34,6 +135,9 @@ DIGITS_SPLITS = ("train", "test", "calibration")
 
 class DataSource(ABC):
     """A fixed, ordered collection of samples; iterating twice gives the same batches."""
+
+    #: Random inputs made from the model's specs (exporters calibrate differently on them).
+    synthetic: bool = False
 
     #: Short name for messages: a file or folder name, "demo digits (test)", ...
     name: str
@@ -109,6 +213,62 @@ class ArraySource(DataSource):
         return f"{self.name}: {len(self)} {labelled} samples of {shape}"
 
 
+class NamedArrayData(DataSource):
+    """Samples of a model with several inputs, one array per input name, held in memory.
+
+    Every sampled array holds the same number of samples along its own axis; constants (axis
+    None) go with every batch unchanged.
+    """
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], axes: Mapping[str, int | None],
+                 labels: np.ndarray | None, name: str) -> None:
+        counts = {key: array.shape[axes[key]] for key, array in arrays.items()
+                  if axes.get(key) is not None}
+        if not counts:
+            raise SlimscopeError(f"{name}: no array has a sample axis, so there are no samples")
+        if len(set(counts.values())) > 1:
+            told = ", ".join(f"{quote(key)} {count}" for key, count in counts.items())
+            raise SlimscopeError(f"{name}: the inputs hold different numbers of samples ({told})")
+        count = next(iter(counts.values()))
+        if labels is not None and len(labels) != count:
+            raise SlimscopeError(f"{name}: {len(labels)} labels for {count} inputs; "
+                                 "they must be the same length")
+        self.name = name
+        self.inputs = NamedInputs(arrays, axes)
+        self.labels = labels
+        self.count = count
+        self.has_labels = labels is not None
+        #: Per input, the shape of one sample (a constant's whole shape).
+        self.input_shapes = {key: _without_axis(array.shape, self.inputs.axes[key])
+                             for key, array in arrays.items()}
+        first = next(key for key in arrays if self.inputs.axes[key] is not None)
+        self.input_shape = self.input_shapes[first]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _slice(self, start: int, stop: int) -> Batch:
+        labels = None if self.labels is None else self.labels[start:stop]
+        return take_samples(self.inputs, start, stop), labels
+
+    def describe(self) -> str:
+        labelled = "labelled" if self.has_labels else "unlabelled"
+        parts = []
+        for key, shape in self.input_shapes.items():
+            axis = self.inputs.axes[key]
+            text = "x".join(map(str, shape)) or "scalar"
+            if axis is None:
+                text += " constant"
+            elif axis:
+                text += f" (samples on axis {axis})"
+            parts.append(f"{key} {text}")
+        return f"{self.name}: {len(self)} {labelled} samples of {', '.join(parts)}"
+
+
+def _without_axis(shape: Sequence[int], axis: int | None) -> tuple[int, ...]:
+    return tuple(shape) if axis is None else tuple(shape[:axis]) + tuple(shape[axis + 1:])
+
+
 class DigitsData(ArraySource):
     """scikit-learn's bundled 8x8 digits, split exactly as the demo model was trained and tested.
 
@@ -141,25 +301,21 @@ class DigitsData(ArraySource):
 
 
 class ArrayData(ArraySource):
-    """Samples from a .npy file (inputs only) or a .npz file (inputs/x, optional labels/y)."""
+    """Samples from a .npy file (inputs only) or a .npz file (inputs/x, optional labels/y; a
+    single-input model's inputs may also be named after its input)."""
 
     INPUT_KEYS = ("inputs", "x")
     LABEL_KEYS = ("labels", "y")
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, input_name: str | None = None) -> None:
         path = Path(path)
-        if not path.is_file():
-            raise SlimscopeError(f"{path}: no such data file")
-        try:
-            loaded = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise SlimscopeError(
-                f"{path.name}: not a readable numpy file ({one_line(exc)})") from None
+        loaded = _load_numpy(path)
         if isinstance(loaded, np.ndarray):
             inputs, labels = loaded, None
         else:
             with loaded:
-                inputs = _pick(loaded, self.INPUT_KEYS, path, required=True)
+                keys = (*self.INPUT_KEYS, input_name) if input_name else self.INPUT_KEYS
+                inputs = _pick(loaded, keys, path, required=True)
                 labels = _pick(loaded, self.LABEL_KEYS, path, required=False)
         if inputs.ndim < 2:
             raise SlimscopeError(
@@ -169,6 +325,100 @@ class ArrayData(ArraySource):
         if labels is not None:
             labels = _as_labels(labels, path.name)
         super().__init__(inputs, labels, path.name)
+
+
+def _load_numpy(path: Path) -> "np.ndarray | np.lib.npyio.NpzFile":
+    if not path.is_file():
+        raise SlimscopeError(f"{path}: no such data file")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise SlimscopeError(
+            f"{path.name}: not a readable numpy file ({one_line(exc)})") from None
+
+
+def _npz_holds_named_inputs(path: Path, model_inputs: Sequence[TensorSpec]) -> bool:
+    """Whether an .npz is one array per input name rather than today's x/y layout: always for
+    a model with several inputs; without input specs (TorchScript), when it holds several
+    numeric arrays besides the labels (an x with a text array beside it stays x/y data)."""
+    if len(model_inputs) > 1:
+        return True
+    if model_inputs:
+        return False
+    with _load_numpy(path) as archive:
+        numeric = [key for key in archive.files if key not in ArrayData.LABEL_KEYS
+                   and archive[key].dtype.kind in "fiub"]
+    return len(numeric) > 1
+
+
+def named_array_data(path: Path, model_inputs: Sequence[TensorSpec]) -> NamedArrayData:
+    """An .npz with one array per model input name, checked against the input specs: every
+    input present and nothing else, per-sample sizes as the spec fixes them, dtypes cast
+    (floats are never cast to integers). Arrays keep the model's input order."""
+    with _load_numpy(path) as archive:
+        labels = _pick(archive, ArrayData.LABEL_KEYS, path, required=False)
+        label_key = next((k for k in ArrayData.LABEL_KEYS if k in archive.files), None)
+        stored = {key: archive[key] for key in archive.files if key != label_key}
+    if not model_inputs:  # text arrays beside the inputs (a word list) are not inputs
+        stored = {key: array for key, array in stored.items() if array.dtype.kind in "fiub"}
+    if labels is not None:
+        labels = _as_labels(labels, path.name)
+    if not model_inputs:  # no specs (TorchScript): the first axis is the sample axis
+        count = next((len(a) for a in stored.values() if a.ndim), 0)
+        axes = {key: 0 if a.ndim and len(a) == count else None for key, a in stored.items()}
+        return NamedArrayData(stored, axes, labels, path.name)
+    wanted = [spec.name for spec in model_inputs]
+    missing = [name for name in wanted if name not in stored]
+    if missing:
+        raise SlimscopeError(f"{path.name} has no array for the model input {quote(missing[0])} "
+                             f"(it holds {', '.join(map(quote, stored)) or 'nothing'}; give one "
+                             f"array per input: {', '.join(map(quote, wanted))})")
+    extra = [key for key in stored if key not in wanted]
+    if extra:
+        raise SlimscopeError(f"{path.name} holds {quote(extra[0])}, which is not a model input "
+                             f"(the inputs are {', '.join(map(quote, wanted))})")
+    batch = _static_batch(model_inputs)
+    arrays: dict[str, np.ndarray] = {}
+    axes: dict[str, int | None] = {}
+    for spec in model_inputs:
+        arrays[spec.name], axes[spec.name] = _fit_input(stored[spec.name], spec, batch, path.name)
+    ranks = {spec.name: len(spec.shape) for spec in model_inputs}
+    short = [key for key, axis in axes.items() if axis is not None and arrays[key].ndim < ranks[key]]
+    counts = {arrays[key].shape[axis] for key, axis in axes.items()
+              if axis is not None and key not in short}
+    size = counts.pop() if len(counts) == 1 else 1
+    for key in short:  # one value for every sample: repeated along the input's sample axis
+        arrays[key] = np.repeat(np.expand_dims(arrays[key], axes[key]), size, axis=axes[key])
+    return NamedArrayData(arrays, axes, labels, path.name)
+
+
+def _fit_input(array: np.ndarray, spec: TensorSpec, batch: int | None, where: str
+               ) -> tuple[np.ndarray, int | None]:
+    """`array` checked against one input spec and cast to its dtype, with its sample axis."""
+    axis = spec_sample_axis(spec, batch)
+    rank = len(spec.shape)
+    if array.ndim == rank:
+        per_sample = _without_axis(array.shape, axis)
+        wanted = _without_axis(spec.shape, axis)  # type: ignore[arg-type]
+    elif axis is not None and array.ndim == rank - 1:  # one value for every sample
+        per_sample, wanted = array.shape, _without_axis(spec.shape, axis)  # type: ignore[arg-type]
+    else:
+        raise SlimscopeError(f"{where}: input {quote(spec.name)} has shape {array.shape}, but "
+                             f"the model takes {_shape_text(spec.shape)}")
+    if not _shape_matches(per_sample, wanted):
+        raise SlimscopeError(f"{where}: input {quote(spec.name)} has samples of shape "
+                             f"{_shape_text(per_sample)}, but the model takes "
+                             f"{_shape_text(wanted)} per sample")
+    dtype = _numpy_dtype(spec.dtype)
+    if dtype is not None and array.dtype != dtype:
+        if array.dtype.kind == "f" and dtype.kind in "iub":
+            raise SlimscopeError(f"{where}: input {quote(spec.name)} holds {array.dtype} values, "
+                                 f"but the model takes {spec.dtype}")
+        if array.dtype.kind not in "fiub":
+            raise SlimscopeError(f"{where}: input {quote(spec.name)} holds {array.dtype} values, "
+                                 "which no model input takes")
+        array = array.astype(dtype)
+    return array, axis
 
 
 class ImageFolderData(DataSource):
@@ -240,48 +490,129 @@ class ImageFolderData(DataSource):
         return f"image folder {self.name}: {len(self)} unlabelled images, as {shape}"
 
 
-class SyntheticData(ArraySource):
-    """Seeded random inputs shaped like the model's input, for fidelity checks without data.
+#: Integer inputs named like these get ones (attention masks) or zeros (segment ids), since
+#: random values there mean nothing a real input would hold.
+_MASK_NAME = re.compile(r"mask", re.IGNORECASE)
+_ZERO_NAME = re.compile(r"token_type|segment", re.IGNORECASE)
+#: Token ids are drawn below this, which every vocabulary of a real text model exceeds.
+SYNTHETIC_ID_RANGE = 100
 
-    Floats are standard normal, integers (token ids) uniform in [0, 100), booleans fair coins.
-    The batch axis is the first axis when it is dynamic (or static); other dynamic axes have
-    no size to guess, so they are refused.
+
+def _synthetic_array(spec: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator
+                     ) -> np.ndarray:
+    """Random values fit for one input: floats standard normal, ids in a safe range, masks of
+    ones, segment ids zero, booleans fair coins (masks all true)."""
+    dtype = _numpy_dtype(spec.dtype)
+    kind = dtype.kind if dtype is not None else "?"
+    if kind == "f":
+        return rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+    if kind in "iu":
+        if _MASK_NAME.search(spec.name):
+            return np.ones(shape, dtype)
+        if _ZERO_NAME.search(spec.name):
+            return np.zeros(shape, dtype)
+        return rng.integers(0, SYNTHETIC_ID_RANGE, shape).astype(dtype)
+    if kind == "b":
+        return np.ones(shape, bool) if _MASK_NAME.search(spec.name) else rng.random(shape) < 0.5
+    raise SlimscopeError(f"cannot make synthetic data of type {spec.dtype} for input "
+                         f"{quote(spec.name)}")
+
+
+def _synthetic_shape(spec: TensorSpec, axis: int | None, count: int,
+                     shapes: Mapping[str, Sequence[int]]) -> tuple[int, ...]:
+    """The whole array shape for `count` samples: the spec's sizes, with `shapes` filling the
+    dynamic axes other than the sample axis (whose entry there is ignored)."""
+    given = shapes.get(spec.name)
+    if given is not None and len(given) != len(spec.shape):
+        raise SlimscopeError(f"the shape given for input {quote(spec.name)} has {len(given)} "
+                             f"axes, but the model takes {_shape_text(spec.shape)}")
+    if axis is None and not spec.shape:
+        if spec.name not in shapes:
+            raise SlimscopeError(
+                f"synthetic data cannot guess the scalar input {quote(spec.name)} (a setting "
+                "such as a sample rate); give an .npz with one array per input name")
+    sizes = []
+    for index, size in enumerate(spec.shape):
+        if index == axis:
+            sizes.append(count)
+        elif given is not None and int(given[index]) > 0:
+            sizes.append(int(given[index]))
+        elif isinstance(size, int) and size > 0:
+            sizes.append(size)
+        else:
+            raise SlimscopeError(
+                f"synthetic data needs a fixed input size, but input {quote(spec.name)} has "
+                f"shape {_shape_text(spec.shape)}; give its shape (e.g. --input-shape "
+                f"{spec.name}=1,...) or real data instead")
+    return tuple(sizes)
+
+
+class SyntheticData(ArraySource):
+    """Seeded random inputs shaped like the model's single input, for fidelity checks without
+    data (see :func:`synthetic_data`, which also serves models with several inputs).
+
+    The batch axis is the first axis when it is dynamic (or static); other dynamic axes take
+    their size from `shapes` (input name -> whole shape), or are refused.
     """
 
+    synthetic = True
+
     def __init__(self, input_specs: Sequence[TensorSpec], count: int = DEFAULT_SYNTHETIC_COUNT,
-                 seed: int = 0) -> None:
+                 seed: int = 0, shapes: Mapping[str, Sequence[int]] | None = None) -> None:
         spec = _single_input(input_specs, "synthetic data")
-        sample_shape = spec.shape[1:]
-        if not all(isinstance(d, int) and d > 0 for d in sample_shape):
-            raise SlimscopeError(
-                f"synthetic data needs a fixed input size, but input {spec.name!r} has shape "
-                f"{_shape_text(spec.shape)}; give real data instead"
-            )
+        if count < 1:
+            raise SlimscopeError(f"synthetic data needs at least one sample, not {count}")
+        shape = _synthetic_shape(spec, 0, count, shapes or {})
+        inputs = _synthetic_array(spec, shape, np.random.default_rng(seed))
+        super().__init__(inputs, None, f"synthetic (seed {seed})")
+
+
+class SyntheticNamedData(NamedArrayData):
+    """Seeded random inputs for a model with several inputs, each following its own spec
+    (dtype, sample axis; `shapes` fills other dynamic axes)."""
+
+    synthetic = True
+
+    def __init__(self, input_specs: Sequence[TensorSpec], count: int = DEFAULT_SYNTHETIC_COUNT,
+                 seed: int = 0, shapes: Mapping[str, Sequence[int]] | None = None) -> None:
         if count < 1:
             raise SlimscopeError(f"synthetic data needs at least one sample, not {count}")
         rng = np.random.default_rng(seed)
-        shape = (count, *sample_shape)
-        dtype = _numpy_dtype(spec.dtype)
-        kind = dtype.kind if dtype is not None else "?"
-        if kind == "f":
-            inputs = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
-        elif kind in "iu":
-            inputs = rng.integers(0, 100, shape).astype(dtype)
-        elif kind == "b":
-            inputs = rng.random(shape) < 0.5
-        else:
-            raise SlimscopeError(f"cannot make synthetic data of type {spec.dtype}")
-        super().__init__(inputs, None, f"synthetic (seed {seed})")
+        batch = _static_batch(input_specs)
+        arrays, axes = {}, {}
+        for spec in input_specs:
+            axis = spec_sample_axis(spec, batch)
+            given = dict(shapes or {})
+            if axis is None and spec.name in given:  # a scalar given as a value, e.g. sr=16000
+                dtype = _numpy_dtype(spec.dtype) or np.dtype(np.float32)
+                value = np.asarray(given[spec.name]).reshape(-1)
+                if value.size != 1:
+                    raise SlimscopeError(f"the scalar input {quote(spec.name)} takes one value")
+                arrays[spec.name], axes[spec.name] = value[0].astype(dtype).reshape(()), None
+                continue
+            shape = _synthetic_shape(spec, axis, count, given)
+            arrays[spec.name], axes[spec.name] = _synthetic_array(spec, shape, rng), axis
+        super().__init__(arrays, axes, None, f"synthetic (seed {seed})")
+
+
+def synthetic_data(input_specs: Sequence[TensorSpec], count: int = DEFAULT_SYNTHETIC_COUNT,
+                   seed: int = 0, shapes: Mapping[str, Sequence[int]] | None = None
+                   ) -> DataSource:
+    """Synthetic inputs for whatever inputs the model has (one array, or arrays by name)."""
+    if len(input_specs) > 1:
+        return SyntheticNamedData(input_specs, count, seed, shapes)
+    return SyntheticData(input_specs, count, seed, shapes)
 
 
 def open_data(spec: str, model_inputs: Sequence[TensorSpec], *,
               mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-              ) -> DataSource:
+              shapes: Mapping[str, Sequence[int]] | None = None) -> DataSource:
     """The source a user named, checked against the model's inputs.
 
     `spec` is "demo" (the digits test split; "demo:train" / "demo:calibration" for the others),
     "synthetic" or "synthetic:COUNT", a folder of images, or a .npy/.npz file.
-    `mean`/`std` apply to image folders only.
+    `mean`/`std` apply to image folders only; `shapes` (input name -> whole shape, or a value
+    for a scalar input) fills the dynamic sizes synthetic data cannot guess.
     """
     kind, _, argument = spec.partition(":")
     if kind == "demo":
@@ -290,7 +621,9 @@ def open_data(spec: str, model_inputs: Sequence[TensorSpec], *,
         if argument and not argument.isdigit():
             raise SlimscopeError(f"synthetic:COUNT needs a whole number, not {argument!r}")
         count = int(argument) if argument else DEFAULT_SYNTHETIC_COUNT
-        return SyntheticData(model_inputs, count=count)
+        if not model_inputs:
+            _single_input(model_inputs, "synthetic data")
+        return synthetic_data(model_inputs, count=count, shapes=shapes)
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
@@ -302,8 +635,10 @@ def open_data(spec: str, model_inputs: Sequence[TensorSpec], *,
                     f"{_shape_text(input_spec.shape)}: its image size is not fixed"
                 )
             return ImageFolderData(path, shape, mean=mean, std=std)  # type: ignore[arg-type]
+        if path.suffix.lower() == ".npz" and _npz_holds_named_inputs(path, model_inputs):
+            return named_array_data(path, model_inputs)
         if path.suffix.lower() in (".npy", ".npz"):
-            source = ArrayData(path)
+            source = ArrayData(path, model_inputs[0].name if len(model_inputs) == 1 else None)
         elif path.exists():
             raise SlimscopeError(f"{path.name}: unsupported data file (use a folder of images, "
                                  ".npy or .npz)")

@@ -11,12 +11,13 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol
 
 import numpy as np
 
-from engine.data import DataSource
+from engine.data import DataSource, Inputs, batch_length, pad_samples, sample_axes, take_samples
 from engine.errors import NeedsModuleError, SlimscopeError, one_line
+from engine.formats.guard import quote
 from engine.jobs import NEVER_CANCELLED, CancelToken, Progress, no_progress
 
 if TYPE_CHECKING:
@@ -31,13 +32,97 @@ FIXED_BATCH_ATTRIBUTE = "_slimscope_fixed_batch"
 
 
 class Runner(Protocol):
-    """Runs a model on one batch of inputs; outputs are (batch, ...) float arrays."""
+    """Runs a model on one batch of inputs (one array, or arrays by input name, see
+    engine.data); outputs are the model's first output as a (batch, ...) float array."""
 
-    def run(self, batch: np.ndarray) -> np.ndarray: ...
+    def run(self, batch: Inputs) -> np.ndarray: ...
 
     def with_threads(self, threads: int | None) -> Runner:
         """The same model run on `threads` CPU threads (None: the library's default)."""
         ...
+
+
+def fixed_batch_of(module: "torch.nn.Module") -> int | None:
+    """The batch size a torch module takes exclusively, or None when any size works.
+
+    The backend marks a static-batch torch.export module (FIXED_BATCH_ATTRIBUTE). A deep copy of
+    that module (the compressed one) loses the mark and also its input guard, and would then
+    run a wrong batch silently; its graph still records the shapes it was exported for, so a
+    torch.export module whose every input is static is read from its placeholders.
+    """
+    marked = getattr(module, FIXED_BATCH_ATTRIBUTE, None)
+    if marked:
+        return int(marked)
+    graph = getattr(module, "graph", None)
+    if graph is None or getattr(module, "_in_spec", None) is None:  # not from torch.export
+        return None
+    shapes = []
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        value = node.meta.get("val")
+        shape = getattr(value, "shape", None)
+        if shape is None:
+            return None
+        if not all(isinstance(size, int) for size in shape):
+            return None
+        shapes.append(tuple(shape))
+    return _first_batch(shapes)
+
+
+def _first_batch(shapes: list[tuple[int, ...]]) -> int | None:
+    shaped = [shape for shape in shapes if shape]
+    return shaped[0][0] if shaped and shaped[0][0] > 0 else None
+
+
+def input_names(module: "torch.nn.Module") -> list[str]:
+    """The names of a module's forward arguments, in order (TorchScript from its schema)."""
+    import inspect
+
+    import torch
+
+    if isinstance(module, torch.jit.ScriptModule):
+        return [argument.name for argument in module.forward.schema.arguments[1:]]
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in parameters
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def torch_arguments(module: "torch.nn.Module", batch: "Inputs | Mapping[str, np.ndarray]"
+                    ) -> tuple[Any, ...]:
+    """Positional arguments for one batch: one tensor, or the named inputs in the module's own
+    argument order (by name when the names match, else in the order the data gives them, which
+    open_data takes from the model's input specs). Floats follow the module's parameter dtype;
+    a scalar for a TorchScript ``int``/``float``/``bool`` argument becomes a Python number."""
+    import torch
+
+    param = next((p for p in module.parameters() if p.is_floating_point()), None)
+
+    def tensor(array: np.ndarray) -> torch.Tensor:
+        value = torch.from_numpy(np.ascontiguousarray(array))
+        if value.is_floating_point() and param is not None:
+            value = value.to(param.dtype)  # half-precision modules take half-precision input
+        return value
+
+    if not isinstance(batch, Mapping):
+        return (tensor(batch),)
+    names = input_names(module)
+    order = names[:len(batch)] if set(batch) == set(names[:len(batch)]) else list(batch)
+    kinds = {}
+    if isinstance(module, torch.jit.ScriptModule):
+        kinds = {a.name: str(a.type) for a in module.forward.schema.arguments[1:]}
+    scalars = {"int": int, "float": float, "bool": bool}
+    arguments = []
+    for name in order:
+        array = np.asarray(batch[name])
+        if kinds.get(name) in scalars and array.ndim == 0:
+            arguments.append(scalars[kinds[name]](array.item()))
+        else:
+            arguments.append(tensor(array))
+    return tuple(arguments)
 
 
 class TorchRunner:
@@ -50,22 +135,18 @@ class TorchRunner:
         self.module = module
         self.threads = threads
         #: A program exported for exactly this many samples (torch.export with a static batch)
-        #: is fed that many at a time; the backend marks such modules (FIXED_BATCH_ATTRIBUTE),
-        #: and copies of them keep the mark.
-        self.fixed_batch = fixed_batch or getattr(module, FIXED_BATCH_ATTRIBUTE, None)
+        #: is fed that many at a time (see fixed_batch_of).
+        self.fixed_batch = fixed_batch or fixed_batch_of(module)
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, batch: Inputs) -> np.ndarray:
         if self.fixed_batch:
             return in_fixed_batches(self._run, batch, self.fixed_batch)
         return self._run(batch)
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, batch: Inputs) -> np.ndarray:
         import torch
 
-        inputs = torch.from_numpy(np.ascontiguousarray(batch))
-        param = next((p for p in self.module.parameters() if p.is_floating_point()), None)
-        if inputs.is_floating_point() and param is not None:
-            inputs = inputs.to(param.dtype)  # half-precision modules take half-precision input
+        arguments = torch_arguments(self.module, batch)
         modes = [(m, m.training) for m in self.module.modules()]
         threads_before = torch.get_num_threads()
         change_threads = bool(self.threads) and self.threads != threads_before
@@ -74,7 +155,7 @@ class TorchRunner:
                 torch.set_num_threads(self.threads)
             _to_eval(self.module)
             with torch.inference_mode():
-                output = first_tensor(self.module(inputs))
+                output = first_tensor(self.module(*arguments))
         finally:
             for submodule, training in modes:
                 submodule.training = training
@@ -86,17 +167,17 @@ class TorchRunner:
         return TorchRunner(self.module, threads, self.fixed_batch)
 
 
-def in_fixed_batches(run: Callable[[np.ndarray], np.ndarray], batch: np.ndarray,
+def in_fixed_batches(run: Callable[[Inputs], np.ndarray], batch: Inputs,
                      size: int) -> np.ndarray:
     """`run` over pieces of exactly `size` samples: a model exported for a fixed batch takes no
-    other. The last piece is padded with copies of its last sample, whose outputs are dropped."""
+    other. The last piece is padded with copies of its last sample, whose outputs are dropped.
+    Named inputs are cut along each input's own sample axis; constants go whole."""
     outputs = []
-    for start in range(0, len(batch), size):
-        piece = batch[start:start + size]
-        missing = size - len(piece)
-        if missing:
-            piece = np.concatenate([piece, np.repeat(piece[-1:], missing, axis=0)])
-        outputs.append(run(piece)[:size - missing])
+    total = batch_length(batch)
+    for start in range(0, total, size):
+        piece = take_samples(batch, start, min(start + size, total))
+        kept = batch_length(piece)
+        outputs.append(run(pad_samples(piece, size))[:kept])
     return np.concatenate(outputs)
 
 
@@ -111,8 +192,9 @@ def _to_eval(module: "torch.nn.Module") -> None:
 class OnnxRunner:
     """Runs an ONNX model (path, bytes or ModelProto) on onnxruntime's CPU provider.
 
-    A model exported with a fixed batch size is fed that many samples at a time, so any data
-    batch size works.
+    A model with several inputs is fed by name (a batch of named inputs, see engine.data); a
+    single array feeds a single-input model. A model exported with a fixed batch size is fed
+    that many samples at a time, so any data batch size works.
     """
 
     def __init__(self, model: "str | Path | bytes | onnx.ModelProto", threads: int | None = None
@@ -129,26 +211,58 @@ class OnnxRunner:
             self.session = onnx_tools.session(model, threads=threads)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise SlimscopeError(f"onnxruntime cannot run this model: {one_line(exc)}") from None
-        inputs = self.session.get_inputs()
-        if len(inputs) != 1:
-            raise SlimscopeError(f"evaluation feeds one input, but this ONNX model takes "
-                                 f"{len(inputs)} ({', '.join(i.name for i in inputs)})")
-        self.input_name = inputs[0].name
-        batch_dim = inputs[0].shape[0] if inputs[0].shape else None
-        self._fixed_batch = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
+        self.inputs = {i.name: (tuple(i.shape), _ort_dtype(i.type))
+                       for i in self.session.get_inputs()}
+        self.input_name = next(iter(self.inputs))
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        from engine import onnx_tools
-
-        if self._fixed_batch:
-            outputs = in_fixed_batches(lambda piece: onnx_tools.run(self.session, piece), batch,
-                                       self._fixed_batch)
+    def _fixed_batch(self, batch: Inputs) -> int | None:
+        """The static size of the fed inputs' sample axis, where the model fixes it."""
+        if isinstance(batch, Mapping):
+            axes = sample_axes(batch)
+            name = next((n for n, a in axes.items() if a is not None and n in self.inputs), None)
+            axis = axes.get(name) if name is not None else None
         else:
-            outputs = onnx_tools.run(self.session, batch)
-        return outputs.astype(np.float32, copy=False)
+            name, axis = self.input_name, 0
+        if name is None or axis is None:
+            return None
+        shape = self.inputs[name][0]
+        size = shape[axis] if axis < len(shape) else None
+        return size if isinstance(size, int) and size > 0 else None
+
+    def _feed(self, batch: Inputs) -> dict[str, np.ndarray]:
+        if not isinstance(batch, Mapping):
+            if len(self.inputs) != 1:
+                raise SlimscopeError(
+                    f"this ONNX model takes {len(self.inputs)} inputs "
+                    f"({', '.join(map(quote, self.inputs))}); give an .npz with one array per "
+                    "input name")
+            return {self.input_name: np.ascontiguousarray(batch, dtype=self.inputs[self.input_name][1])}
+        missing = [name for name in self.inputs if name not in batch]
+        if missing:
+            raise SlimscopeError(f"the data has no array for the model input {quote(missing[0])} "
+                                 f"(it has {', '.join(map(quote, batch))})")
+        return {name: np.ascontiguousarray(batch[name], dtype=dtype)
+                for name, (_, dtype) in self.inputs.items()}
+
+    def _run(self, batch: Inputs) -> np.ndarray:
+        return self.session.run(None, self._feed(batch))[0]
+
+    def run(self, batch: Inputs) -> np.ndarray:
+        fixed = self._fixed_batch(batch)
+        outputs = in_fixed_batches(self._run, batch, fixed) if fixed else self._run(batch)
+        return np.asarray(outputs).astype(np.float32, copy=False)
 
     def with_threads(self, threads: int | None) -> OnnxRunner:
         return OnnxRunner(self._model_bytes, threads)
+
+
+def _ort_dtype(type_name: str) -> np.dtype:
+    """The numpy dtype for an ONNX Runtime input type string such as ``tensor(int64)``."""
+    name = type_name.removeprefix("tensor(").removesuffix(")")
+    try:
+        return np.dtype({"float": "float32", "double": "float64"}.get(name, name))
+    except TypeError:
+        return np.dtype(np.float32)
 
 
 #: Protobuf's 2 GiB message limit, with room for the graph.
@@ -279,14 +393,15 @@ def evaluate(
     progress(0.0, f"evaluating on {data.describe()}")
     for inputs, labels in _checked(data.batches(batch_size), cancel):
         outputs = runner.run(inputs)
-        if len(outputs) != len(inputs):
+        count = batch_length(inputs)
+        if len(outputs) != count:
             raise SlimscopeError(f"the model returned {len(outputs)} outputs for a batch of "
-                                 f"{len(inputs)}; is its first output axis the batch?")
+                                 f"{count}; is its first output axis the batch?")
         if labels is not None:
             totals.add_labels(outputs, labels)
         if reference is not None:
             totals.add_reference(outputs, reference.run(inputs))
-        totals.samples += len(inputs)
+        totals.samples += count
         progress(totals.samples / total, f"evaluated {totals.samples}/{total} samples")
     return totals.metrics(data.has_labels, reference is not None)
 
@@ -319,7 +434,7 @@ class LatencyStats:
 
 def measure_latency(
     runner: Runner,
-    example_batch: np.ndarray,
+    example_batch: Inputs,
     *,
     repeats: int = 50,
     warmup: int = 5,
@@ -348,7 +463,7 @@ def measure_latency(
         mean_ms=float(times.mean()),
         min_ms=float(times.min()),
         repeats=repeats,
-        batch_size=len(example_batch),
+        batch_size=batch_length(example_batch),
         threads=threads,
     )
 

@@ -177,7 +177,8 @@ BAD_SPECS = [
     ("synthetic", [], "needs the model's input shape"),
     ("synthetic:lots", DIGITS_INPUT, "needs a whole number"),
     ("synthetic", [TensorSpec("image", ("batch", 3, "h", "w"))], "needs a fixed input size"),
-    ("synthetic", [TensorSpec("a", (1, 4)), TensorSpec("b", (1, 4))], "takes 2 .a, b."),
+    ("synthetic", [TensorSpec("a", ("batch", 4)), TensorSpec("sr", (), "int64")],
+     "cannot guess the scalar input 'sr'"),
     ("empty", [TensorSpec("tokens", ("batch", 128), "int64")], "images need an input of"),
 ]
 

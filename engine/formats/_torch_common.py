@@ -38,6 +38,8 @@ WEIGHTS_ONLY_NOTE = (
 )
 #: Last name parts that mark a 2-D weight as an embedding table rather than a Linear layer.
 _EMBEDDING_NAME = re.compile(r"emb|^wte$|^wpe$|^shared$", re.IGNORECASE)
+#: Last name parts that mark a 1-D weight as a PReLU slope (facenet's `prelu1`, `prelu4_1`).
+_PRELU_NAME = re.compile(r"prelu", re.IGNORECASE)
 _NUMPY_INCOMPATIBLE = {torch.bfloat16} | {
     getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
                                       "float8_e5m2fnuz", "float8_e8m0fnu") if hasattr(torch, name)
@@ -86,7 +88,9 @@ def guess_kind(name: str, shape: Sequence[int], *, has_running_stats: bool,
                previous_kind: str | None = None) -> str | None:
     """The likely layer kind of a weight from its name and shape alone; None for no layer.
 
-    A BatchNorm's dimensionality follows the layer before it (a Conv1d feeds BatchNorm1d).
+    A BatchNorm's dimensionality follows the layer before it (a Conv1d feeds BatchNorm1d). A
+    1-D weight without running statistics is a LayerNorm, unless its name says PReLU (a PReLU's
+    slopes look exactly like a norm's scale).
     """
     rank = len(shape)
     if rank in (3, 4, 5):
@@ -96,7 +100,7 @@ def guess_kind(name: str, shape: Sequence[int], *, has_running_stats: bool,
         return "Embedding" if _EMBEDDING_NAME.search(last_part) else "Linear"
     if rank == 1:
         if not has_running_stats:
-            return "LayerNorm"
+            return "PReLU" if _PRELU_NAME.search(name.rsplit(".", 1)[-1]) else "LayerNorm"
         if previous_kind in ("Conv2d", "Conv3d"):
             return f"BatchNorm{previous_kind[4]}d"
         if previous_kind in ("Conv1d", "Linear"):

@@ -44,6 +44,8 @@ _WEIGHT_OPS: dict[str, tuple[str | None, int]] = {
     "layer_norm": ("LayerNorm", 2),
     "native_layer_norm": ("LayerNorm", 2),
     "group_norm": ("GroupNorm", 2),
+    "prelu": ("PReLU", 1),
+    "_prelu_kernel": ("PReLU", 1),
 }
 _ARCHIVE_MARKERS = ("archive_format", "serialized_exported_program.json")
 
@@ -80,13 +82,12 @@ def load(path: Path, options: LoadOptions) -> Model:
 
 
 def _static_batch(inputs: list[TensorSpec]) -> int | None:
-    """The batch size every input was exported with, when all are fixed; None if any is dynamic."""
-    sizes = {spec.shape[0] if spec.shape else None for spec in inputs}
-    if len(sizes) == 1:
-        size = sizes.pop()
-        if isinstance(size, int) and size > 0:
-            return size
-    return None
+    """The batch size a program was exported for when every input is fixed: the first input's
+    first size (a state input may carry its batch on another axis); None if any is dynamic."""
+    if not inputs or not all(spec.is_static for spec in inputs) or not inputs[0].shape:
+        return None
+    size = inputs[0].shape[0]
+    return size if isinstance(size, int) and size > 0 else None
 
 
 def _rank(node: object) -> int | None:

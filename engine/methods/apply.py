@@ -11,24 +11,70 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
+import torch
 from torch import nn
+
+from engine.backends.base import GRADIENTS, GRAPH_SURGERY, LOW_RANK
 
 from engine.compressed import CompressedModel
 from engine.jobs import NEVER_CANCELLED, CancelToken, Progress, no_progress, sub_progress
 from engine.methods import REGISTRY, STAGES, Context
-from engine.methods.base import Batch
+from engine.errors import PlanError
+from engine.methods.base import Batch, layer_kind, own_tensor
 from engine.plan import LayerInfo, LayerPlan, Plan
 
 
 def module_layers(module: nn.Module) -> list[LayerInfo]:
-    """Every sub-module that owns a `weight` parameter, as plan resolution sees it."""
-    return [
-        LayerInfo(name, type(layer).__name__, tuple(layer.weight.shape))
-        for name, layer in module.named_modules()
-        if isinstance(layer._parameters.get("weight"), nn.Parameter)
-    ]
+    """Every sub-module that owns a `weight` parameter, as plan resolution sees it (TorchScript
+    modules included: their kinds are the original class names)."""
+    layers = []
+    for name, layer in module.named_modules():
+        weight = own_tensor(layer, "weight")
+        if weight is not None:
+            layers.append(LayerInfo(name, layer_kind(layer), tuple(weight.shape)))
+    return layers
+
+
+def _capabilities_needed(method_name: str) -> tuple[str, ...]:
+    """Backend capabilities a method needs beyond reading and writing weights."""
+    method = REGISTRY[method_name]
+    needed = []
+    if method.stage == "structured":
+        needed.append(GRAPH_SURGERY)
+    if method.stage == "low_rank":
+        needed.append(LOW_RANK)
+    if method.needs_calibration:
+        needed.append(GRADIENTS)
+    return tuple(needed)
+
+
+def plan_refusal(resolved: Mapping[str, LayerPlan], why_not: Callable[[str], str | None]
+                 ) -> str | None:
+    """One line saying why a resolved plan cannot run where `why_not` answers for capabilities
+    (e.g. ``Model.why_not``), or None: checked before any work, so nothing half-runs."""
+    users: dict[str, list[str]] = defaultdict(list)
+    for name, layer_plan in resolved.items():
+        for method_name in method_names(layer_plan):
+            users[method_name].append(name)
+    for method_name, names in users.items():
+        for capability in _capabilities_needed(method_name):
+            reason = why_not(capability)
+            if reason is not None:
+                shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3
+                                                 else "")
+                return f"the plan's {method_name} step (layers {shown}) cannot run: {reason}"
+    return None
+
+
+def _module_why_not(module: nn.Module) -> Callable[[str], str | None]:
+    """What a bare module allows: TorchScript takes no surgery; eager modules take everything."""
+    if isinstance(module, torch.jit.ScriptModule):
+        from engine.backends.torch_module import TorchScriptBackend
+
+        return TorchScriptBackend(module).why_not
+    return lambda _capability: None
 
 
 def method_names(layer_plan: LayerPlan) -> list[str]:
@@ -59,6 +105,9 @@ def apply_plan(
     calibration batch's inputs are used (so pass a re-iterable such as a list or DataLoader).
     """
     resolved = plan.resolve(module_layers(module))
+    refusal = plan_refusal(resolved, _module_why_not(module))
+    if refusal is not None:
+        raise PlanError(refusal)
     work = copy.deepcopy(module)
     result = CompressedModel(
         module=work,

@@ -107,10 +107,41 @@ def keep_top(scores: torch.Tensor, amount: float) -> torch.Tensor:
     return mask.reshape(scores.shape)
 
 
-def weight_of(module: nn.Module, layer_name: str) -> nn.Parameter:
-    """The `weight` parameter of the named sub-module."""
-    weight = module.get_submodule(layer_name).weight
-    if not isinstance(weight, nn.Parameter):
+def submodule(module: nn.Module, name: str) -> nn.Module:
+    """``module.get_submodule(name)``, which TorchScript modules refuse; attribute lookup works
+    for both, so methods reach a TorchScript model's layers the same way."""
+    target = module
+    for part in name.split(".") if name else ():
+        target = getattr(target, part, None)
+        if not isinstance(target, nn.Module):
+            raise AttributeError(f"the model has no layer named {name!r}")
+    return target
+
+
+def own_tensor(layer: nn.Module, attribute: str) -> torch.Tensor | None:
+    """The parameter `layer` holds directly under `attribute`, or None.
+
+    Eager modules hold ``nn.Parameter`` objects; a TorchScript module hands out its parameters
+    as plain tensors and has no ``_parameters.get``, so ``named_parameters`` is the one way
+    that works for both. Editing the tensor in place edits the module.
+    """
+    for name, tensor in layer.named_parameters(recurse=False):
+        if name == attribute:
+            return tensor
+    return None
+
+
+def layer_kind(layer: nn.Module) -> str:
+    """The class name a user wrote: TorchScript keeps it as `original_name`."""
+    if isinstance(layer, torch.jit.ScriptModule):
+        return str(layer.original_name)
+    return type(layer).__name__
+
+
+def weight_of(module: nn.Module, layer_name: str) -> torch.Tensor:
+    """The `weight` parameter of the named sub-module (a plain tensor in TorchScript)."""
+    weight = own_tensor(submodule(module, layer_name), "weight")
+    if weight is None:
         raise TypeError(f"layer {layer_name!r} has no weight parameter")
     return weight
 

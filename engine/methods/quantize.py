@@ -26,7 +26,7 @@ from torch import nn
 
 from engine.compressed import CompressedModel, QuantizedWeight
 from engine.errors import PlanError
-from engine.methods.base import Context, Method, register, weight_of
+from engine.methods.base import Context, Method, own_tensor, register, submodule, weight_of
 from engine.plan import LayerPlan, Quantization
 
 #: Clipping ratios tried by the MSE range search (1.0 = min-max, always included).
@@ -158,10 +158,10 @@ class FloatCast(Method):
     def apply(self, module: nn.Module, layers: Mapping[str, LayerPlan], result: CompressedModel, context: Context) -> None:
         for name, layer_plan in layers.items():
             dtype = FLOAT_DTYPES[layer_plan.quantization.bits]
-            layer = module.get_submodule(name)
+            layer = submodule(module, name)
             for param_name in ("weight", "bias"):
-                param = getattr(layer, param_name, None)
-                if isinstance(param, nn.Parameter):
+                param = own_tensor(layer, param_name)
+                if param is not None:
                     with torch.no_grad():
                         param.copy_(param.to(dtype).to(param.dtype))
                     result.cast[f"{name}.{param_name}"] = dtype
