@@ -95,7 +95,7 @@ STRUCTURED_KINDS = frozenset({"Conv1d", "Conv2d", "Conv3d", "Linear"})
 #: Kinds with an input dimension along which N:M groups make sense (not embeddings).
 NM_KINDS = PRUNABLE_KINDS - {"Embedding", "Gather"}
 #: Kinds the SVD method can split into two layers.
-LOW_RANK_KINDS = frozenset({"Linear", "Conv2d"})
+LOW_RANK_KINDS = frozenset({"Linear", "Conv2d", "Gemm", "MatMul"})
 
 SECTIONS = ("pruning", "quantization", "low_rank")
 

@@ -12,7 +12,6 @@ from engine.cli import main
 from engine.compress import compress
 from engine.data import DigitsData
 from engine.demo import DEMO_MODEL
-from engine.errors import NeedsModuleError
 from engine.formats import load_model
 from engine.methods.apply import apply_plan
 from engine.plan import Plan
@@ -51,11 +50,12 @@ def test_half_sparse_int8_demo_keeps_accuracy_within_one_point(demo) -> None:
     assert compressed.module is not demo.module
 
 
-def test_weights_only_model_says_what_compression_needs(tmp_path: Path) -> None:
+def test_weights_only_model_compresses_without_a_metric(tmp_path: Path) -> None:
     path = tmp_path / "weights.pt"
     torch.save(torch.nn.Linear(4, 3).state_dict(), path)
-    with pytest.raises(NeedsModuleError, match="compression is not available .* weights only"):
-        compress(load_model(path), Plan.from_dict(PLAN_50_INT8))
+    compressed, report = compress(load_model(path), Plan.from_dict(PLAN_50_INT8))
+    assert compressed.module is None and report.metrics_after is None
+    assert "no accuracy figure: the file holds weights only, no graph" in report.notes
 
 
 def test_plan_replayed_from_yaml_by_cli_is_bit_identical_to_api(tmp_path: Path, demo) -> None:

@@ -1,8 +1,11 @@
-"""`slimscope compress MODEL --plan PLAN -o OUT [--format NAME] [--data PATH|demo] [--report R]`.
+"""`slimscope compress MODEL --plan PLAN [-o OUT] [--format NAME] [--data PATH|demo] [--report R]`.
 
-The output is written in the format its extension (or --format) names, reloaded with its users'
-runtime and checked against the compressed model before it is kept. Exit status 1 when that
-verification fails (the file is then discarded, unless --keep-unverified).
+Any model file compresses: a PyTorch module module-wise, an ONNX graph or a weights-only file
+tensor by tensor (engine.compress). The output is written in the format its extension (or
+--format) names, reloaded with its users' runtime and checked against the compressed model
+before it is kept. Exit status 1 when that verification fails (the file is then discarded,
+unless --keep-unverified). Without -o, only the report is made (--report): what the plan
+achieves, measured, with nothing written but the report.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from engine.commands._common import (
 )
 from engine.compress import CompressionReport, compress
 from engine.data import open_data
+from engine.errors import SlimscopeError
 from engine.plan import Plan
 from engine.safe_write import data_input
 
@@ -34,8 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("compress", help="apply a plan, measure, and write the result")
     add_model_arguments(parser)
     parser.add_argument("--plan", required=True, help="plan file (.yaml/.yml/.json)")
-    parser.add_argument("-o", "--output", required=True,
-                        help="output file: .onnx, .pt/.pth, .pt2, .safetensors or .slim")
+    parser.add_argument("-o", "--output",
+                        help="output file: .onnx, .pt/.pth, .pt2, .safetensors or .slim "
+                        "(optional with --report: then only the report is written)")
     parser.add_argument("--format", dest="export_format", metavar="NAME",
                         help="output format instead of the extension's default: onnx, "
                         "onnx-int8, onnx-dynamic, onnx-w4, onnx-w8, state-dict, torch-module, "
@@ -59,14 +64,17 @@ def run(args: argparse.Namespace) -> int:
     data_spec = args.data or ("demo" if args.model == "demo" else None)
     calibration_spec = args.calibration or ("demo:calibration" if data_spec == "demo" else None)
     train_spec = args.train_data or ("demo:train" if data_spec == "demo" else None)
-    output = Path(args.output)
+    if not args.output and not args.report:
+        raise SlimscopeError("compress needs an output file (-o) or a report (--report), or both")
+    output = Path(args.output) if args.output else None
     inputs = [("plan", args.plan), data_input("data", data_spec),
               data_input("calibration data", calibration_spec),
               data_input("training data", train_spec)]
     guard_outputs(args, [output, args.report], *inputs)  # before the slow part, not after
-    from engine.export import check_destination, export
+    if output is not None:
+        from engine.export import check_destination
 
-    check_destination(output, args.export_format)
+        check_destination(output, args.export_format)
     model = load_from_args(args)
     plan = Plan.load(args.plan)
     data = open_data(data_spec, model.inputs) if data_spec else None
@@ -74,6 +82,12 @@ def run(args: argparse.Namespace) -> int:
     train_data = open_data(train_spec, model.inputs) if train_spec else None
     compressed, report = compress(model, plan, data, calibration=calibration, train_data=train_data,
                                   measure=not args.no_measure, progress=print_progress)
+    if output is None:
+        write_json(report.to_dict(), args.report)
+        print(format_summary(report), file=sys.stderr)
+        return 0
+    from engine.export import export
+
     result = export(compressed, model, output, format=args.export_format, data=data,
                     calibration=calibration, keep_unverified=args.keep_unverified,
                     measure=not args.no_measure,
