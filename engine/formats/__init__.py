@@ -125,7 +125,7 @@ def _load(path: Path, options: LoadOptions) -> Model:
     name = quote(path.name)
     adapter: ModuleType | None = None
     try:
-        adapter = detect(path)
+        adapter = _folder_adapter(path) or detect(path)
         options.progress(0.05, f"reading {path.name} as {adapter.NAME}")
         model = adapter.load(path, options)
     except SlimscopeError:
@@ -145,15 +145,39 @@ def _load(path: Path, options: LoadOptions) -> Model:
     return model
 
 
+def _folder_adapter(path: Path) -> ModuleType | None:
+    """The Hugging Face folder adapter for a folder holding a config.json; None otherwise.
+
+    Decided by stat alone, and the adapter (which imports torch) only for such a folder: the
+    GUI asks this on its own thread before every load.
+    """
+    try:
+        is_model_folder = (stat.S_ISDIR(os.stat(path).st_mode)
+                           and os.path.lexists(path / "config.json"))
+    except (OSError, ValueError):  # missing, name too long, NUL byte: check_model_path says so
+        return None
+    if not is_model_folder:
+        return None
+    from engine.formats import hf_folder
+
+    return hf_folder
+
+
 def check_model_path(path: Path) -> None:
-    """One line unless `path` is an ordinary readable file; stats it, never opens it.
+    """One line unless `path` is an ordinary readable file or a model folder; stats it, never
+    opens it.
 
     :func:`regular_file`, plus the two path problems it has no words for. The GUI calls this
-    before a loader runs, so no loader ever blocks on a FIFO.
+    before a loader runs, so no loader ever blocks on a FIFO. A folder passes only when it holds
+    a ``config.json`` (a Hugging Face checkpoint); the adapter checks every file it then reads.
     """
     if len(os.fsencode(path.name)) > _name_max(path):
         raise ModelLoadError(f"{quote(path.name)}: file name too long "
                              f"({len(os.fsencode(path.name))} bytes)")
+    if _folder_adapter(path) is not None:
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ModelLoadError(f"{quote(path.name)}: permission denied")
+        return
     try:
         regular_file(path)
     except ValueError:  # os.stat refuses a NUL byte before asking the system
