@@ -34,6 +34,7 @@ from engine.jobs import CancelToken, Progress
 from engine.model import Model
 from engine.sensitivity import DEFAULT_RANKS, Sensitivity, SweepSettings, sweep
 
+from gui import capabilities
 from gui.plan_document import PlanDocument
 from gui.project import PROJECT_FILTER, PROJECT_SUFFIX, DataChoice, Project
 from gui.session import Session
@@ -118,20 +119,21 @@ class AnalysisState(QObject):
     def running(self) -> bool:
         return self.job is not None
 
-    def can_run(self) -> str:
-        """Why a sweep cannot start now, or "" when it can."""
+    def can_run(self, choice: DataChoice | None = None) -> str:
+        """Why a sweep (with `choice`'s method; without one, any method) cannot start now, or
+        "" when it can. The data-free method reads weights only, so every model has one."""
         model = self.session.model
         if model is None:
-            return "Open a model first."
-        if not model.runnable:
-            return "This file holds weights only; sensitivity needs a runnable model."
+            return capabilities.NO_MODEL
         if self.running:
             return "A sensitivity analysis is already running."
+        if choice is not None:
+            return capabilities.sensitivity_why_not(model, choice.method, choice.ranks) or ""
         return ""
 
     def run(self, choice: DataChoice) -> Job:
         """Sweep the current model in the background with `choice`; results replace the cache."""
-        problem = self.can_run()
+        problem = self.can_run(choice)
         if problem:
             raise SlimscopeError(problem)
         model = self.session.model
@@ -438,7 +440,7 @@ class Analysis(QObject):
             return None
         model = self.session.model
         assert model is not None
-        choice = ask_data_choice(self.window, self.state.choice, model.path.name)
+        choice = ask_data_choice(self.window, self.state.choice, model.path.name, model)
         if choice is None:
             return None
         return self.run(choice)

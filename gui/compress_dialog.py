@@ -26,6 +26,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from engine.model import Model
+
+from gui import capabilities
 from gui.session import CompressionData
 
 FIELDS = (
@@ -36,10 +39,14 @@ FIELDS = (
      "recovery step; never the evaluation data itself"),
     ("train", "Training", "What recovery fine-tuning learns from"),
 )
+#: What the model's backend must do for a field's data to be used.
+FIELD_NEEDS = {"evaluation": capabilities.RUN, "calibration": capabilities.RUN,
+               "train": capabilities.RECOVERY_NEED}
 
 
 class CompressionDataDialog(QDialog):
-    def __init__(self, current: CompressionData, model_is_demo: bool, parent: QWidget | None = None) -> None:
+    def __init__(self, current: CompressionData, model_is_demo: bool, parent: QWidget | None = None,
+                 model: Model | None = None) -> None:
         super().__init__(parent)
         self.setWindowTitle("Compression Data")
         defaults = CompressionData().effective(model_is_demo)
@@ -57,6 +64,10 @@ class CompressionDataDialog(QDialog):
             edit.setToolTip(tip)
             browse = QPushButton("Browse…")
             browse.clicked.connect(lambda _checked=False, edit=edit: self._browse(edit))
+            reason = capabilities.why_not(model, FIELD_NEEDS[key]) if model is not None else None
+            if reason is not None:  # data this model cannot use is not asked for
+                edit.clear()
+                capabilities.gate_all((edit, browse), reason, tip)
             row = QHBoxLayout()
             row.addWidget(edit, 1)
             row.addWidget(browse)
@@ -85,9 +96,9 @@ class CompressionDataDialog(QDialog):
         return CompressionData(**values)
 
 
-def ask_compression_data(parent: QWidget | None, current: CompressionData, model_is_demo: bool
-                         ) -> CompressionData | None:
-    dialog = CompressionDataDialog(current, model_is_demo, parent)
+def ask_compression_data(parent: QWidget | None, current: CompressionData, model_is_demo: bool,
+                         model: Model | None = None) -> CompressionData | None:
+    dialog = CompressionDataDialog(current, model_is_demo, parent, model)
     return dialog.data() if dialog.exec() == QDialog.DialogCode.Accepted else None
 
 

@@ -35,7 +35,9 @@ from PySide6.QtWidgets import (
 )
 
 from engine.data import DEFAULT_SYNTHETIC_COUNT
+from engine.model import Model
 
+from gui import capabilities
 from gui.project import DataChoice
 
 METHODS: tuple[tuple[str, str, str], ...] = (
@@ -66,8 +68,18 @@ class DataDialog(QDialog):
     """See the module docstring; `choice()` holds the answer once accepted."""
 
     def __init__(self, parent: QWidget | None = None, initial: DataChoice | None = None,
-                 model_name: str = "") -> None:
+                 model_name: str = "", model: Model | None = None) -> None:
         super().__init__(parent)
+        #: Method (or "ranks") -> the engine's one line why this model cannot do it.
+        self.blocked: dict[str, str] = {}
+        if model is not None:
+            for key, _label, _help in METHODS:
+                reason = capabilities.sensitivity_why_not(model, key)
+                if reason is not None:
+                    self.blocked[key] = reason
+            reason = capabilities.why_not(model, capabilities.RANKS_NEED)
+            if reason is not None:
+                self.blocked["ranks"] = reason
         self.setWindowTitle("Sensitivity analysis")
         initial = initial or DataChoice()
 
@@ -93,10 +105,14 @@ class DataDialog(QDialog):
             self.method_buttons[key] = button
             method_grid.addWidget(button, row, 0, Qt.AlignmentFlag.AlignTop)
             method_grid.addWidget(note, row, 1)
+            if key in self.blocked:
+                capabilities.gate_all((button, note), self.blocked[key], help_text)
         self.ranks_box = QCheckBox("Also measure SVD ranks, so allocation may factorize layers")
         self.ranks_box.setToolTip("Adds ranks from 75% down to 6.25% of full rank for Linear and "
                                   "Conv2d layers; each level is one SVD, so the sweep takes longer")
-        self.ranks_box.setChecked(initial.ranks)
+        self.ranks_box.setChecked(initial.ranks and "ranks" not in self.blocked)
+        if "ranks" in self.blocked:
+            capabilities.gate(self.ranks_box, self.blocked["ranks"], "")
         method_grid.addWidget(self.ranks_box, len(METHODS), 0, 1, 2)
 
         # -- data --
@@ -166,7 +182,10 @@ class DataDialog(QDialog):
         self.resize(620, self.sizeHint().height())
 
     def _set_initial(self, initial: DataChoice) -> None:
-        self.method_buttons.get(initial.method, self.method_buttons["exact"]).setChecked(True)
+        method = initial.method if initial.method in self.method_buttons else "exact"
+        if method in self.blocked:  # the first method this model can do; data-free always can
+            method = next(key for key, _label, _help in METHODS if key not in self.blocked)
+        self.method_buttons[method].setChecked(True)
         kind = source_kind(initial.spec)
         self.source_buttons[kind].setChecked(True)
         spec = initial.spec or DEMO
@@ -242,9 +261,10 @@ class DataDialog(QDialog):
 
 
 def ask_data_choice(parent: QWidget | None, initial: DataChoice | None = None,
-                    model_name: str = "") -> DataChoice | None:
-    """Show the dialog modally; the choice, or None when cancelled."""
-    dialog = DataDialog(parent, initial, model_name)
+                    model_name: str = "", model: Model | None = None) -> DataChoice | None:
+    """Show the dialog modally; the choice, or None when cancelled. Methods `model` cannot run
+    are disabled, with the engine's reason as their tooltip."""
+    dialog = DataDialog(parent, initial, model_name, model)
     return dialog.choice() if dialog.exec() == QDialog.DialogCode.Accepted else None
 
 

@@ -14,6 +14,7 @@ plan and opens the dialog.
 
 from __future__ import annotations
 
+import html
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -36,10 +37,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from engine.errors import SlimscopeError
+from engine.errors import SlimscopeError, one_line
 from engine.safe_write import check_outputs, data_input
 
-from gui import dialogs
+from gui import capabilities, dialogs
 from gui.session import CompressionOutcome
 from gui.text import human_bytes
 from gui.workers import Job, export_job
@@ -90,8 +91,20 @@ class ExportDialog(QDialog):
                        "and checked against the compressed model before it is kept.")
         intro.setWordWrap(True)
         self.format_combo = QComboBox()
+        #: Format -> the engine's one line why this model cannot be written in it.
+        self.blocked: dict[str, str] = {}
         for name in [AUTOMATIC, *self._registry]:
             self.format_combo.addItem(FORMAT_LABELS.get(name, name), name)
+            if not name:
+                continue
+            need = capabilities.export_need(name, self._registry[name])
+            reason = capabilities.why_not(outcome.model, need)
+            if reason is not None:
+                self.blocked[name] = reason
+                item = self.format_combo.model().item(self.format_combo.count() - 1)  # type: ignore[attr-defined]
+                item.setEnabled(False)
+                item.setToolTip(reason)
+                item.setStatusTip(reason)
         self.description = QLabel()
         self.description.setWordWrap(True)
         self.description.setForegroundRole(QPalette.ColorRole.PlaceholderText)
@@ -160,6 +173,8 @@ class ExportDialog(QDialog):
         layout.addWidget(self.buttons)
 
         remembered = str(self.settings.value(SETTINGS_FORMAT, AUTOMATIC) or AUTOMATIC)
+        if remembered in self.blocked:
+            remembered = AUTOMATIC
         index = self.format_combo.findData(remembered)
         self.format_combo.setCurrentIndex(max(index, 0))
         self.path_edit.setText(str(self._default_path()))
@@ -176,9 +191,18 @@ class ExportDialog(QDialog):
     def destination(self) -> Path:
         return Path(self.path_edit.text().strip()).expanduser()
 
+    def offered(self) -> list[str]:
+        """The formats this model can be written in (its backend's capabilities decide)."""
+        return [name for name in self._registry if name not in self.blocked]
+
     def _suffix(self) -> str:
         name = self.format_name()
-        return self._registry[name].suffixes[0] if name else ".onnx"
+        if name:
+            return self._registry[name].suffixes[0]
+        if ".onnx" in {s for n in self.offered() for s in self._registry[n].suffixes}:
+            return ".onnx"
+        offered = self.offered()
+        return self._registry[offered[0]].suffixes[0] if offered else ".onnx"
 
     def _default_path(self) -> Path:
         model_path = self.outcome.model.path
@@ -199,16 +223,31 @@ class ExportDialog(QDialog):
         """Say which format the engine will write for this name, and why (or what is wrong)."""
         from engine.export import resolve_format
 
+        self._refusal = None
         if not self.path_edit.text().strip():
             self.plan_label.setText("")
+            self._gate_export()
             return
         try:
             exporter, reason = resolve_format(self.destination(), self.format_name(),
                                               self.outcome.compressed, self.outcome.model)
-        except SlimscopeError as exc:
-            self.plan_label.setText(f"<span style='color:{FAILED}'>{exc}</span>")
+        except Exception as exc:  # noqa: BLE001 - whatever the engine says, the dialog stays up
+            self._refusal = one_line(exc) if isinstance(exc, SlimscopeError) else (
+                f"cannot export this model: {type(exc).__name__}: {one_line(exc)}")
+            self.plan_label.setText(f"<span style='color:{FAILED}'>{html.escape(str(exc))}</span>")
+            self._gate_export()
             return
-        self.plan_label.setText(f"<b>{exporter.name}</b> — {reason}")
+        if exporter.name in self.blocked:  # e.g. "automatic" picked a format this model lacks
+            self._refusal = f"{exporter.name}: {self.blocked[exporter.name]}"
+            self.plan_label.setText(f"<span style='color:{FAILED}'>{html.escape(self._refusal)}</span>")
+        else:
+            self.plan_label.setText(f"<b>{exporter.name}</b> — {html.escape(reason)}")
+        self._gate_export()
+
+    def _gate_export(self) -> None:
+        """Export is offered only for a format the engine accepts for this model and file."""
+        if self.job is None:
+            capabilities.gate(self.export_button, self._refusal, "Write the file, reload it and verify it")
 
     def _browse(self) -> None:
         suffixes = sorted({s for e in self._registry.values() for s in e.suffixes})
@@ -226,6 +265,8 @@ class ExportDialog(QDialog):
 
         if not self.path_edit.text().strip():
             return "choose a file to export to"
+        if getattr(self, "_refusal", None):
+            return self._refusal
         destination = self.destination()
         try:
             check_destination(destination, self.format_name())
@@ -296,7 +337,7 @@ class ExportDialog(QDialog):
         self.job = None
         self.progress.hide()
         self.cancel_button.hide()
-        self.export_button.setEnabled(True)
+        self._explain()
 
     def show_result(self, result: Any) -> None:
         """The verdict and the figures of an engine ExportResult."""

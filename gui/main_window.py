@@ -54,14 +54,14 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from engine.errors import NeedsModuleError, SlimscopeError, UntrustedPickleError, one_line
+from engine.errors import SlimscopeError, UntrustedPickleError, one_line
 from engine.formats import LoadOptions, check_model_path, load_model
 from engine.formats.guard import quote
 from engine.jobs import CancelToken, Progress
 from engine.model import Model
 from engine.plan import Plan
 
-from gui import dialogs
+from gui import capabilities, dialogs
 from gui.panels.histogram import HistogramPanel
 from gui.panels.layer_table import Column, LayerTable
 from gui.panels.log_panel import LogPanel
@@ -84,6 +84,8 @@ RECENT_KEY = "recent_files"
 PLAN_DIR_KEY = "plan/dir"
 PLAN_FILTER = "Plan files (*.yaml *.yml *.json);;All files (*)"
 LAYERS_TAB, RESULTS_TAB = 0, 1
+RUN_TIP = "Compress the model with the current plan (Ctrl+R)"
+DATA_TIP = "Evaluation, calibration and training data for compression"
 #: Shortest time between two updates of the progress bar and status line while a task runs.
 PROGRESS_REDRAW_MS = 100
 MODEL_FILTER = (
@@ -274,11 +276,10 @@ class MainWindow(QMainWindow):
         self.export_action = self._action("&Export…", self.export, "Ctrl+E", pixmap.SP_DriveHDIcon,
                                           "Write the compressed model to a file and verify it (Ctrl+E)")
         self.run_action = self._action("&Run Compression", self.run_compression, "Ctrl+R", pixmap.SP_MediaPlay,
-                                       "Compress the model with the current plan (Ctrl+R)")
+                                       RUN_TIP)
         self.cancel_action = self._action("&Cancel", self.cancel_task, None, pixmap.SP_BrowserStop,
                                           "Stop the running compression or export; nothing changes")
-        self.data_action = self._action("&Data…", self.choose_data,
-                                        tip="Evaluation, calibration and training data for compression")
+        self.data_action = self._action("&Data…", self.choose_data, tip=DATA_TIP)
         stack = self.document.undo_stack
         self.undo_action = stack.createUndoAction(self, "&Undo")
         self.undo_action.setShortcut(QKeySequence.StandardKey.Undo)
@@ -335,6 +336,15 @@ class MainWindow(QMainWindow):
         about_action.triggered.connect(self._about)
         help_menu.addAction(about_action)
         self.help_menu = help_menu
+        for action in self.menuBar().actions():
+            if action.menu() is not None:
+                action.menu().hovered.connect(self._show_why_disabled)
+
+    def _show_why_disabled(self, action: QAction) -> None:
+        """A disabled menu item's status tip (the engine's why-not line) on hover, as Qt shows
+        an enabled one's."""
+        if not action.isEnabled() and action.statusTip():
+            self.statusBar().showMessage(action.statusTip())
 
     def _build_toolbar(self) -> None:
         toolbar = QToolBar("Main")
@@ -469,9 +479,12 @@ class MainWindow(QMainWindow):
         request = self._current_load()
         if request is None:
             return
+        had_plan = self.document.to_dict() != Plan().to_dict()
         self.session.set_model(model)
         if model.layers:
             self.session.select_layer(model.layers[0].name)
+        if had_plan:
+            self.plan_editor.ask_keep_or_discard()  # Keep / Discard when it does not fit
         self._add_recent(request.path)
         seconds = time.perf_counter() - request.started
         message = f"Opened {request.path.name}: {len(model.layers)} layers in {seconds:.1f} s"
@@ -573,12 +586,18 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(message, 8000)
 
     def _update_actions(self, *_args: object) -> None:
+        """Every action enabled exactly when the model's backend can do it; a disabled one says
+        why (the engine's line) as its tooltip and status tip."""
         model = self.session.model
         busy = self.task is not None
-        self.run_action.setEnabled(model is not None and not busy)
+        problems = self.plan_editor.plan_problems() if model is not None else []
+        capabilities.gate(self.run_action, capabilities.NO_MODEL if model is None else
+                          (problems[0] if problems else None), RUN_TIP)
+        if busy:
+            self.run_action.setEnabled(False)
         self.cancel_action.setEnabled(busy)
         self.export_action.setEnabled(self.session.result is not None and not busy)
-        self.data_action.setEnabled(model is not None)
+        capabilities.gate(self.data_action, capabilities.why_not(model, capabilities.RUN), DATA_TIP)
 
     # -- plans ------------------------------------------------------------------------------------
     def _plan_dir(self) -> str:
@@ -634,7 +653,8 @@ class MainWindow(QMainWindow):
     def choose_data(self) -> None:
         from gui.compress_dialog import ask_compression_data
 
-        choice = ask_compression_data(self, self.session.data, self.session.model_is_demo())
+        choice = ask_compression_data(self, self.session.data, self.session.model_is_demo(),
+                                      self.session.model)
         if choice is not None:
             self.session.set_data(choice)
             effective = self.session.effective_data()
@@ -650,10 +670,8 @@ class MainWindow(QMainWindow):
         if problem is None:
             problem = self.session.plan_state.error
         if problem is None and model is not None:
-            try:
-                model.require_module("compression")
-            except NeedsModuleError as exc:
-                problem = str(exc)
+            problems = self.plan_editor.plan_problems()
+            problem = problems[0] if problems else None
         if problem is not None or model is None:
             self.show_error(self, problem or "nothing to compress", "")
             return None

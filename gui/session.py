@@ -166,6 +166,7 @@ class Session(QObject):
         self.selected_layers = []
         self._histogram_pending.clear()
         self.set_result(None)
+        self.set_data(CompressionData())  # data chosen for one model rarely fits the next
         self.model_changed.emit(model)
         self.layer_selected.emit("")
         self.layers_selected.emit([])

@@ -25,16 +25,16 @@ from torch import nn
 from engine import zoo
 from engine.errors import ModelLoadError, UntrustedPickleError, one_line
 from engine.formats import guard
-from engine.macs import profile_module
 from engine.backends.base import Backend
+from engine.macs import profile_module
 from engine.model import Layer, Model, TensorSpec, TensorStore, layer_from_store, mark_shared
 from engine.model import numpy_dtype_name
 
 #: Said of every file that has weights but no graph to run.
 WEIGHTS_ONLY_NOTE = (
-    "weights only, no graph: inspection works, but compression and evaluation need the module "
-    "(a pickled module opened with --trust, TorchScript, torch.export .pt2, ONNX, or an "
-    "architecture Slimscope knows)"
+    "weights only, no graph: weight compression and data-free sensitivity work; evaluation "
+    "(accuracy, exact sensitivity) needs the model as ONNX, TorchScript, torch.export .pt2, a "
+    "pickled module opened with --trust, or an architecture Slimscope knows"
 )
 #: Last name parts that mark a 2-D weight as an embedding table rather than a Linear layer.
 _EMBEDDING_NAME = re.compile(r"emb|^wte$|^wpe$|^shared$", re.IGNORECASE)

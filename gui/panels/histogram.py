@@ -34,6 +34,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from engine.errors import SlimscopeError
 from engine.model import Model
 from engine.stats import OUTLIER_SIGMAS, Histogram, LayerStats, compute_histogram
 
@@ -89,7 +90,16 @@ def compressed_weight(outcome: CompressionOutcome, name: str) -> np.ndarray | No
     None when the layer has no weight there (e.g. removed)."""
     import torch
 
-    params = dict(outcome.compressed.module.named_parameters())
+    compressed = outcome.compressed
+    if compressed.module is None:  # ONNX or weights only: the compressed copy is a backend
+        backend = getattr(compressed, "backend", None)
+        if backend is None:
+            return None
+        try:
+            return np.asarray(backend.read(outcome.model.layer(name).weight_key), dtype=np.float32)
+        except (KeyError, SlimscopeError):
+            return None  # e.g. replaced by a low-rank pair the backend names differently
+    params = dict(compressed.module.named_parameters())
     if f"{name}.weight" in params:
         return params[f"{name}.weight"].detach().float().cpu().numpy()
     first, second = params.get(f"{name}.0.weight"), params.get(f"{name}.1.weight")

@@ -451,7 +451,7 @@ class LayerTable(QWidget):
         self._syncing = False
         self.view.selectionModel().selectionChanged.connect(self._on_view_selection)
         session.layers_selected.connect(self._on_layers_selected)
-        session.model_changed.connect(lambda _model: self.fit_columns())
+        session.model_changed.connect(self._on_model_changed)
 
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -535,6 +535,11 @@ class LayerTable(QWidget):
         if watched is self.view.viewport() and event.type() == QEvent.Type.Resize:
             self._fill_with_name()
         return super().eventFilter(watched, event)
+
+    def _on_model_changed(self, _model: object) -> None:
+        """A filter typed for one model means nothing for the next: every layer shows again."""
+        self.filter_edit.clear()
+        self.fit_columns()
 
     def _set_filter(self, text: str) -> None:
         self.proxy.set_needle(text)

@@ -47,6 +47,7 @@ from engine.allocate import (
     parse_size,
     predict_plan,
 )
+from engine.backends.base import RUN
 from engine.errors import PlanError, SlimscopeError
 from engine.jobs import CancelToken, Progress
 from engine.model import Model
@@ -342,8 +343,11 @@ class ParetoPanel(QWidget):
         data = self.state.results_data
         if data is None or not data.spec:
             return "Checking needs the data of a sensitivity analysis run in this session"
-        if model is None or not model.runnable:
-            return "Checking needs a runnable model"
+        if model is None:
+            return "Open a model first."
+        reason = model.why_not(RUN)
+        if reason is not None:
+            return reason
         return ""
 
     def _check_data_text(self) -> str:

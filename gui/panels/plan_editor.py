@@ -35,10 +35,12 @@ from PySide6.QtWidgets import (
 )
 
 from engine.errors import PlanError
+from engine.model import Model
 from engine.finetune import OPTIMIZERS, RecoveryConfig
 from engine.plan import GRANULARITIES, PRUNING_METHODS, RANGE_METHODS, SECTIONS, LayerPlan, Quantization
 from engine.schedules import OPTIONS as SCHEDULES
 
+from gui import capabilities
 from gui.plan_view import action_text, section_applies
 from gui.session import PlanState, Session
 from gui.text import human_bytes
@@ -97,6 +99,8 @@ class SectionsForm(QWidget):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self._updating = False
+        #: Section key -> the engine's why-not line, for sections the model cannot do.
+        self.blocked: dict[str, str] = {}
 
         self.prune_box = self._box("Prune", "Remove weights: they become exact zeros")
         self.method_combo = QComboBox()
@@ -176,7 +180,25 @@ class SectionsForm(QWidget):
         box = QGroupBox(title)
         box.setCheckable(True)
         box.setToolTip(tip)
+        box.setProperty("plain_tip", tip)
         return box
+
+    def set_model(self, model: Model | None) -> None:
+        """Offer only what `model`'s backend can do: pruning methods and low rank it cannot are
+        disabled with the engine's one-line reason as their tooltip."""
+        items = self.method_combo.model()
+        for index in range(self.method_combo.count()):
+            method = self.method_combo.itemData(index)
+            need = capabilities.pruning_method_need(method)
+            reason = capabilities.why_not(model, need) if model is not None and need else None
+            item = items.item(index)  # type: ignore[attr-defined]
+            item.setEnabled(reason is None)
+            item.setToolTip(reason or "")
+            item.setStatusTip(reason or "")
+        self.blocked = {}
+        reason = capabilities.why_not(model, capabilities.LOW_RANK_NEED) if model is not None else None
+        if reason is not None:
+            self.blocked["low_rank"] = reason
 
     @staticmethod
     def _spin(low: float, high: float, step: float, suffix: str, decimals: int) -> QDoubleSpinBox:
@@ -267,7 +289,11 @@ class SectionsForm(QWidget):
                     self.energy_spin.setValue(100 * float(low_rank["energy"]))
             for key, box in (("pruning", self.prune_box), ("quantization", self.quant_box),
                              ("low_rank", self.rank_box)):
-                box.setEnabled(key in available)
+                reason = self.blocked.get(key)
+                # a section the model cannot do stays switchable off while the plan has it on
+                box.setEnabled(key in available and (reason is None or box.isChecked()))
+                box.setToolTip(reason or box.property("plain_tip"))
+                box.setStatusTip(reason or "")
             self._update_rows()
         finally:
             self._updating = False
@@ -344,6 +370,20 @@ class RecoveryForm(QGroupBox):
             combo.currentIndexChanged.connect(self._changed)
         self.toggled.connect(self._changed)
         self.gradual_box.toggled.connect(self._changed)
+        self._tip = self.toolTip()
+        #: The engine's why-not line when the model cannot be fine-tuned, else None.
+        self.blocked: str | None = None
+
+    def set_model(self, model: Model | None) -> None:
+        """Fine-tuning needs a model the backend can train; otherwise say why, in one line."""
+        self.blocked = capabilities.why_not(model, capabilities.RECOVERY_NEED) if model is not None else None
+        self._gate()
+
+    def _gate(self) -> None:
+        # switched on in a loaded plan, it stays switchable off; otherwise it cannot be switched on
+        self.setEnabled(self.blocked is None or self.isChecked())
+        self.setToolTip(self.blocked or self._tip)
+        self.setStatusTip(self.blocked or "")
 
     def data(self) -> dict[str, Any] | None:
         """The recovery section the controls describe, on top of the fields they do not show."""
@@ -393,6 +433,7 @@ class RecoveryForm(QGroupBox):
                 self.start_spin.setValue(gradual.start_step)
                 self.end_spin.setValue(gradual.end_step)
                 self.every_spin.setValue(gradual.frequency)
+            self._gate()
         finally:
             self._updating = False
 
@@ -483,6 +524,37 @@ class PlanEditor(QWidget):
         self.error_label.setStyleSheet("color: #c62828;")
         self.error_label.hide()
 
+        # Parts of the plan the model's backend cannot carry out, one engine line each; Run is
+        # disabled with the first of them until the plan changes or a model that can is opened.
+        self.capability_label = QLabel()
+        self.capability_label.setObjectName("plan-capabilities")
+        self.capability_label.setWordWrap(True)
+        self.capability_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.capability_label.setStyleSheet("color: #a15c00;")
+        self.capability_label.hide()
+
+        # Asked, without a modal box, when a newly opened model does not fit the plan.
+        self.mismatch_bar = QFrame()
+        self.mismatch_bar.setObjectName("plan-mismatch")
+        self.mismatch_bar.setFrameShape(QFrame.Shape.StyledPanel)
+        self.mismatch_label = QLabel()
+        self.mismatch_label.setWordWrap(True)
+        self.keep_plan_button = QPushButton("Keep plan")
+        self.keep_plan_button.setToolTip("Keep editing this plan until it fits the model")
+        self.keep_plan_button.clicked.connect(self.keep_mismatched_plan)
+        self.discard_plan_button = QPushButton("Discard plan")
+        self.discard_plan_button.setToolTip("Start from an empty plan (Edit › Undo brings it back)")
+        self.discard_plan_button.clicked.connect(self.discard_mismatched_plan)
+        mismatch_buttons = QHBoxLayout()
+        mismatch_buttons.addStretch(1)
+        mismatch_buttons.addWidget(self.keep_plan_button)
+        mismatch_buttons.addWidget(self.discard_plan_button)
+        mismatch_layout = QVBoxLayout(self.mismatch_bar)
+        mismatch_layout.setContentsMargins(8, 6, 8, 6)
+        mismatch_layout.addWidget(self.mismatch_label)
+        mismatch_layout.addLayout(mismatch_buttons)
+        self.mismatch_bar.hide()
+
         self.forecast_label = QLabel()
         self.forecast_label.setObjectName("plan-forecast")
         self.forecast_label.setWordWrap(True)
@@ -495,13 +567,49 @@ class PlanEditor(QWidget):
 
         layout = QVBoxLayout(self)
         layout.setContentsMargins(6, 6, 6, 6)
+        layout.addWidget(self.mismatch_bar)
         layout.addWidget(self.tabs, 1)
         layout.addWidget(self.error_label)
+        layout.addWidget(self.capability_label)
         layout.addWidget(forecast)
 
+        session.model_changed.connect(self._on_model_changed)
         session.layers_selected.connect(self._on_selection)
         session.plan_state_changed.connect(self._on_plan_state)
+        self._on_model_changed(session.model)
         self._on_plan_state(session.plan_state)
+
+    # -- the model's capabilities and a plan that does not fit ------------------------------------
+    def _on_model_changed(self, model: Model | None) -> None:
+        self.mismatch_bar.hide()
+        for form in (self.layer_form, self.defaults_form, self.recovery_form):
+            form.set_model(model)
+
+    def ask_keep_or_discard(self) -> bool:
+        """Show Keep / Discard when the plan does not fit the model just opened; True if asked."""
+        model, error = self.session.model, self.session.plan_state.error
+        if model is None or error is None:
+            self.mismatch_bar.hide()
+            return False
+        self.mismatch_label.setText(f"The plan does not fit {model.path.name}: {error}")
+        self.mismatch_bar.show()
+        return True
+
+    def keep_mismatched_plan(self) -> None:
+        self.mismatch_bar.hide()
+
+    def discard_mismatched_plan(self) -> None:
+        from engine.plan import Plan
+
+        self.mismatch_bar.hide()
+        self.document.replace(Plan(), "Discard the plan that did not fit")
+
+    def plan_problems(self) -> list[str]:
+        """The plan's parts the model cannot do, as the engine words them (see gui.capabilities)."""
+        state = self.session.plan_state
+        if state.error is not None:
+            return []
+        return capabilities.plan_problems(self.session.model, self.document.plan, state.layers)
 
     # -- showing --------------------------------------------------------------------------------
     def _on_selection(self, _names: list[str]) -> None:
@@ -509,6 +617,11 @@ class PlanEditor(QWidget):
         self._show_layers()
 
     def _on_plan_state(self, state: PlanState) -> None:
+        if state.error is None:
+            self.mismatch_bar.hide()
+        problems = self.plan_problems()
+        self.capability_label.setText("\n".join(f"Cannot run here — {line}" for line in problems))
+        self.capability_label.setVisible(bool(problems))
         self._show_layers()
         self.defaults_form.show_sections(self.document.to_dict().get("defaults") or {}, set(SECTIONS))
         self.recovery_form.show_recovery(self.document.plan.recovery)

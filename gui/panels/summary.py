@@ -10,12 +10,12 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
+from engine.backends.base import RUN
 from engine.model import Model, TensorSpec
 
+from gui.capabilities import backend_summary
 from gui.session import PlanState, Session
 from gui.text import human_bytes, human_count
-
-WEIGHTS_ONLY_NOTE = "weights only: compression needs the module"
 
 
 def _spec_text(spec: TensorSpec) -> str:
@@ -40,11 +40,8 @@ def summary_facts(model: Model) -> list[str]:
 
 
 def capability_notes(model: Model) -> list[str]:
-    """The adapter's notes, plus the one thing every user needs to know up front."""
-    notes = list(model.notes)
-    if not model.runnable and not any("weights only" in note.lower() for note in notes):
-        notes.insert(0, WEIGHTS_ONLY_NOTE)
-    return notes
+    """The adapter's notes; what the file can and cannot do is the badge's (its backend's)."""
+    return list(model.notes)
 
 
 class ModelSummary(QWidget):
@@ -118,13 +115,10 @@ class ModelSummary(QWidget):
         self.name_label.setToolTip(str(model.path))
         self.format_badge.setText(model.format)
         self.format_badge.show()
-        self.capability_badge.setText("runnable" if model.runnable else "weights only")
-        self.capability_badge.setToolTip(
-            "Slimscope can run this model: evaluation and compression are available"
-            if model.runnable
-            else "Only weights, no graph or module: inspection works, compression does not"
-        )
-        self.capability_badge.setStyleSheet(self._badge_css[model.runnable])
+        badge, tip = backend_summary(model)
+        self.capability_badge.setText(badge)
+        self.capability_badge.setToolTip(tip)
+        self.capability_badge.setStyleSheet(self._badge_css[model.can(RUN)])
         self.capability_badge.show()
         self.facts_label.setText("  ·  ".join(summary_facts(model)))
         notes = capability_notes(model)

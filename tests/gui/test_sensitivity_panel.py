@@ -165,7 +165,7 @@ def test_weights_only_models_cannot_run(qtbot, make_model):
     session = Session()
     session.set_model(make_model(), sweep=False)
     state = AnalysisState(session)
-    assert "weights only" in state.can_run()
+    assert "weights only" in state.can_run(DataChoice())
     with pytest.raises(SlimscopeError):
         state.run(DataChoice())
 
