@@ -10,8 +10,10 @@ graph stores in Constant nodes count as weights too.
 
 from __future__ import annotations
 
+import ast
 import functools
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +64,16 @@ _LAYER_OPS: dict[str, tuple[str, tuple[int, ...], int | None]] = {
     "MatMulNBits": ("MatMul", (1,), 5),
     "MatMulInteger": ("MatMul", (1,), None),
     "ConvInteger": ("Conv", (1,), None),
+    # Recurrent layers: the input weights W here, the recurrent weights R in _SECOND_WEIGHTS.
+    "LSTM": ("LSTM", (1,), 3),
+    "GRU": ("GRU", (1,), 3),
+    "RNN": ("RNN", (1,), 3),
 }
+#: op type -> (input index, name suffix) of a second weight that is a layer of its own; a
+#: layer named after its node (not its weight) gets torch's parameter names as suffixes.
+_SECOND_WEIGHTS: dict[str, tuple[int, str]] = {
+    "LSTM": (2, "weight_hh"), "GRU": (2, "weight_hh"), "RNN": (2, "weight_hh")}
+_FIRST_WEIGHT_SUFFIX = "weight_ih"
 #: Nodes whose output is their first input, decoded: a weight reached through one of these
 #: (QDQ graphs put DequantizeLinear between an int8 initializer and its Conv) is still a weight.
 _DECODERS = frozenset({"DequantizeLinear", "Cast", "Identity"})
@@ -97,12 +108,15 @@ def load(path: Path, options: LoadOptions) -> Model:
     if not graph.node:
         raise ModelLoadError(f"{path.name}: the ONNX file holds no graph nodes")
     notes: list[str] = []
-    constants = _constant_tensors(graph)
+    sites, other_external = _walk(proto)
+    constants = {key: site.tensor for key, site in sites.items()}
     sources = _checked_sources(path, constants, notes)
+    _check_other_external(path, other_external)
     has_external = any(source.external is not None for source in sources.values())
     store = _tensor_store(sources, path.parent)
-    layers, uses = _layers(graph, store)
-    inputs = [_spec(value) for value in graph.input if value.name not in constants]
+    layers, uses = _layers(graph, store, sites)
+    main_constants = {key for key, site in sites.items() if not site.graph_path}
+    inputs = [_spec(value) for value in graph.input if value.name not in main_constants]
     outputs = [_spec(value) for value in graph.output]
     _fill_macs(proto, layers, uses, store, inputs, options.input_shape, notes)
     metadata = {prop.key: prop.value for prop in proto.metadata_props}
@@ -139,15 +153,127 @@ class _Source:
     external: tuple[Path, int] | None = None
 
 
-def _constant_tensors(graph: onnx.GraphProto) -> dict[str, TensorProto]:
-    """Every named constant tensor: initializers, and the `value` of Constant nodes."""
-    sources = {tensor.name: tensor for tensor in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.output:
+#: One step from a graph into a subgraph: (node index, attribute name, index in a GRAPHS list).
+GraphStep = tuple[int, str, int]
+
+
+@dataclass(frozen=True)
+class WeightSite:
+    """Where a constant tensor sits in a ModelProto, so a copy of the proto can be edited at
+    the same place: the subgraph path from the main graph, then an initializer or a
+    Constant node of that graph."""
+
+    #: The value name inside its own graph (what the graph's nodes refer to).
+    name: str
+    graph_path: tuple[GraphStep, ...]
+    #: Index in the graph's initializers, or None for a Constant node.
+    initializer: int | None
+    #: Index of the Constant node in the graph's nodes, or None for an initializer.
+    node: int | None
+    #: "If_0.then_branch/Loop_3.body": the subgraph path in words ("" for the main graph).
+    label: str
+    tensor: TensorProto
+
+
+#: Operators whose attributes hold subgraphs. Nodes of other standard operators are not
+#: searched (reading every node's attributes costs seconds over 200k-node graphs); custom
+#: domains are, since their operators may hold graphs too.
+_SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+
+
+def _subgraphs(node: onnx.NodeProto, index: int) -> list[tuple[GraphStep, str, onnx.GraphProto]]:
+    """The graphs a node holds, each with its step and its label part."""
+    if node.op_type not in _SUBGRAPH_OPS and node.domain in ("", "ai.onnx"):
+        return []
+    found = []
+    own = node.name or f"{node.op_type}_{index}"
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            found.append(((index, attribute.name, -1), f"{own}.{attribute.name}", attribute.g))
+        elif attribute.type == onnx.AttributeProto.GRAPHS:
+            for position, graph in enumerate(attribute.graphs):
+                found.append(((index, attribute.name, position),
+                              f"{own}.{attribute.name}[{position}]", graph))
+    return found
+
+
+def graph_at(proto: onnx.ModelProto, graph_path: tuple[GraphStep, ...]) -> onnx.GraphProto:
+    """The (sub)graph `graph_path` leads to, in `proto` or in any copy of it."""
+    graph = proto.graph
+    for node_index, attribute_name, position in graph_path:
+        attribute = next(a for a in graph.node[node_index].attribute if a.name == attribute_name)
+        graph = attribute.g if position < 0 else attribute.graphs[position]
+    return graph
+
+
+def tensor_at(proto: onnx.ModelProto, site: WeightSite) -> TensorProto:
+    """The tensor `site` describes, in `proto` (which may be a copy of the one it came from)."""
+    graph = graph_at(proto, site.graph_path)
+    if site.initializer is not None:
+        return graph.initializer[site.initializer]
+    node = graph.node[site.node]  # type: ignore[index]
+    return next(a.t for a in node.attribute if a.name == "value")
+
+
+def weight_sites(proto: onnx.ModelProto) -> dict[str, WeightSite]:
+    """Every constant tensor of the model under a unique key: initializers and Constant-node
+    values of the main graph and of every subgraph (If branches, Loop and Scan bodies, to any
+    depth).
+
+    A tensor's key is its value name; a subgraph tensor whose name is taken elsewhere (two
+    If branches often both hold ``Constant_0``) is keyed ``<subgraph path>/<name>``. The keys
+    depend only on the graph's structure, so a copy of the proto gives the same keys.
+    """
+    return _walk(proto)[0]
+
+
+def _walk(proto: onnx.ModelProto
+          ) -> tuple[dict[str, WeightSite], list[tuple[str, TensorProto]]]:
+    """:func:`weight_sites`, and the other attribute tensors that point at external data
+    (ConstantOfShape's value, tensor lists): onnx's loader would follow those too."""
+    found: list[WeightSite] = []
+    others: list[tuple[str, TensorProto]] = []
+
+    def visit(graph: onnx.GraphProto, graph_path: tuple[GraphStep, ...], label: str) -> None:
+        for index, tensor in enumerate(graph.initializer):
+            found.append(WeightSite(tensor.name, graph_path, index, None, label, tensor))
+        for index, node in enumerate(graph.node):
+            constant = node.op_type == "Constant" and node.domain in ("", "ai.onnx")
             for attribute in node.attribute:
-                if attribute.name == "value" and attribute.type == onnx.AttributeProto.TENSOR:
-                    sources[node.output[0]] = attribute.t
-    return sources
+                if attribute.type == onnx.AttributeProto.TENSOR:
+                    if constant and attribute.name == "value" and node.output:
+                        found.append(WeightSite(node.output[0], graph_path, None, index, label,
+                                                attribute.t))
+                    elif _is_external(attribute.t):
+                        others.append((node.name or node.op_type, attribute.t))
+                elif attribute.type == onnx.AttributeProto.TENSORS:
+                    others.extend((node.name or node.op_type, tensor)
+                                  for tensor in attribute.tensors if _is_external(tensor))
+            for step, part, subgraph in _subgraphs(node, index):
+                visit(subgraph, (*graph_path, step), f"{label}/{part}" if label else part)
+
+    visit(proto.graph, (), "")
+    counts: dict[str, int] = {}
+    for site in found:
+        counts[site.name] = counts.get(site.name, 0) + 1
+    sites: dict[str, WeightSite] = {}
+    for site in found:
+        key = site.name
+        if key in sites or (site.graph_path and counts[key] > 1):
+            key = f"{site.label}/{site.name}" if site.label else site.name
+        base, suffix = key, 2
+        while key in sites:  # a malformed graph naming two tensors alike in one scope
+            key, suffix = f"{base}#{suffix}", suffix + 1
+        sites[key] = site
+    return sites, others
+
+
+def _check_other_external(path: Path, others: list[tuple[str, TensorProto]]) -> None:
+    """Attribute tensors that are not weights may point at external data too, and onnx's
+    loader would follow them: their files are checked like the weights' ones."""
+    files: dict[Path, int] = {}
+    for where, tensor in others:
+        _checked(path, where, tensor, files)
 
 
 def _checked_sources(path: Path, constants: dict[str, TensorProto],
@@ -316,60 +442,154 @@ def _tensor_store(sources: dict[str, _Source], folder: Path) -> TensorStore:
 
 
 # -- layers -------------------------------------------------------------------------------
-def _layers(graph: onnx.GraphProto,
-            store: TensorStore) -> tuple[list[Layer], dict[str, list[onnx.NodeProto]]]:
-    """One layer per weight tensor, in order of first use; `uses` lists the nodes per layer."""
-    layers: dict[str, Layer] = {}
-    names: set[str] = set()
-    uses: dict[str, list[onnx.NodeProto]] = {}
-    # One pass over the (possibly 200k) nodes, which protobuf makes slow to walk.
-    decoded: dict[str, str] = {}
-    candidates: list[onnx.NodeProto] = []
-    for node in graph.node:
-        op_type = node.op_type
-        if op_type in _LAYER_OPS:
-            candidates.append(node)
-        elif op_type in _DECODERS and node.input and node.output and node.input[0] in store:
-            decoded[node.output[0]] = node.input[0]
-    for node in candidates:
+#: A layer's use by one node: the node, and whether the weight is its first input (MatMul).
+Use = tuple[onnx.NodeProto, bool]
+
+
+def _layers(graph: onnx.GraphProto, store: TensorStore, sites: dict[str, WeightSite]
+            ) -> tuple[list[Layer], dict[str, list[Use]]]:
+    """One layer per weight tensor, in order of first use; `uses` lists the nodes per layer.
+
+    Subgraphs are searched too, and their nodes see the values of every enclosing graph (an
+    If branch's Conv may use an initializer of the main graph).
+    """
+    by_graph: dict[tuple[GraphStep, ...], dict[str, str]] = {}
+    for key, site in sites.items():
+        if key in store:
+            by_graph.setdefault(site.graph_path, {})[site.name] = key
+
+    def visit(graph: onnx.GraphProto, graph_path: tuple[GraphStep, ...],
+              outer: dict[str, str]) -> None:
+        # value name -> weight key, for names that are weights or decoded weights here.
+        scope = dict(outer)
+        scope.update(by_graph.get(graph_path, {}))
+        # One pass over the (possibly 200k) nodes, which protobuf makes slow to walk.
+        candidates: list[onnx.NodeProto] = []
+        nested: list[tuple[GraphStep, onnx.GraphProto]] = []
+        for index, node in enumerate(graph.node):
+            op_type = node.op_type
+            if op_type in _LAYER_OPS:
+                candidates.append(node)
+            elif op_type in _DECODERS and node.input and node.output and node.input[0] in scope:
+                scope[node.output[0]] = scope[node.input[0]]
+            elif op_type in _SUBGRAPH_OPS or node.domain not in ("", "ai.onnx"):
+                nested.extend((step, subgraph) for step, _, subgraph in _subgraphs(node, index))
+        for node in candidates:
+            add_use(node, scope)
+        for step, subgraph in nested:
+            visit(subgraph, (*graph_path, step), scope)
+
+    def add_use(node: onnx.NodeProto, scope: dict[str, str]) -> None:
         kind, weight_indices, bias_index = _LAYER_OPS[node.op_type]
-        inputs = [decoded.get(name, name) for name in node.input]
-        weight = next((inputs[i] for i in weight_indices
-                       if i < len(inputs) and inputs[i] in store), None)
-        if weight is None or not _plausible_weight(node.op_type, store, weight):
-            continue
-        if weight not in layers:
-            bias = inputs[bias_index] if bias_index is not None and bias_index < len(
-                inputs) else None
-            name = _layer_name(weight, node)
-            if name in names:
-                name = weight
-            suffix = 2
-            while name in names:  # a weight named like another layer: still one name each
-                name, suffix = f"{weight}#{suffix}", suffix + 1
-            names.add(name)
-            layers[weight] = layer_from_store(name, kind, store, weight,
-                                              bias if bias in store else None)
-            uses[layers[weight].name] = []
-        uses[layers[weight].name].append(node)
-    result = list(layers.values())
-    mark_shared(result, lambda key: key)
-    return result, uses
+        inputs = node.input
+        index = next((i for i in weight_indices if i < len(inputs) and inputs[i] in scope), None)
+        if index is None or not _plausible_weight(node.op_type, store, scope[inputs[index]]):
+            return
+        bias = (scope.get(inputs[bias_index])
+                if bias_index is not None and bias_index < len(inputs) else None)
+        recurrent = node.op_type in _SECOND_WEIGHTS
+        add_layer(node, scope[inputs[index]], kind, bias, index == 0,
+                  _FIRST_WEIGHT_SUFFIX if recurrent else "")
+        second = _SECOND_WEIGHTS.get(node.op_type)
+        if second is not None and second[0] < len(inputs) and inputs[second[0]] in scope:
+            add_layer(node, scope[inputs[second[0]]], kind, None, False, second[1])
+
+    def add_layer(node: onnx.NodeProto, weight: str, kind: str, bias: str | None,
+                  weight_first: bool, suffix_name: str) -> None:
+        if weight not in found:
+            name = _layer_name(sites[weight].name, node)
+            if suffix_name and _GENERATED_NAME.match(sites[weight].name):
+                name = f"{name}.{suffix_name}"  # named after the node: tell W and R apart
+            found[weight] = (name, kind, bias)
+            uses_of[weight] = []
+        uses_of[weight].append((node, weight_first))
+
+    found: dict[str, tuple[str, str, str | None]] = {}
+    uses_of: dict[str, list[Use]] = {}
+    visit(graph, (), {})
+    layers: list[Layer] = []
+    uses: dict[str, list[Use]] = {}
+    for weight, name in _unique_names(found, sites).items():
+        _, kind, bias = found[weight]
+        layers.append(layer_from_store(name, kind, store, weight, bias))
+        uses[name] = uses_of[weight]
+    mark_shared(layers, lambda key: key)
+    return layers, uses
+
+
+def _unique_names(found: dict[str, tuple[str, str, str | None]],
+                  sites: dict[str, WeightSite]) -> dict[str, str]:
+    """Weight key -> layer name, one name each. Subgraph layers whose names clash (the two
+    branches of an If holding the same model at two sample rates) are all prefixed with their
+    subgraph path, so neither branch gets the bare name by the accident of order; any other
+    clash falls back to the weight key."""
+    counts: dict[str, int] = {}
+    for name, _, _ in found.values():
+        counts[name] = counts.get(name, 0) + 1
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for weight, (name, _, _) in found.items():
+        label = sites[weight].label
+        if counts[name] > 1 and label:
+            name = f"{label}/{name}"
+        if name in taken:
+            name = weight
+        base, suffix = name, 2
+        while name in taken:  # a weight named like another layer: still one name each
+            name, suffix = f"{base}#{suffix}", suffix + 1
+        taken.add(name)
+        names[weight] = name
+    return names
+
+
+#: The prefix ONNX's inliner (and spox) give values of an inlined function or If branch:
+#: ``If_0_then_branch__Inline_0__encoder.0.weight``, ``F0::If_0_then_branch__Inline_0__...``.
+_INLINED_PREFIX = re.compile(r"^.*__Inline_\d+__(?=.)")
+
+
+#: Weight names exporters generate rather than take from the model's code: torch's legacy
+#: ``onnx::MatMul_704``, dynamo's ``val_16``, bare numbers, and ``_``-prefixed temporaries.
+_GENERATED_NAME = re.compile(r"onnx::|_|val_\d+$|\d+$")
+#: Longest dynamo name-scope list read from a node's metadata (a hostile file may hold more).
+_NAME_SCOPES_LIMIT = 4096
 
 
 def _layer_name(weight: str, node: onnx.NodeProto) -> str:
-    """A readable layer name: the weight's own name, or the node's module path when the
-    exporter gave the weight a generated name (``onnx::Conv_38``, e.g. after folding BatchNorm).
+    """A readable layer name: the weight's own name (less an inliner's prefix), or the module
+    path of the node using it when the exporter gave the weight a generated name
+    (``onnx::MatMul_704``, ``val_16``).
 
-    torch's exporter names nodes ``/features/features.0/Conv``; the last path component before
-    the op is the module's dotted name.
+    torch's legacy exporter names nodes ``/layers.0/q/MatMul``, the module path's parts with
+    the op at the end (a list's child repeats the list's name: ``/features/features.0/Conv``);
+    the dynamo exporter records the module scopes in the node's metadata instead.
     """
-    if not weight.startswith("onnx::") and not weight.startswith("_"):
-        return weight.removesuffix(".weight") or weight
-    parts = [p for p in node.name.split("/") if p]
-    if len(parts) >= 2:
-        return parts[-2]
-    return node.name or weight
+    if not _GENERATED_NAME.match(weight):
+        readable = _INLINED_PREFIX.sub("", weight)
+        return readable.removesuffix(".weight") or readable
+    return _module_path(node) or node.name or weight
+
+
+def _module_path(node: onnx.NodeProto) -> str | None:
+    """``layers.0.q`` for a node of that module, from the node's name or its metadata."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes" and len(prop.value) < _NAME_SCOPES_LIMIT:
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                break
+            if (isinstance(scopes, list) and len(scopes) >= 2
+                    and all(isinstance(scope, str) for scope in scopes) and scopes[-2]):
+                return scopes[-2]  # the last entry is the operation, the one before its module
+    parts = [part for part in node.name.split("/") if part]
+    if len(parts) < 2:
+        return None
+    path: list[str] = []
+    for part in parts[:-1]:
+        if path and part.startswith(path[-1] + "."):
+            path[-1] = part  # "features", "features.0": the child of a list or Sequential
+        else:
+            path.append(part)
+    return ".".join(path)
 
 
 def _plausible_weight(op_type: str, store: TensorStore, key: str) -> bool:
@@ -396,7 +616,7 @@ def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
 
 
 # -- MACs ---------------------------------------------------------------------------------
-def _fill_macs(proto: onnx.ModelProto, layers: list[Layer], uses: dict[str, list[onnx.NodeProto]],
+def _fill_macs(proto: onnx.ModelProto, layers: list[Layer], uses: dict[str, list[Use]],
                store: TensorStore, inputs: list[TensorSpec], input_shape: tuple[int, ...] | None,
                notes: list[str]) -> None:
     """Layer MACs from shapes that ONNX shape inference derives from static input shapes.
@@ -425,12 +645,13 @@ def _fill_macs(proto: onnx.ModelProto, layers: list[Layer], uses: dict[str, list
         return
     shapes.update(store.shapes)
     for layer in layers:
-        counts = [_node_macs(node, layer, shapes) for node in uses[layer.name]]
+        counts = [_node_macs(node, weight_first, layer, shapes)
+                  for node, weight_first in uses[layer.name]]
         if counts and all(count is not None for count in counts):
             layer.macs = sum(counts)
 
 
-def _node_macs(node: onnx.NodeProto, layer: Layer,
+def _node_macs(node: onnx.NodeProto, weight_first: bool, layer: Layer,
                shapes: dict[str, tuple[int, ...]]) -> int | None:
     output = shapes.get(node.output[0])
     weight = layer.shape
@@ -447,10 +668,11 @@ def _node_macs(node: onnx.NodeProto, layer: Layer,
         trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
         return dense_macs(numel, weight[1] if trans_b else weight[0])
     if op == "MatMul":
-        weight_first = node.input[0] == layer.weight_key
         return dense_macs(numel, weight[-1] if weight_first else weight[-2])
     if op == "Gather":
         return 0
+    if op in _SECOND_WEIGHTS:
+        return None  # recurrent layers: the step count is the sequence length
     return norm_macs(numel)
 
 
@@ -487,8 +709,16 @@ def _inferred_shapes(proto: onnx.ModelProto,
             graph.initializer.append(tensor)
     inferred = onnx.shape_inference.infer_shapes(probe)
     shapes: dict[str, tuple[int, ...]] = {}
-    for value in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
-        dims = value.type.tensor_type.shape.dim
-        if value.type.HasField("tensor_type") and all(d.HasField("dim_value") for d in dims):
-            shapes[value.name] = tuple(d.dim_value for d in dims)
+
+    def collect(graph: onnx.GraphProto) -> None:  # subgraphs' values too (first name wins)
+        for value in (*graph.input, *graph.value_info, *graph.output):
+            dims = value.type.tensor_type.shape.dim
+            if (value.type.HasField("tensor_type") and value.name not in shapes
+                    and all(d.HasField("dim_value") for d in dims)):
+                shapes[value.name] = tuple(d.dim_value for d in dims)
+        for index, node in enumerate(graph.node):
+            for _, _, subgraph in _subgraphs(node, index):
+                collect(subgraph)
+
+    collect(inferred.graph)
     return shapes
