@@ -88,6 +88,10 @@ def check_tensor_plan(model: "Model", plan: Plan, resolved: Mapping[str, LayerPl
             if not isinstance(model.backend, Factorizing):
                 raise SlimscopeError(f"layer {quote(name)}: low-rank factorization of a "
                                      f"{model.backend.name} model is not built yet")
+            why_not_factorize = getattr(model.backend, "why_not_factorize", None)
+            problem = why_not_factorize(model.layer(name).weight_key) if why_not_factorize else None
+            if problem:
+                raise SlimscopeError(f"layer {quote(name)}: {problem}")
             if layer_plan.pruning is not None or layer_plan.quantization is not None:
                 raise PlanError(f"layer {quote(name)}: low-rank together with pruning or "
                                 f"quantization is not built yet for {model.backend.name} models; "
