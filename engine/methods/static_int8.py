@@ -21,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import tempfile
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -64,13 +66,30 @@ def prepare_for_quantization(model: onnx.ModelProto, *, per_channel: bool,
         output = Path(folder) / "pre.onnx"
         for skip_symbolic_shape in (False, True):
             try:
-                with _quiet_onnxruntime():
+                with _quiet_onnxruntime(), _working_folder(Path(folder)):
                     quant_pre_process(model, output, skip_symbolic_shape=skip_symbolic_shape)
                 return onnx.load(output)
             except Exception as error:  # ORT's pre-processing raises anything; it is optional
                 log.info("quantization pre-processing failed (symbolic shapes skipped: %s): %s",
                          skip_symbolic_shape, error)
     return model
+
+
+_WORKING_FOLDER_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _working_folder(folder: Path) -> Iterator[None]:
+    """Run with `folder` as the working directory: ONNX Runtime's symbolic shape inference,
+    when it gives up, saves ``sym_shape_infer_temp.onnx`` and its weights into the current
+    directory, which is the user's, and could overwrite a file of theirs there."""
+    with _WORKING_FOLDER_LOCK:
+        before = os.getcwd()
+        os.chdir(folder)
+        try:
+            yield
+        finally:
+            os.chdir(before)
 
 
 class _BatchReader:
