@@ -76,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
 
         check_destination(output, args.export_format)
     model = load_from_args(args)
+    if output is not None:  # this model's kind may not produce that format: say so before work
+        from engine.export import check_model_destination
+
+        check_model_destination(output, args.export_format, model)
     plan = Plan.load(args.plan)
     data = open_data(data_spec, model.inputs) if data_spec else None
     calibration = open_data(calibration_spec, model.inputs) if calibration_spec else None
@@ -103,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
 def format_export(result: "ExportResult") -> str:
     """What was written, how it compares with the original, and the verification verdict."""
     where = f"wrote {result.path}" if result.kept else "discarded the output"
-    lines = [f"{where}: {result.format} ({result.reason})",
+    lines = [result.headline, f"{where}: {result.format} ({result.reason})",
              f"file: {human_bytes(result.bytes)} = {result.size_ratio:.3f}x {result.baseline} "
              f"({human_bytes(result.baseline_bytes)})",
              result.verification.summary()]

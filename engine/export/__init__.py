@@ -7,6 +7,14 @@ no integer weights -> fp32 with the pruned and low-rank structure. ``.pt`` is a 
 the architecture is unchanged, else TorchScript. ``.safetensors``, ``.pt2`` and ``.slim`` name
 one format each.
 
+A model compressed without a torch module (an ONNX graph, weights only) is written from its
+compressed backend: ONNX models to the ONNX flavours, graph-level from their own proto;
+weights-only models to ``safetensors-codes`` (real integer codes) or plain ``safetensors``.
+Formats the model's kind cannot produce are refused before anything is written, in one line
+naming the formats that can. Every result's headline states the size against the original
+file, and a format that cannot store the plan's savings says so before it runs
+(:mod:`engine.export.honesty`).
+
 Every export writes to a temporary file beside the destination, reloads it with its users'
 runtime (onnxruntime or torch), runs it on the evaluation data next to the in-memory model,
 times it, and only then renames it into place: the rename is the last step, so a failed
@@ -25,8 +33,18 @@ import numpy as np
 from engine.compressed import CompressedModel
 from engine.data import DataSource, SyntheticData
 from engine.errors import SlimscopeError
-from engine.evaluate import TorchRunner, evaluate
-from engine.export.base import REGISTRY, Exporter, ExportJob, architecture_unchanged
+from engine.evaluate import evaluate, runner_for
+from engine.export.base import (
+    ONNX_SOURCE,
+    REGISTRY,
+    TORCH_SOURCE,
+    WEIGHTS_SOURCE,
+    Exporter,
+    ExportJob,
+    architecture_unchanged,
+    source_of,
+)
+from engine.export.honesty import storage_gap
 from engine.export.verify import Verification, verify
 from engine.jobs import NEVER_CANCELLED, CancelToken, Progress, no_progress, sub_progress
 from engine.model import Model
@@ -34,8 +52,11 @@ from engine.safe_write import Input, atomic_path, check_outputs, write_error
 
 #: Samples in the example batch used to trace and time (as compress() times).
 EXAMPLE_BATCH = 32
-_EXPORTER_MODULES = ("onnx_fp32", "onnx_int8", "onnx_weight_only", "torch_files", "torchscript",
-                     "torch_export", "slim")
+_EXPORTER_MODULES = ("onnx_fp32", "onnx_fp16", "onnx_int8", "onnx_weight_only", "torch_files",
+                     "torchscript", "torch_export", "slim", "safetensors_codes")
+#: How a refusal names each kind of model.
+_SOURCE_WORDS = {TORCH_SOURCE: "PyTorch model", ONNX_SOURCE: "ONNX model",
+                 WEIGHTS_SOURCE: "weights-only model"}
 
 
 def formats() -> dict[str, Exporter]:
@@ -51,6 +72,8 @@ def choose_onnx_flavour(compressed: CompressedModel) -> tuple[str, str]:
     """The ONNX format that stores what the plan made, and why."""
     from engine.export.onnx_weight_only import quantized_layers
 
+    if not compressed.quantized and compressed.cast:
+        return "onnx-fp16", "the plan casts weights to 16 bits: fp16 ONNX"
     if not compressed.quantized:
         return "onnx", "the plan has no integer weights: fp32 with its pruned/low-rank structure"
     if compressed.activation_quant:
@@ -87,12 +110,52 @@ def check_destination(destination: Path, name: str | None = None) -> None:
                              f"{destination.suffix or '(none)'} (known: {', '.join(known)})")
 
 
+def formats_for(source: str) -> list[str]:
+    """The format names a kind of model (base.source_of) can be written to."""
+    return [name for name, exporter in formats().items() if source in exporter.sources]
+
+
+def _refuse_source(exporter: Exporter, source: str) -> None:
+    """One line, before anything is written: this kind of model cannot produce `exporter`."""
+    if source in exporter.sources:
+        return
+    needs = ("a torch module" if exporter.sources == {TORCH_SOURCE}
+             else f"a {' or '.join(sorted(_SOURCE_WORDS[s] for s in exporter.sources))}")
+    possible = {ONNX_SOURCE: ".onnx, onnx-int8, onnx-w4, onnx-dynamic or onnx-fp16",
+                WEIGHTS_SOURCE: "safetensors-codes (.safetensors with integer codes) or "
+                                "safetensors"}.get(source, ", ".join(formats_for(source)))
+    raise SlimscopeError(f"{exporter.name} ({'/'.join(exporter.suffixes)}) needs {needs}; for "
+                         f"this {_SOURCE_WORDS.get(source, source)} use {possible}")
+
+
+def check_model_destination(destination: Path, name: str | None, model: Model) -> None:
+    """Raise now, before compressing, if `model`'s kind cannot produce `name` / `destination`
+    (compress() keeps a torch module when the model has one, else works on its backend)."""
+    check_destination(destination, name)
+    source = TORCH_SOURCE if model.module is not None else model.backend.name  # type: ignore
+    if source == TORCH_SOURCE:
+        return
+    registry = formats()
+    if name is not None:
+        _refuse_source(registry[name], source)
+        return
+    candidates = [e for e in registry.values() if destination.suffix.lower() in e.suffixes]
+    if not any(source in e.sources for e in candidates):
+        _refuse_source(candidates[0], source)
+
+
 def resolve_format(destination: Path, name: str | None, compressed: CompressedModel,
                    model: Model) -> tuple[Exporter, str]:
-    """The exporter for `destination` (by `name`, else by extension and plan), and why."""
+    """The exporter for `destination` (by `name`, else by extension, plan and the kind of
+    model), and why; a one-line refusal when this kind of model cannot produce it."""
+    source = source_of(compressed)
     if name is not None:
-        return _named(name, destination), "asked for"
+        exporter = _named(name, destination)
+        _refuse_source(exporter, source)
+        return exporter, "asked for"
     check_destination(destination)
+    if source != TORCH_SOURCE:
+        return _resolve_backend_format(destination, compressed, source)
     registry = formats()
     suffix = destination.suffix.lower()
     if suffix == ".onnx":
@@ -105,6 +168,27 @@ def resolve_format(destination: Path, name: str | None, compressed: CompressedMo
                                          "carries the new shapes and its own code")
     by_suffix = next(e for e in registry.values() if e.suffixes[0] == suffix)
     return by_suffix, f"the {suffix} extension"
+
+
+def _resolve_backend_format(destination: Path, compressed: CompressedModel,
+                            source: str) -> tuple[Exporter, str]:
+    """The extension's format for a model without a torch module, or a one-line refusal."""
+    registry = formats()
+    suffix = destination.suffix.lower()
+    if suffix == ".onnx" and source == ONNX_SOURCE:
+        chosen, reason = choose_onnx_flavour(compressed)
+        return registry[chosen], reason
+    if suffix == ".safetensors" and source == WEIGHTS_SOURCE:
+        if compressed.quantized or compressed.masks:
+            return registry["safetensors-codes"], ("the plan has integer codes or zeros: "
+                                                   "safetensors with codes, scales and masks")
+        return registry["safetensors"], "the .safetensors extension"
+    candidates = [e for e in registry.values() if suffix in e.suffixes]
+    for exporter in candidates:
+        if source in exporter.sources:
+            return exporter, f"the {suffix} extension"
+    _refuse_source(candidates[0], source)
+    raise AssertionError("unreachable")  # _refuse_source raised
 
 
 @dataclass
@@ -128,6 +212,9 @@ class ExportResult:
     #: The original model's metrics on the same data (accuracy with labels).
     baseline_metrics: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    #: Which of the plan's savings this format writes at full size, and which formats store
+    #: them (None when it stores them all); also said before the export ran.
+    size_note: str | None = None
 
     @property
     def kept(self) -> bool:
@@ -137,10 +224,25 @@ class ExportResult:
     def size_ratio(self) -> float:
         return self.bytes / self.baseline_bytes if self.baseline_bytes else 1.0
 
+    @property
+    def file_ratio(self) -> float | None:
+        """Size against the file the user opened (None when that file is gone)."""
+        return self.bytes / self.original_file_bytes if self.original_file_bytes else None
+
+    @property
+    def headline(self) -> str:
+        """One line: the format, its size against the original file, and what it cannot store."""
+        against = (f"{self.file_ratio:.3f}x the original file ({self.original_file_bytes} bytes)"
+                   if self.file_ratio is not None else "the original file is gone")
+        line = f"{self.format}: {self.bytes} bytes = {against}"
+        return f"{line}; {self.size_note}" if self.size_note else line
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["kept"] = self.kept
         data["size_ratio"] = self.size_ratio
+        data["file_ratio"] = self.file_ratio
+        data["headline"] = self.headline
         return data
 
 
@@ -156,8 +258,11 @@ def verification_data(model: Model) -> DataSource:
     return SyntheticData(model.inputs)
 
 
-def example_batch(data: DataSource) -> np.ndarray:
-    """The first samples of `data`, at least two (torch.export specializes a batch of one)."""
+def example_batch(data: DataSource | None) -> np.ndarray | None:
+    """The first samples of `data`, at least two (torch.export specializes a batch of one);
+    None without data (weights-only models)."""
+    if data is None:
+        return None
     inputs, _ = next(data.batches(EXAMPLE_BATCH))
     return inputs if len(inputs) > 1 else np.concatenate([inputs, inputs])
 
@@ -187,12 +292,18 @@ def export(
     destination = Path(destination)
     exporter, reason = resolve_format(destination, format, compressed, model)
     check_outputs([destination], [model.path, *inputs])
-    if data is None:
+    runs = source_of(compressed) != WEIGHTS_SOURCE
+    if data is None and runs:
         data = verification_data(model)
     job = ExportJob(compressed, model, example=example_batch(data),
                     calibration=data if calibration is None else calibration,
                     progress=sub_progress(progress, 0.0, 0.5), cancel=cancel)
     exporter.check(job)
+    size_note = storage_gap(exporter.name, compressed)
+    if size_note:  # before the slow part: the user may rather stop and pick another format
+        progress(0.0, f"note: {size_note}")
+        if source_of(compressed) != TORCH_SOURCE:  # torch exporters' notes already say it
+            job.notes.append(size_note)
     progress(0.0, f"writing {exporter.name}: {exporter.description}")
     result: ExportResult | None = None
     try:
@@ -205,15 +316,18 @@ def export(
                 raise write_error(exc, destination) from None
             cancel.check()
             progress(0.5, f"verifying {destination.name} with {exporter.runtime}")
-            verification = verify(exporter, temp, job, data)
+            verification = verify(exporter, temp, job, data)  # type: ignore[arg-type]
             result = _result(exporter, reason, destination, temp, job, model, verification)
+            result.size_note = size_note
             if not (verification.passed or keep_unverified):
                 raise _Discard
-            if measure:
+            if measure and runs:
+                assert data is not None
                 progress(0.8, "timing the file and the original")
-                result.latency_ms, result.baseline_latency_ms, result.latency_method = \
-                    exporter.latency(temp, job)
-                result.baseline_metrics = evaluate(TorchRunner(job.original), data,
+                timed = exporter.latency(temp, job)
+                if timed is not None:
+                    result.latency_ms, result.baseline_latency_ms, result.latency_method = timed
+                result.baseline_metrics = evaluate(runner_for(model), data,
                                                    cancel=cancel).to_dict()
             cancel.check()
     except _Discard:

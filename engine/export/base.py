@@ -32,6 +32,21 @@ if TYPE_CHECKING:
 #: Latency is timed on this many repeats (median reported), one thread, as compress() does.
 LATENCY_REPEATS = 30
 
+#: Where a compression result lives, as exporters see it: a torch module, or the compressed
+#: copy of a backend without one (engine.backends: OnnxBackend.name, WeightsBackend.name).
+TORCH_SOURCE = "torch"
+ONNX_SOURCE = "onnx"
+WEIGHTS_SOURCE = "weights only"
+
+
+def source_of(compressed: CompressedModel) -> str:
+    """Which kind of model `compressed` is, as exporters' `sources` name them."""
+    if compressed.module is not None:
+        return TORCH_SOURCE
+    if compressed.backend is None:
+        raise SlimscopeError("the compressed model has neither a torch module nor a backend")
+    return compressed.backend.name
+
 
 @dataclass
 class ExportJob:
@@ -39,8 +54,9 @@ class ExportJob:
 
     compressed: CompressedModel
     model: Model
-    #: One batch (at least 2 samples, so traced graphs keep the batch axis dynamic).
-    example: np.ndarray
+    #: One batch (at least 2 samples, so traced graphs keep the batch axis dynamic); None for
+    #: weights-only models, which have nothing to run.
+    example: np.ndarray | None
     #: Calibration data for static int8; None when the caller has none.
     calibration: "DataSource | None" = None
     progress: Progress = no_progress
@@ -51,7 +67,14 @@ class ExportJob:
     cache: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def source(self) -> str:
+        """TORCH_SOURCE, ONNX_SOURCE or WEIGHTS_SOURCE (see :func:`source_of`)."""
+        return source_of(self.compressed)
+
+    @property
     def example_tensor(self) -> torch.Tensor:
+        if self.example is None:
+            raise SlimscopeError("this export needs example inputs, and the model has none")
         return torch.from_numpy(np.ascontiguousarray(self.example))
 
     @property
@@ -63,7 +86,10 @@ class ExportJob:
 
 
 def architecture_unchanged(compressed: CompressedModel, model: Model) -> bool:
-    """True when the compressed state_dict has the original's names and shapes."""
+    """True when the compressed state_dict has the original's names and shapes (always, for
+    models without a torch module: their backends replace tensors of the same shape only)."""
+    if compressed.module is None:
+        return True
     original = model.require_module("export").state_dict()
     current = compressed.module.state_dict()
     return original.keys() == current.keys() and all(
@@ -82,6 +108,8 @@ class Exporter(ABC):
     #: Whether the file should reproduce the in-memory model up to float rounding; formats
     #: that quantize activations or re-quantize weights are compared more loosely.
     exact: ClassVar[bool] = True
+    #: The kinds of compressed model this format can be written from (see :func:`source_of`).
+    sources: ClassVar[frozenset[str]] = frozenset({TORCH_SOURCE})
 
     def check(self, job: ExportJob) -> None:
         """Raise SlimscopeError before anything is written if this format cannot hold the job."""
@@ -95,8 +123,15 @@ class Exporter(ABC):
         """The written file loaded the way its users load it, ready to run."""
 
     @abstractmethod
-    def latency(self, path: Path, job: ExportJob) -> tuple[float, float, str]:
-        """Median ms of (the file, the original model) in this runtime, and what was timed."""
+    def latency(self, path: Path, job: ExportJob) -> tuple[float, float, str] | None:
+        """Median ms of (the file, the original model) in this runtime, and what was timed;
+        None when nothing can be timed (weights without a graph)."""
+
+    def rebuilt_tensors(self, path: Path, job: ExportJob) -> dict[str, np.ndarray]:
+        """The float tensors a reader of the file gets, by the model's tensor keys: how a
+        weights-only export (nothing to run) is verified against the compressed values."""
+        raise SlimscopeError(f"{self.name} files are verified by running them, and this model "
+                             "has nothing to run")
 
     @abstractmethod
     def baseline_bytes(self, job: ExportJob) -> tuple[int, str]:

@@ -1,11 +1,17 @@
 """What every ONNX exporter shares: the fp32 graphs, compaction, validation and ORT timing.
 
-Every flavour starts from the compressed module exported in fp32 (structured pruning and
-low-rank are already in its shapes), made *compact*: Constant-node weights become initializers,
+Every flavour starts from one fp32 ONNX graph of the compressed model: the compressed module
+exported by torch (structured pruning and low-rank are already in its shapes), or, for an ONNX
+model compressed without a torch module, the compressed backend's own proto (the user's graph,
+its weights replaced). From there on every flavour is graph-level and does not care which. A
+torch-exported graph is written *compact*: Constant-node weights become initializers,
 node names and doc strings are dropped and intermediate tensors get short names. On a small
 model that is a few percent of the file (the demo's int8 file: 0.269x -> 0.258x of fp32).
 Quantized graphs additionally keep biases in float: ORT's quantizer stores each as int32 plus
 a scale and a zero point, three tensors for one, and measured no faster.
+
+A user's own ONNX graph keeps its node and tensor names (only Constant-node weights become
+initializers): they are what the plan's keep_float and later inspection refer to.
 """
 
 from __future__ import annotations
@@ -21,10 +27,17 @@ from onnx import TensorProto, helper, numpy_helper
 
 from engine import onnx_tools
 from engine.evaluate import OnnxRunner, Runner
-from engine.export.base import LATENCY_REPEATS, Exporter, ExportJob, eval_mode
+from engine.export.base import (
+    LATENCY_REPEATS,
+    ONNX_SOURCE,
+    TORCH_SOURCE,
+    Exporter,
+    ExportJob,
+    eval_mode,
+)
 
 
-def compact(model: onnx.ModelProto) -> onnx.ModelProto:
+def compact(model: onnx.ModelProto, keep_names: bool = False) -> onnx.ModelProto:
     """A copy without Constant-node weights, node names, doc strings, value_info (shapes ORT
     infers itself) or long intermediate tensor names.
 
@@ -32,6 +45,8 @@ def compact(model: onnx.ModelProto) -> onnx.ModelProto:
     inspection see); graphs with subgraphs keep every name, since a subgraph may refer to them.
     """
     result = onnx_tools.constants_to_initializers(model)
+    if keep_names:
+        return result
     graph = result.graph
     graph.doc_string = ""
     graph.ClearField("value_info")
@@ -95,10 +110,14 @@ def _dequantized(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]
 
 
 def fp32_graph(job: ExportJob) -> onnx.ModelProto:
-    """The compressed module in fp32 ONNX, weights as initializers; made once per job.
+    """The compressed model in fp32 ONNX, weights as initializers; made once per job.
 
-    Not yet compact: ORT's quantizers name the nodes they add after the nodes they replace.
+    From the torch module by export, or from the compressed ONNX backend's proto. Not yet
+    compact: ORT's quantizers name the nodes they add after the nodes they replace.
     """
+    if "fp32" not in job.cache and job.source == ONNX_SOURCE:
+        job.cache["fp32"] = onnx_tools.constants_to_initializers(
+            _full_proto(job.compressed.backend))
     if "fp32" not in job.cache:
         with eval_mode(job.compressed.module) as module:
             job.cache["fp32"] = onnx_tools.constants_to_initializers(
@@ -107,7 +126,11 @@ def fp32_graph(job: ExportJob) -> onnx.ModelProto:
 
 
 def original_fp32_graph(job: ExportJob) -> onnx.ModelProto:
-    """The original module in fp32 ONNX, written the same way: what sizes and times compare to."""
+    """The original model in fp32 ONNX, written the same way: what sizes and times compare to.
+
+    For an ONNX model, its own graph as loaded (external weights read in)."""
+    if "original_fp32" not in job.cache and job.source == ONNX_SOURCE:
+        job.cache["original_fp32"] = compact(_full_proto(job.model.backend), keep_names=True)
     if "original_fp32" not in job.cache:
         with eval_mode(job.original) as module:
             job.cache["original_fp32"] = compact(onnx_tools.export_onnx(module,
@@ -115,14 +138,28 @@ def original_fp32_graph(job: ExportJob) -> onnx.ModelProto:
     return job.cache["original_fp32"]
 
 
-def save_checked(model: onnx.ModelProto, path: Path) -> None:
-    """Write `model` compact as one file, then check the file with onnx's checker and an ORT
-    session.
+def _full_proto(backend: object) -> onnx.ModelProto:
+    """An ONNX backend's graph with every weight inside (its compressed copy, or the original)."""
+    from engine.backends.onnx_graph import OnnxBackend
+
+    if not isinstance(backend, OnnxBackend):
+        raise TypeError(f"expected an ONNX backend, got {type(backend).__name__}")
+    return backend.full_proto()
+
+
+def keeps_names(job: ExportJob) -> bool:
+    """A user's own ONNX graph keeps its names; a torch-exported one is compacted."""
+    return job.source == ONNX_SOURCE
+
+
+def save_checked(model: onnx.ModelProto, path: Path, keep_names: bool = False) -> None:
+    """Write `model` as one file (compact unless `keep_names`), then check the file with onnx's
+    checker and an ORT session.
 
     Models over protobuf's 2 GiB limit cannot be built in memory by our exporter in the first
     place (see onnx_tools.export_onnx), so no external-data files are written.
     """
-    path.write_bytes(compact(model).SerializeToString())
+    path.write_bytes(compact(model, keep_names=keep_names).SerializeToString())
     onnx_tools.validate(path)
 
 
@@ -147,6 +184,7 @@ class OnnxExporter(Exporter):
 
     suffixes = (".onnx",)
     runtime = "onnxruntime"
+    sources = frozenset({TORCH_SOURCE, ONNX_SOURCE})
 
     def reload(self, path: Path, job: ExportJob) -> Runner:
         return OnnxRunner(path)
@@ -160,5 +198,22 @@ class OnnxExporter(Exporter):
              f"{LATENCY_REPEATS} (interleaved with the original's fp32 ONNX)")
 
     def baseline_bytes(self, job: ExportJob) -> tuple[int, str]:
+        if job.source == ONNX_SOURCE:
+            return onnx_tools.serialized_size(original_fp32_graph(job)), "the original ONNX graph"
         return (onnx_tools.serialized_size(original_fp32_graph(job)),
                 "the original model as fp32 ONNX")
+
+
+#: Operators whose second input is a layer's weight (the graph-level view of "a layer").
+WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
+def weight_consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """Initializer name -> the Conv/MatMul/Gemm nodes that read it as their weight (input 1):
+    how a plan keyed by tensor names maps onto the graph's layers."""
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    found: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        if node.op_type in WEIGHT_OPS and len(node.input) > 1 and node.input[1] in initializers:
+            found.setdefault(node.input[1], []).append(node)
+    return found

@@ -6,25 +6,203 @@ int8 makes conv nets several times slower on CPU (ConvInteger), so a file that i
 smaller is not good enough. ``onnx-dynamic`` is dynamic int8 for MatMul/Gemm only (no
 calibration); Conv stays fp32 on purpose. The choice and every candidate's size and latency
 go into the export notes.
+
+The plan is honoured graph-level, so the same code serves a torch-exported graph and a user's
+own ONNX graph: ``activation_quant.keep_float`` names ONNX nodes that stay float (ORT's
+``nodes_to_exclude``; the measured choice is then static QDQ with those nodes excluded, since
+the dynamic candidates would quantize them again), and weight codes are per-channel when the
+plan's codes are per-channel or group-wise, per-tensor when all of them are per-tensor.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
+from typing import Iterable, Sequence
 
-from torch import nn
+import onnx
+
+from engine import onnx_tools
 
 from engine.compress import CALIBRATION_BATCH, DEFAULT_CALIBRATION_SAMPLES
 from engine.data import SyntheticData
 from engine.errors import SlimscopeError
-from engine.export.base import ExportJob, register
+from engine.export.base import TORCH_SOURCE, ExportJob, register
 from engine.export.onnx_common import (
     OnnxExporter,
     float_biases,
     fp32_graph,
+    keeps_names,
     quiet_onnxruntime_logs,
     save_checked,
+    weight_consumers,
 )
+from engine.jobs import NEVER_CANCELLED, CancelToken, Progress, no_progress, sub_progress
+
+
+def keep_float_nodes(job: ExportJob) -> list[str]:
+    """The plan's ONNX node names whose activations stay float; notes names the graph lacks."""
+    names = list((job.compressed.activation_quant or {}).get("keep_float", ()))
+    present = {node.name for node in fp32_graph(job).graph.node}
+    missing = [name for name in names if name not in present]
+    if missing:
+        job.notes.append(f"{len(missing)} keep_float nodes are not in this graph (first: "
+                         f"{missing[0]!r}); they were made for another export of the model")
+    return [name for name in names if name in present]
+
+
+def plan_per_channel(job: ExportJob) -> bool:
+    """Per-channel int8 weights unless every code in the plan is per-tensor."""
+    quantized = job.compressed.quantized.values()
+    finer = [q.axis is not None or bool(q.group_size) for q in quantized]
+    if finer and any(finer) and not all(finer):
+        job.notes.append("the plan mixes per-tensor and per-channel codes; ONNX Runtime's "
+                         "quantizer takes one setting: every int8 weight is per-channel")
+    return not finer or any(finer)
+
+
+def _prepared(model: onnx.ModelProto, per_channel: bool,
+              keep_float: Sequence[str]) -> onnx.ModelProto:
+    """The graph ready for ORT's quantizer, with ORT's graph optimization where it keeps the
+    `keep_float` node names.
+
+    Unlike static_int8.prepare_for_quantization this skips symbolic shape inference, which on
+    failure writes sym_shape_infer_temp.onnx and its weights into the current directory, and
+    passes ORT a file, since given a ModelProto it moves the weights out of it in place.
+    """
+    from onnxruntime.quantization import quant_pre_process
+
+    from engine.methods.static_int8 import _quiet_onnxruntime, prepare_for_quantization
+
+    base = prepare_for_quantization(model, per_channel=per_channel, pre_process=False)
+    with tempfile.TemporaryDirectory(prefix="slimscope-pre-") as folder:
+        source, output = Path(folder) / "input.onnx", Path(folder) / "prepared.onnx"
+        source.write_bytes(base.SerializeToString())
+        try:
+            with _quiet_onnxruntime():
+                quant_pre_process(str(source), str(output), skip_symbolic_shape=True)
+            optimized = onnx.load(str(output))
+        except Exception:  # noqa: BLE001 - ORT's pre-processing is optional and raises anything
+            return base
+    if not set(keep_float) <= {node.name for node in optimized.graph.node}:
+        return base  # a fusion renamed a node the plan keeps float
+    return optimized
+
+
+def quantize_static_keeping_float(
+    fp32_model: onnx.ModelProto,
+    calibration_batches: Iterable[onnx_tools.Batch],
+    keep_float: Sequence[str],
+    *,
+    method: str = "minmax",
+    per_channel: bool = True,
+    progress: Progress = no_progress,
+    cancel: CancelToken = NEVER_CANCELLED,
+) -> onnx.ModelProto:
+    """Static int8 QDQ as engine.methods.static_int8.quantize_static_int8 builds it, with the
+    nodes named in `keep_float` left in float (ORT's ``nodes_to_exclude``).
+
+    ORT's pre-processing may rename nodes it fuses; if it loses any of `keep_float`, the graph
+    is quantized without it, so the plan's names still apply (see :func:`_prepared`).
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from engine.methods.static_int8 import (
+        CALIBRATION_METHODS,
+        _BatchReader,
+        _static_op_types,
+        _with_temp_output,
+        calibration_feeds,
+    )
+
+    if method not in CALIBRATION_METHODS:
+        raise SlimscopeError(f"unknown calibration method {method!r} "
+                             f"(choose one of {', '.join(CALIBRATION_METHODS)})")
+    progress(0.0, "preparing the graph for quantization")
+    prepared = _prepared(fp32_model, per_channel, keep_float)
+    feeds = calibration_feeds(prepared, calibration_batches)
+    cancel.check()
+    reader = _BatchReader(feeds, sub_progress(progress, 0.1, 0.85), cancel)
+    calibrate_method = {"minmax": CalibrationMethod.MinMax,
+                        "percentile": CalibrationMethod.Percentile,
+                        "entropy": CalibrationMethod.Entropy}[method]
+    with tempfile.TemporaryDirectory(prefix="slimscope-int8-") as folder:
+        # given a ModelProto, ORT moves its weights out to external data in place; a file it
+        # reads itself leaves ours whole
+        source = Path(folder) / "prepared.onnx"
+        source.write_bytes(prepared.SerializeToString())
+        quantized = _with_temp_output(lambda output: quantize_static(
+            str(source), output, reader, quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=_static_op_types(), per_channel=per_channel,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            calibrate_method=calibrate_method, nodes_to_exclude=list(keep_float),
+            # a Relu folded into its Q/DQ pair would vanish from the float path rewired below
+            extra_options={"QDQKeepRemovableActivations": True}))
+    quantized = float_inputs_for(quantized, keep_float, prepared)
+    cancel.check()
+    onnx_tools.validate(quantized)
+    progress(1.0, "static int8 done")
+    return quantized
+
+
+def float_inputs_for(model: onnx.ModelProto, keep_float: Sequence[str],
+                     before: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy where the `keep_float` nodes read their activations unquantized.
+
+    ORT's ``nodes_to_exclude`` leaves those nodes themselves in float, but a tensor they read
+    is still quantized when its producer is (a Relu's output gets a QuantizeLinear ->
+    DequantizeLinear pair), so the kept node would see int8 rounding all the same. Each such
+    input is wired back to the tensor before the pair; pairs nobody reads any more are dropped.
+    Only where that tensor is still made by the operator that made it in `before` (the graph
+    given to the quantizer): ORT folds some activations into a pair, and skipping them is safe.
+    """
+    made_by = {name: node.op_type for node in before.graph.node for name in node.output}
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    graph = result.graph
+    keep = set(keep_float)
+    producers = {name: node for node in graph.node for name in node.output}
+    for node in graph.node:
+        if node.name not in keep:
+            continue
+        for index, name in enumerate(node.input):
+            dequantize = producers.get(name)
+            if dequantize is None or dequantize.op_type != "DequantizeLinear":
+                continue
+            quantize = producers.get(dequantize.input[0])
+            if quantize is None or quantize.op_type != "QuantizeLinear":
+                continue
+            source = quantize.input[0]
+            now = producers[source].op_type if source in producers else None
+            if now == made_by.get(source):  # graph inputs: both None
+                node.input[index] = source
+    _drop_unread_pairs(graph)
+    return result
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name a node of `graph` or of its subgraphs reads, and its outputs."""
+    read = {value.name for value in graph.output}
+    for node in graph.node:
+        read.update(node.input)
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH
+                        else attribute.graphs):
+                read |= _names_read(sub)
+    return read
+
+
+def _drop_unread_pairs(graph: onnx.GraphProto) -> None:
+    """Remove QuantizeLinear/DequantizeLinear nodes whose outputs nothing reads, repeatedly."""
+    while True:
+        read = _names_read(graph)
+        kept = [node for node in graph.node
+                if node.op_type not in ("QuantizeLinear", "DequantizeLinear")
+                or any(name in read for name in node.output)]
+        if len(kept) == len(graph.node):
+            return
+        graph.ClearField("node")
+        graph.node.extend(kept)
 
 
 def _plan_mismatch_notes(job: ExportJob) -> None:
@@ -35,9 +213,16 @@ def _plan_mismatch_notes(job: ExportJob) -> None:
         job.notes.append(f"weights the plan put in {'/'.join(map(str, low))} bits are stored in "
                          "8 bits: ONNX Runtime has no lower-bit kernel for them (Conv) here; "
                          ".slim stores them packed")
-    weighted = {name for name, layer in job.compressed.module.named_modules()
-                if isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd))}
-    kept = weighted - {key.rpartition(".")[0] for key in quantized}
+    if job.source == TORCH_SOURCE:
+        from torch import nn
+
+        weighted = {name for name, layer in job.compressed.module.named_modules()
+                    if isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd))}
+        kept = weighted - {key.rpartition(".")[0] for key in quantized}
+    else:
+        excluded = set((job.compressed.activation_quant or {}).get("keep_float", ()))
+        kept = {weight for weight, nodes in weight_consumers(fp32_graph(job)).items()
+                if any(node.name not in excluded for node in nodes)} - set(quantized)
     if quantized and kept:
         job.notes.append(f"{len(kept)} Conv/Linear layers the plan keeps in float are int8 here "
                          "too: the quantizer takes every operator it supports")
@@ -63,13 +248,25 @@ class OnnxInt8Exporter(OnnxExporter):
         method = (job.compressed.activation_quant or {}).get("calibration", "minmax")
         batches = [inputs for inputs, _ in
                    job.calibration.head(DEFAULT_CALIBRATION_SAMPLES).batches(CALIBRATION_BATCH)]
-        with quiet_onnxruntime_logs():
-            quantized, report = quantize_int8_best(fp32_graph(job), batches, method=method,
-                                                   progress=job.progress, cancel=job.cancel)
-        for candidate in report.candidates:  # the chosen one says if none was as fast as fp32
-            mark = "chosen" if candidate.chosen else "not chosen"
-            job.notes.append(f"int8 {candidate.name} {mark}: {candidate.reason}")
-        save_checked(float_biases(quantized), path)
+        keep_float = keep_float_nodes(job)
+        per_channel = plan_per_channel(job)
+        if keep_float:
+            with quiet_onnxruntime_logs():
+                quantized = quantize_static_keeping_float(
+                    fp32_graph(job), batches, keep_float, method=method,
+                    per_channel=per_channel, progress=job.progress, cancel=job.cancel)
+            job.notes.append(f"static int8 (QDQ, {'per-channel' if per_channel else 'per-tensor'}"
+                             f" weights) with {len(keep_float)} nodes kept float as the plan "
+                             "says")
+        else:
+            with quiet_onnxruntime_logs():
+                quantized, report = quantize_int8_best(
+                    fp32_graph(job), batches, method=method, per_channel=per_channel,
+                    progress=job.progress, cancel=job.cancel)
+            for candidate in report.candidates:  # the chosen one says if none was as fast
+                mark = "chosen" if candidate.chosen else "not chosen"
+                job.notes.append(f"int8 {candidate.name} {mark}: {candidate.reason}")
+        save_checked(float_biases(quantized), path, keep_names=keeps_names(job))
 
 
 @register
@@ -79,13 +276,32 @@ class OnnxDynamicExporter(OnnxExporter):
     exact = False
 
     def write(self, job: ExportJob, path: Path) -> None:
-        from engine.methods.static_int8 import quantize_dynamic_int8
-
         fp32 = fp32_graph(job)
         if any(node.op_type in ("Conv", "ConvTranspose") for node in fp32.graph.node):
             job.notes.append("Conv layers stay fp32 in dynamic int8: ONNX Runtime's ConvInteger "
                              "runs several times slower than fp32 on CPU; use onnx-int8 for "
                              "them")
+        keep_float = keep_float_nodes(job)
         with quiet_onnxruntime_logs():
-            quantized = quantize_dynamic_int8(fp32)
-        save_checked(quantized, path)
+            quantized = quantize_dynamic_keeping_float(fp32, keep_float)
+        if keep_float:
+            job.notes.append(f"{len(keep_float)} nodes kept float as the plan says")
+        save_checked(quantized, path, keep_names=keeps_names(job))
+
+
+def quantize_dynamic_keeping_float(model: onnx.ModelProto,
+                                   keep_float: Sequence[str] = ()) -> onnx.ModelProto:
+    """engine.methods.static_int8.quantize_dynamic_int8 (MatMul only) with the nodes named in
+    `keep_float` left in float; a Gemm rewritten as MatMul keeps its exclusion."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    from engine.methods.static_int8 import DYNAMIC_OPS, _with_temp_output
+
+    prepared = onnx_tools.gemm_to_matmul(onnx_tools.constants_to_initializers(model))
+    # gemm_to_matmul names the MatMul it makes "<gemm name>_MatMul"
+    excluded = [*keep_float, *(f"{name}_MatMul" for name in keep_float)]
+    quantized = _with_temp_output(lambda output: quantize_dynamic(
+        prepared, output, op_types_to_quantize=list(DYNAMIC_OPS), per_channel=False,
+        nodes_to_exclude=excluded))
+    onnx_tools.validate(quantized)
+    return quantized

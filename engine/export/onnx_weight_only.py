@@ -9,26 +9,28 @@ the export says so, and a model with no MatMul/Gemm weights is refused with that
 
 ORT's quantizer takes every constant MatMul/Gemm weight. Weights the plan leaves in float are
 hidden from it behind an Identity node (it skips weights that are not constants), recognised
-by their values, then exposed again.
+by their values (a torch-exported graph) or by name (a user's ONNX graph, whose plan is keyed
+by initializer names), then exposed again.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
-import torch
 from onnx import helper, numpy_helper
-from torch import nn
 
 from engine.compressed import CompressedModel, QuantizedWeight
-from engine.export.base import ExportJob, register
+from engine.export.base import ONNX_SOURCE, ExportJob, register, source_of
 from engine.export.onnx_common import (
     OnnxExporter,
     fp32_graph,
+    keeps_names,
     quiet_onnxruntime_logs,
     save_checked,
+    weight_consumers,
 )
 
 #: Block size when the plan has none ORT accepts: 0.25 bit of scale per weight.
@@ -37,9 +39,19 @@ DEFAULT_BLOCK_SIZE = 128
 
 def quantized_layers(compressed: CompressedModel) -> tuple[dict[str, QuantizedWeight],
                                                            dict[str, QuantizedWeight]]:
-    """The plan's quantized weights by layer name: (Linear layers, all other layers)."""
+    """The plan's quantized weights by layer name: (Linear layers, all other layers).
+
+    For an ONNX model, by tensor key: (weights of MatMul/Gemm nodes, all others)."""
     linear: dict[str, QuantizedWeight] = {}
     other: dict[str, QuantizedWeight] = {}
+    if source_of(compressed) == ONNX_SOURCE:
+        consumers = weight_consumers(compressed.backend.full_proto())  # type: ignore[union-attr]
+        for key, quant in compressed.quantized.items():
+            matmul = any(node.op_type in ("MatMul", "Gemm") for node in consumers.get(key, []))
+            (linear if matmul else other)[key] = quant
+        return linear, other
+    from torch import nn
+
     for key, quant in compressed.quantized.items():
         layer = key.rpartition(".")[0]
         is_linear = isinstance(compressed.module.get_submodule(layer), nn.Linear)
@@ -64,16 +76,23 @@ def weight_only_settings(job: ExportJob) -> tuple[int, bool]:
 _HIDDEN = "slimscope_float_weight/"
 
 
-def _hide_float_weights(model: onnx.ModelProto, planned: list[torch.Tensor]) -> onnx.ModelProto:
-    """A copy where MatMul/Gemm weights that are none of `planned` (as (out, in) matrices)
-    reach their node through an Identity."""
+def planned_by_value(planned: list[np.ndarray]) -> Callable[[str, np.ndarray], bool]:
+    """Whether a graph weight (in torch's (out, in) layout) is one of the `planned` matrices."""
+    by_shape: dict[tuple[int, ...], list[np.ndarray]] = {}
+    for weight in planned:
+        by_shape.setdefault(tuple(weight.shape), []).append(weight)
+    return lambda name, matrix: any(np.array_equal(matrix, w)
+                                    for w in by_shape.get(matrix.shape, []))
+
+
+def _hide_float_weights(model: onnx.ModelProto,
+                        is_planned: Callable[[str, np.ndarray], bool]) -> onnx.ModelProto:
+    """A copy where MatMul/Gemm weights that are not planned (by initializer name and value in
+    torch's (out, in) layout) reach their node through an Identity."""
     result = onnx.ModelProto()
     result.CopyFrom(model)
     graph = result.graph
     initializers = {tensor.name: tensor for tensor in graph.initializer}
-    by_shape: dict[tuple[int, ...], list[np.ndarray]] = {}
-    for weight in planned:
-        by_shape.setdefault(tuple(weight.shape), []).append(weight.detach().numpy())
     hidden = []
     for node in graph.node:
         if node.op_type not in ("MatMul", "Gemm") or node.input[1] not in initializers:
@@ -82,7 +101,7 @@ def _hide_float_weights(model: onnx.ModelProto, planned: list[torch.Tensor]) -> 
         transposed = node.op_type == "Gemm" and any(
             a.name == "transB" and a.i for a in node.attribute)
         matrix = matrix if transposed else matrix.T  # torch's (out, in) layout
-        if any(np.array_equal(matrix, w) for w in by_shape.get(matrix.shape, [])):
+        if is_planned(node.input[1], matrix):
             continue
         name = f"{_HIDDEN}{node.input[1]}"
         hidden.append(helper.make_node("Identity", [node.input[1]], [name]))
@@ -105,6 +124,86 @@ def _expose_float_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _nbits_codes(quant: QuantizedWeight, bits: int, prefix: str
+                 ) -> tuple[list[onnx.TensorProto], int, int] | None:
+    """MatMulNBits' packed weight, scales and zero points made from the plan's own codes, or
+    None when they do not fit its layout: codes (N, K) of `bits` bits in blocks of
+    `group_size` inputs (a power of two >= 16), as a torch Linear's (out, in) weight.
+
+    MatMulNBits computes ``(q - zero_point) * scale`` with unsigned q and, without a
+    zero-point input, zero_point 2**(bits-1): symmetric codes shifted by that much are the same
+    numbers exactly."""
+    size = quant.group_size
+    if (quant.bits > bits or quant.codes.dim() != 2 or not size or size < 16
+            or size & (size - 1) or quant.codes.shape[1] % size):
+        return None
+    codes = quant.codes.numpy().astype(np.int16)
+    n, k = codes.shape
+    blocks = k // size
+    unsigned = (codes + (1 << (bits - 1) if quant.symmetric else 0)).astype(np.uint8)
+    unsigned = unsigned.reshape(n, blocks, size)
+    packed = unsigned[..., 0::2] | (unsigned[..., 1::2] << 4) if bits == 4 else unsigned
+    tensors = [numpy_helper.from_array(np.ascontiguousarray(packed), f"{prefix}_Q{bits}"),
+               numpy_helper.from_array(quant.scale.numpy().astype(np.float32).reshape(-1),
+                                       f"{prefix}_scales")]
+    if not quant.symmetric:
+        zero = quant.zero_point.numpy().astype(np.uint8).reshape(n, blocks)
+        if bits == 4:
+            zero = np.concatenate([zero, np.zeros((n, blocks % 2), np.uint8)], axis=1)
+            zero = zero[:, 0::2] | (zero[:, 1::2] << 4)
+        tensors.append(numpy_helper.from_array(np.ascontiguousarray(zero).reshape(-1),
+                                               f"{prefix}_zero_points"))
+    return tensors, n, k
+
+
+def codes_as_matmul_nbits(model: onnx.ModelProto, planned: dict[str, QuantizedWeight],
+                          bits: int) -> tuple[onnx.ModelProto, set[str]]:
+    """A copy where MatMul (weight (K, N)) and Gemm (transB, weight (N, K)) nodes whose planned
+    codes fit MatMulNBits (see :func:`_nbits_codes`) run on those codes, written as they are
+    rather than quantized again; returns the copy and the weight names so written."""
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    graph = result.graph
+    shapes = {tensor.name: tuple(tensor.dims) for tensor in graph.initializer}
+    written: set[str] = set()
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        weight = node.input[1] if len(node.input) > 1 else ""
+        quant = planned.get(weight)
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        fits = quant is not None and weight in shapes and (
+            (node.op_type == "MatMul" and tuple(quant.codes.shape) == shapes[weight][::-1])
+            or (node.op_type == "Gemm" and attributes.get("transB") == 1
+                and not attributes.get("transA") and attributes.get("alpha", 1.0) == 1.0
+                and attributes.get("beta", 1.0) == 1.0
+                and tuple(quant.codes.shape) == shapes[weight]))
+        made = _nbits_codes(quant, bits, weight) if fits else None  # type: ignore[arg-type]
+        if made is None:
+            nodes.append(node)
+            continue
+        tensors, n, k = made
+        graph.initializer.extend(tensors)
+        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else ""
+        out = f"{node.output[0]}_nbits" if bias else node.output[0]
+        nodes.append(helper.make_node(
+            "MatMulNBits", [node.input[0], *(t.name for t in tensors)], [out],
+            name=node.name or f"{weight}_MatMulNBits", domain="com.microsoft", K=k, N=n,
+            bits=bits, block_size=quant.group_size))  # type: ignore[union-attr]
+        if bias:
+            nodes.append(helper.make_node("Add", [out, bias], [node.output[0]],
+                                          name=f"{node.name or weight}_bias"))
+        written.add(weight)
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    if written:
+        from engine import onnx_tools
+
+        onnx_tools.remove_unused_initializers(graph)
+        if not any(o.domain == "com.microsoft" for o in result.opset_import):
+            result.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return result, written
+
+
 class _WeightOnly(OnnxExporter):
     bits: int
     exact = False
@@ -119,10 +218,25 @@ class _WeightOnly(OnnxExporter):
                              f"file adds {self.bits}-bit rounding that the plan's measurements "
                              "do not include")
         fp32 = fp32_graph(job)
-        if linear:  # else the user asked for weight-only on a plan without it: quantize all
+        if linear and job.source == ONNX_SOURCE:
+            fp32, written = codes_as_matmul_nbits(fp32, linear, self.bits)
+            rest = {key: quant for key, quant in linear.items() if key not in written}
+            if written:
+                job.notes.append(f"{len(written)} MatMul/Gemm weights written as MatMulNBits "
+                                 "from the plan's own codes (no second rounding)")
+            if not rest:
+                if any(node.op_type in ("Conv", "ConvTranspose") for node in fp32.graph.node):
+                    job.notes.append(f"Conv layers stay fp32: ONNX Runtime has no {self.bits}-"
+                                     "bit weight-only kernel for Conv; use onnx-int8")
+                save_checked(fp32, path, keep_names=True)
+                return
+            job.notes.append(f"{len(rest)} weights re-quantized by ONNX Runtime's quantizer: "
+                             "their codes are not grouped along the inputs in blocks it takes")
+            fp32 = _hide_float_weights(fp32, lambda name, matrix: name in rest)
+        elif linear:  # else the user asked for weight-only on a plan without it: quantize all
             module = job.compressed.module
-            fp32 = _hide_float_weights(fp32, [module.get_submodule(name).weight
-                                              for name in linear])
+            fp32 = _hide_float_weights(fp32, planned_by_value(
+                [module.get_submodule(name).weight.detach().numpy() for name in linear]))
         convs = sum(node.op_type in ("Conv", "ConvTranspose") for node in fp32.graph.node)
         with quiet_onnxruntime_logs():
             quantized = quantize_weight_only(fp32, self.bits, block_size, symmetric=symmetric,
@@ -130,7 +244,7 @@ class _WeightOnly(OnnxExporter):
         if convs:
             job.notes.append(f"{convs} Conv layers stay fp32: ONNX Runtime has no {self.bits}-bit "
                              "weight-only kernel for Conv; use onnx-int8 (8-bit) or .slim")
-        save_checked(_expose_float_weights(quantized), path)
+        save_checked(_expose_float_weights(quantized), path, keep_names=keeps_names(job))
 
 
 @register

@@ -12,11 +12,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from engine.errors import SlimscopeError
 from engine.evaluate import Runner, TorchRunner
-from engine.export.base import ExportJob, TorchExporter, load_into_copy, register
+from engine.export.base import (
+    TORCH_SOURCE,
+    WEIGHTS_SOURCE,
+    ExportJob,
+    TorchExporter,
+    load_into_copy,
+    register,
+)
 from engine.zoo import ARCH_METADATA_KEY, INPUT_SHAPE_METADATA_KEY
 
 
@@ -81,15 +89,33 @@ class StateDictExporter(_WeightsOnly):
         return TorchRunner(load_into_copy(job.original, tensors))
 
 
+def backend_floats(job: ExportJob) -> dict[str, torch.Tensor]:
+    """A weights-only model's compressed tensors as stored: casts in their 16-bit dtype."""
+    backend = job.compressed.backend
+    assert backend is not None
+    state = {}
+    for key in job.model.tensors.unique_keys():
+        value = torch.from_numpy(np.array(backend.read(key)))  # a writable copy
+        state[key] = value.to(job.compressed.cast.get(key, value.dtype)).contiguous()
+    return state
+
+
 @register
 class SafetensorsExporter(_WeightsOnly):
+    """From a torch module, or from a weights-only model (read back and compared exactly)."""
+
     name = "safetensors"
     suffixes = (".safetensors",)
     description = "safetensors (weights only, no code; safe to open)"
+    sources = frozenset({TORCH_SOURCE, WEIGHTS_SOURCE})
 
     def write(self, job: ExportJob, path: Path) -> None:
         from safetensors.torch import save_file
 
+        if job.source == WEIGHTS_SOURCE:
+            metadata = {str(k): str(v) for k, v in job.model.metadata.items()}
+            save_file(backend_floats(job), str(path), metadata=metadata or None)
+            return
         float_storage_note(job, "safetensors", keeps_casts=True)
         save_file(stored_state_dict(job), str(path),
                   metadata=_architecture_metadata(job) or None)
@@ -98,6 +124,20 @@ class SafetensorsExporter(_WeightsOnly):
         from safetensors.torch import load_file
 
         return TorchRunner(load_into_copy(job.original, load_file(str(path))))
+
+    def rebuilt_tensors(self, path: Path, job: ExportJob) -> dict[str, np.ndarray]:
+        from safetensors.torch import load_file
+
+        return {key: value.to(torch.float32).numpy() if value.dtype == torch.bfloat16
+                else value.numpy() for key, value in load_file(str(path)).items()}
+
+    def latency(self, path: Path, job: ExportJob) -> tuple[float, float, str] | None:
+        return None if job.source == WEIGHTS_SOURCE else super().latency(path, job)
+
+    def baseline_bytes(self, job: ExportJob) -> tuple[int, str]:
+        if job.source == WEIGHTS_SOURCE:
+            return job.model.file_bytes, "the original file"
+        return super().baseline_bytes(job)
 
 
 @register

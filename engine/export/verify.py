@@ -4,6 +4,11 @@ The file is run on the evaluation data next to the in-memory compressed model. F
 store exactly what is in memory must match it to float rounding (ONNX Runtime and PyTorch
 kernels sum in different orders); formats that quantize activations or re-quantize weights are
 held to what int8 can promise: outputs pointing the same way (cosine) and the same top-1.
+
+The in-memory reference is the compressed torch module, or, for a model without one, the
+compressed backend's runner (ONNX Runtime on the compressed graph). Weights without a graph
+cannot run: their files are read back as a user's reader would and every tensor must equal the
+compressed value exactly.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import numpy as np
 from engine.data import DataSource
 from engine.errors import one_line
 from engine.evaluate import Runner, TorchRunner, evaluate
-from engine.export.base import Exporter, ExportJob
+from engine.export.base import WEIGHTS_SOURCE, Exporter, ExportJob
 from engine.jobs import Cancelled
 
 #: Exact formats: largest output difference, as a fraction of the largest output magnitude.
@@ -85,6 +90,50 @@ def runtime_version(runtime: str) -> str:
     return f"torch {torch.__version__}"
 
 
+def reference_runner(job: ExportJob) -> Runner:
+    """The compressed model in memory, runnable: its torch module or its backend's runner."""
+    if job.compressed.module is not None:
+        return TorchRunner(job.compressed.module)
+    assert job.compressed.backend is not None
+    return job.compressed.backend.runner()
+
+
+def verify_tensors(exporter: Exporter, path: Path, job: ExportJob) -> Verification:
+    """Read `path` back to floats and compare every tensor with the compressed backend's value,
+    bit for bit (weights without a graph: there is nothing to run)."""
+    found = Verification(passed=False, runtime=f"{exporter.runtime} reader", data="every tensor",
+                         criterion="every tensor rebuilt equal to the compressed value")
+    backend = job.compressed.backend
+    assert backend is not None
+    try:
+        rebuilt = exporter.rebuilt_tensors(path, job)
+    except Cancelled:
+        raise
+    except Exception as error:  # noqa: BLE001 - a file that will not read is the finding
+        found.error = f"could not read the file back: {one_line(error)}"
+        return found
+    expected_keys = set(job.model.tensors.unique_keys())
+    missing = sorted(expected_keys - set(rebuilt))
+    mismatched, worst = [], 0.0
+    for key in sorted(expected_keys & set(rebuilt)):
+        job.cancel.check()
+        want = np.asarray(backend.read(key))
+        got = rebuilt[key]
+        if got.shape != want.shape or not np.array_equal(got.astype(np.float64),
+                                                         want.astype(np.float64)):
+            mismatched.append(key)
+            if got.shape == want.shape:
+                worst = max(worst, float(np.max(np.abs(got.astype(np.float64)
+                                                       - want.astype(np.float64)), initial=0)))
+    found.metrics = {"tensors": len(rebuilt), "missing": len(missing),
+                     "mismatched": len(mismatched), "max_abs_diff": worst}
+    found.passed = not missing and not mismatched
+    if not found.passed:
+        found.error = (f"{len(missing)} tensors missing, {len(mismatched)} differ "
+                       f"(first: {(missing + mismatched)[0]!r}, max |diff| {worst:.3g})")
+    return found
+
+
 def criterion(exact: bool) -> str:
     if exact:
         return f"max |diff| <= {EXACT_RELATIVE_TOLERANCE:g} x the largest output"
@@ -97,9 +146,11 @@ def verify(exporter: Exporter, path: Path, job: ExportJob, data: DataSource) -> 
     Any failure to load or run the file is a failed verification, not an exception: that is
     exactly what this check exists to catch. Cancelling still cancels.
     """
+    if job.source == WEIGHTS_SOURCE:
+        return verify_tensors(exporter, path, job)
     found = Verification(passed=False, runtime=runtime_version(exporter.runtime),
                          data=data.describe(), criterion=criterion(exporter.exact))
-    reference = _ScaleRecorder(TorchRunner(job.compressed.module))
+    reference = _ScaleRecorder(reference_runner(job))
     try:
         runner = exporter.reload(path, job)
         metrics = evaluate(runner, data, reference=reference, cancel=job.cancel)

@@ -66,8 +66,12 @@ def prepare_for_quantization(model: onnx.ModelProto, *, per_channel: bool,
         output = Path(folder) / "pre.onnx"
         for skip_symbolic_shape in (False, True):
             try:
+                # a copy each time: ORT points a ModelProto it is given at weights files of its
+                # own, so a failed attempt would leave the next one (or us) an emptied model
+                attempt = onnx.ModelProto()
+                attempt.CopyFrom(model)
                 with _quiet_onnxruntime(), _working_folder(Path(folder)):
-                    quant_pre_process(model, output, skip_symbolic_shape=skip_symbolic_shape)
+                    quant_pre_process(attempt, output, skip_symbolic_shape=skip_symbolic_shape)
                 return onnx.load(output)
             except Exception as error:  # ORT's pre-processing raises anything; it is optional
                 log.info("quantization pre-processing failed (symbolic shapes skipped: %s): %s",
