@@ -35,7 +35,7 @@ import numpy as np
 
 from engine.errors import PlanError
 from engine.model import Layer
-from engine.plan import LayerPlan, LowRank, Plan, Sections, row_length
+from engine.plan import ActivationQuant, LayerPlan, LowRank, Plan, Sections, row_length
 from engine.sensitivity import (
     BASELINE_LEVEL,
     LayerSensitivity,
@@ -53,6 +53,13 @@ DEFAULT_RESOLUTION = 4096
 TIE_BREAK = 1e-9
 #: Relative precision of the smallest size found for a largest-drop target.
 SIZE_SEARCH_TOLERANCE = 1e-3
+#: Share of a largest-drop target that int8 activations may use. They buy speed, not bytes, so
+#: the size knapsack cannot price them; they get a fixed share, and what they leave unused
+#: goes to the weights.
+ACTIVATION_SHARE = 0.25
+#: With a size target (no drop budget), nodes whose int8 activations alone cost more than this
+#: (in primary-metric units: half an accuracy point) stay in float.
+KEEP_FLOAT_DROP = 0.005
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,8 @@ class Allocation:
     sensitivity: Sensitivity = field(repr=False, compare=False)
     secondary: bool = False
     resolution: int = DEFAULT_RESOLUTION
+    #: Predicted drop from the nodes whose activations go to int8 (included in `drop`).
+    activation_drop: float = 0.0
 
     @functools.cached_property
     def front(self) -> list[FrontPoint]:
@@ -113,7 +122,8 @@ class Allocation:
     def to_dict(self) -> dict[str, Any]:
         return {
             "predicted": {"bytes": self.bytes, "ratio": self.ratio, "drop": self.drop,
-                          "metric": self.metric, "cost_metric": self.cost_metric},
+                          "metric": self.metric, "cost_metric": self.cost_metric,
+                          "activation_drop": self.activation_drop},
             "choices": {name: option.to_dict() for name, option in self.choices.items()},
             "front": [point.to_dict() for point in self.front],
             "plan": self.plan.to_dict(),
@@ -282,12 +292,47 @@ def allocate(
                 f"target {target_bytes} bytes ({target_bytes / sens.model_bytes:.4f} of the "
                 f"model) is below the smallest these levels allow: {smallest} bytes "
                 f"({smallest / sens.model_bytes:.4f})")
+        keep_float, activation_drop = choose_keep_float(sens)
     else:
         assert max_drop is not None
         if max_drop < 0:
             raise PlanError(f"max drop {max_drop} must not be negative")
-        chosen = _smallest_within(sens, options, max_drop, smallest, resolution)
-    return _allocation(sens, chosen, secondary, resolution)
+        keep_float, activation_drop = choose_keep_float(
+            sens, None if secondary else max_drop * ACTIVATION_SHARE)
+        chosen = _smallest_within(sens, options, max_drop - (0.0 if secondary else
+                                                              activation_drop),
+                                  smallest, resolution)
+    allocation = _allocation(sens, chosen, secondary, resolution)
+    if sens.activations:
+        allocation.plan.activation_quant = ActivationQuant(keep_float=tuple(keep_float))
+        allocation.activation_drop = activation_drop
+        if not secondary:  # activation drops are measured in the primary metric only
+            allocation.drop += activation_drop
+            allocation.metric = predicted_metric(sens, allocation.drop, secondary)
+    return allocation
+
+
+def choose_keep_float(sens: Sensitivity, budget: float | None = None,
+                      threshold: float = KEEP_FLOAT_DROP) -> tuple[list[str], float]:
+    """The nodes whose activations stay in float, and the predicted drop of quantizing the
+    others (primary-metric units, drops assumed to add up, measured gains counted as zero).
+
+    With a `budget`, nodes go to int8 from the least harmful on while their summed drop fits;
+    without one, every node whose own drop is above `threshold` stays in float. Graph order.
+    """
+    drops = {name: max(drop, 0.0) for name, drop in sens.activation_drops().items()}
+    quantized: set[str] = set()
+    used = 0.0
+    if budget is None:
+        quantized = {name for name, drop in drops.items() if drop <= threshold}
+        used = sum(drops[name] for name in quantized)
+    else:
+        for name, drop in sorted(drops.items(), key=lambda item: item[1]):
+            if used + drop > budget:
+                break
+            quantized.add(name)
+            used += drop
+    return [node.name for node in sens.activations if node.name not in quantized], used
 
 
 def _smallest_within(sens: Sensitivity, options: list[list[Option]], max_drop: float,

@@ -58,6 +58,10 @@ baseline (``delta``), the bytes the layer's weight takes when stored at that lev
                                          "status": ["baseline", "measured", ...],
                                          "secondary": [...]},
                             "bits": {"levels": [32, 8, 7, ...], ...}}}]}
+
+Exact sweeps of ONNX graphs add ``"activations": [{"name": "Conv_3", "op_type": "Conv",
+"metric": 0.97, "delta": -0.02}, ...]``: each quantizable node with only its activation inputs
+in int8 (:mod:`engine.sensitivity_backends`, which also sweeps models without a torch module).
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ from torch import fx, nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
+from engine.backends.base import TORCH_MODULE
 from engine.compress import tensor_storage_bytes
 from engine.compressed import CompressedModel
 from engine.data import DataSource
@@ -133,6 +138,8 @@ class SweepSettings:
     cache_bytes: int = DEFAULT_CACHE_BYTES
     #: Samples per backward pass of the Fisher estimate (1 = per-sample gradients).
     fisher_batch: int = 16
+    #: Exact sweeps of ONNX graphs: also measure each node with its activations in int8.
+    activations: bool = True
 
     def levels(self, axis: str) -> list[float]:
         """The axis' levels in order of increasing compression, baseline first."""
@@ -235,6 +242,30 @@ class LayerSensitivity:
 
 
 @dataclass
+class NodeSensitivity:
+    """One graph node with only its activation inputs fake-quantized to int8 (ONNX exact
+    sweeps): the metric then, and its change from the baseline. The allocator keeps the nodes
+    that hurt most in float (plan.activation_quant.keep_float)."""
+
+    name: str
+    op_type: str
+    metric: float
+    delta: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "op_type": self.op_type, "metric": self.metric,
+                "delta": self.delta}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "activation") -> NodeSensitivity:
+        expect(data, "mapping", where)
+        return cls(typed_field(data, "name", "str", where),
+                   typed_field(data, "op_type", "str", where),
+                   float(typed_field(data, "metric", "number", where)),
+                   float(typed_field(data, "delta", "number", where)))
+
+
+@dataclass
 class Sensitivity:
     """Every swept layer's curves, plus what the allocator needs to size a whole plan."""
 
@@ -260,6 +291,13 @@ class Sensitivity:
     samples: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    #: Per-node activation int8 results (ONNX exact sweeps), in the primary metric's units.
+    activations: list[NodeSensitivity] = field(default_factory=list)
+
+    def activation_drops(self) -> dict[str, float]:
+        """Node name -> how much worse the metric is with that node's inputs in int8."""
+        sign = -1.0 if self.higher_is_better else 1.0
+        return {node.name: sign * node.delta + 0.0 for node in self.activations}
 
     def layer(self, name: str) -> LayerSensitivity:
         for layer in self.layers:
@@ -313,6 +351,9 @@ class Sensitivity:
             "seconds": self.seconds,
             "notes": self.notes,
             "layers": [layer.to_dict() for layer in self.layers],
+            # only when measured: results without it stay byte-identical to earlier ones
+            **({"activations": [node.to_dict() for node in self.activations]}
+               if self.activations else {}),
         }
 
     @classmethod
@@ -332,6 +373,15 @@ class Sensitivity:
         except PlanError as exc:
             raise SlimscopeError(f"sensitivity quantization: {exc}") from None
         layers = typed_field(data, "layers", "list", where)
+        activations = [NodeSensitivity.from_dict(node, f"{where}.activations[{index}]")
+                       for index, node in enumerate(
+                           typed_field(data, "activations", "list", where, default=[]))]
+        seen: set[str] = set()
+        for node in activations:
+            if node.name in seen:
+                raise SlimscopeError(f"{where}.activations: node {quote(node.name, 48)} is "
+                                     "listed twice")
+            seen.add(node.name)
         return cls(
             method=typed_field(data, "method", "str", where),
             metric=typed_field(data, "metric", "str", where),
@@ -353,6 +403,7 @@ class Sensitivity:
             seconds=float(typed_field(data, "seconds", "number", where, default=0.0)),
             notes=list_of(typed_field(data, "notes", "list", where, default=[]), "str",
                           f"{where}.notes"),
+            activations=activations,
         )
 
     def save(self, path: str | Path) -> None:
@@ -857,7 +908,16 @@ def sweep(
     progress: Progress = no_progress,
     cancel: CancelToken = NEVER_CANCELLED,
 ) -> Sensitivity:
-    """Sensitivity of every sweepable layer (or the named `layers`) of a loaded model."""
+    """Sensitivity of every sweepable layer (or the named `layers`) of a loaded model.
+
+    Models without a torch module (ONNX graphs, weights only) are swept through their backend
+    (engine.sensitivity_backends): the same results, measured with ONNX Runtime or computed
+    from the weights alone."""
+    if model.module is None or not model.can(TORCH_MODULE):
+        from engine.sensitivity_backends import sweep_backend
+
+        return sweep_backend(model, data, method, settings, layers=layers, progress=progress,
+                             cancel=cancel)
     module = model.require_module("sensitivity analysis")
     model.require_finite("sensitivity analysis")
     result = sweep_module(module, data, method, settings, layers=layers, progress=progress,
@@ -1102,8 +1162,16 @@ def _estimate_curves(module: nn.Module, name: str, importance: torch.Tensor | fl
                      ) -> dict[str, Curve]:
     """Curves of ``baseline + ½ Σ importance · δw²`` with δw from each level's real weight."""
     levels_of = LayerLevels(module.get_submodule(name), settings.quantization)
+    return estimate_curves(levels_of, _layer_axes(module, name, settings), importance, baseline,
+                           settings, cancel)
+
+
+def estimate_curves(levels_of: LayerLevels, axes: Sequence[str], importance: torch.Tensor | float,
+                    baseline: float, settings: SweepSettings, cancel: CancelToken
+                    ) -> dict[str, Curve]:
+    """:func:`_estimate_curves` for a layer given by its levels (any backend's weight)."""
     curves = {}
-    for axis in _layer_axes(module, name, settings):
+    for axis in axes:
         levels = settings.levels(axis)
         curve = Curve([], [], [], [], [], [])
         pruned = levels_of.pruned_energies(levels[1:], importance) if axis == "sparsity" \

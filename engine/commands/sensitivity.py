@@ -2,7 +2,8 @@
 
 Measures (exact) or estimates (fast, datafree) every prunable layer's metric at each sparsity
 and bit width with only that layer compressed, and writes the curves as JSON for `slimscope
-plan` and the app.
+plan` and the app. ONNX graphs run in ONNX Runtime (exact also measures each node with int8
+activations; fast uses layer-input statistics); weights-only files take datafree alone.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from engine.commands._common import (
     print_progress,
 )
 from engine.data import open_data
+from engine.backends.base import RUN
 from engine.errors import SlimscopeError
 from engine.plan import GRANULARITIES, RANGE_METHODS, Quantization
 from engine.safe_write import data_input
@@ -30,6 +32,8 @@ from engine.sensitivity import (
     sweep,
 )
 
+#: Nodes the summary lists by their int8-activation drop.
+ACTIVATION_LINES = 5
 #: Data the demo model is measured on when --data is not given: the held-out split for the
 #: exact metric, the calibration split for the estimate.
 DEMO_DATA = {"exact": "demo", "fast": "demo:calibration"}
@@ -45,6 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--method", choices=METHODS, default="exact",
                         help="exact: measured; fast: one forward+backward pass (Fisher "
                         "estimate of the loss change); datafree: weight error, no data")
+    parser.add_argument("--no-activations", dest="activations", action="store_false",
+                        help="ONNX, exact: skip measuring each node with int8 activations")
     parser.add_argument("-o", "--output", required=True, help="JSON file to write ('-' = stdout)")
     parser.add_argument("--samples", type=int, help="use only the first N samples of the data")
     parser.add_argument("--sparsities", type=_floats, default=DEFAULT_SPARSITIES, metavar="LIST",
@@ -70,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
     data_spec = args.data or (DEMO_DATA.get(args.method) if args.model == "demo" else None)
     guard_outputs(args, [args.output], data_input("data", data_spec))
     model = load_from_args(args)
+    cannot_run = model.why_not(RUN) if args.method != "datafree" else None
+    if cannot_run is not None:
+        raise SlimscopeError(f"the {args.method} method cannot run {model.path.name}: "
+                             f"{cannot_run}; use --method datafree")
     if args.method != "datafree" and data_spec is None:
         raise SlimscopeError(f"the {args.method} method needs --data (or use --method datafree)")
     data = None
@@ -84,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         quantization=Quantization(8, not args.asymmetric, args.granularity,
                                   args.group_size if args.granularity == "group" else None,
                                   args.range_method),
-        collapse_fraction=args.collapse)
+        collapse_fraction=args.collapse, activations=args.activations)
     result = sweep(model, data, args.method, settings, progress=print_progress)
     if args.output != "-":
         result.save(args.output)  # first: a failed write must be the only stderr line
@@ -113,6 +123,11 @@ def format_summary(result: Sensitivity) -> str:
             lines.append(f"{layer.name[:32]:<32} {axis:<8} drop  " + "  ".join(shown))
     if any("extrapolated" in c.status for layer in result.layers for c in layer.curves.values()):
         lines.append("* not evaluated: the axis had collapsed at an earlier level")
+    if result.activations:
+        drops = result.activation_drops()
+        worst = sorted(drops.items(), key=lambda item: -item[1])[:ACTIVATION_LINES]
+        lines.append(f"int8 activations, {len(drops)} nodes; the most harmful:")
+        lines += [f"  {name[:40]:<40} drop {drop:+.3g}" for name, drop in worst]
     return "\n".join(lines)
 
 
