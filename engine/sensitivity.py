@@ -67,13 +67,15 @@ in int8 (:mod:`engine.sensitivity_backends`, which also sweeps models without a 
 from __future__ import annotations
 
 import contextlib
+import copy
+import io
 import json
 import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -84,15 +86,24 @@ from torch.nn import functional as F
 from engine.backends.base import TORCH_MODULE
 from engine.compress import tensor_storage_bytes
 from engine.compressed import CompressedModel
-from engine.data import DataSource
+from engine.data import DataSource, Inputs, batch_length, pad_samples, take_samples
 from engine.errors import PlanError, SlimscopeError
-from engine.evaluate import Metrics, MetricTotals, TorchRunner, evaluate, first_tensor
+from engine.evaluate import (
+    Metrics,
+    MetricTotals,
+    TorchRunner,
+    evaluate,
+    first_tensor,
+    fixed_batch_of,
+    torch_arguments,
+)
 from engine.jobs import NEVER_CANCELLED, CancelToken, Progress, no_progress, sub_progress
 from engine.methods.apply import apply_plan, module_layers
+from engine.methods.base import submodule, weight_of
 from engine.methods.lowrank import factorize
 from engine.methods.quantize import quantize_tensor
 from engine.model import PRUNABLE_KINDS, QUANTIZABLE_KINDS, Model
-from engine.plan import LOW_RANK_KINDS, LowRank, Plan, Pruning, Quantization, Sections
+from engine.plan import LayerInfo, LowRank, Plan, Pruning, Quantization, Sections
 from engine.parsing import REQUIRED, check_depth, expect, list_of, quote, read_json, typed_field
 from engine.safe_write import atomic_write_text
 from engine.storage import storage_bytes
@@ -561,17 +572,31 @@ def _weighted_energy(change: torch.Tensor, importance: torch.Tensor | float) -> 
 
 
 # -- which layers, and model-level sizes -------------------------------------------------------
-def sweepable_layers(module: nn.Module) -> list[str]:
+def layer_infos(module: nn.Module, kinds: Mapping[str, str] | None = None) -> list[LayerInfo]:
+    """The module's weight layers as plan resolution sees them, kinds from `kinds` where given.
+
+    A torch.export module's layers are plain ``Module`` objects (the graph calls their weights,
+    not them); the loader reads their real kinds from the graph's operators and the model's
+    layers carry them, so :func:`sweep` passes those."""
+    kinds = kinds or {}
+    return [info._replace(kind=kinds.get(info.name, info.kind)) for info in module_layers(module)]
+
+
+def sweepable_layers(module: nn.Module, kinds: Mapping[str, str] | None = None) -> list[str]:
     """Prunable and quantizable layers with a floating-point weight of their own (a weight
-    tied to another layer cannot be compressed 'alone', so tied layers are left out)."""
-    owners: dict[int, list[str]] = defaultdict(list)
+    tied to another layer cannot be compressed 'alone', so tied layers are left out).
+
+    Ties are found by storage address: a TorchScript module hands out a new tensor object for
+    its parameter on every access, so object identity would miss them."""
+    owners: dict[tuple[int, tuple[int, ...]], list[str]] = defaultdict(list)
     candidates = []
-    for info in module_layers(module):
-        weight = module.get_submodule(info.name).weight
-        owners[id(weight)].append(info.name)
+    for info in layer_infos(module, kinds):
+        weight = weight_of(module, info.name)
+        key = (weight.data_ptr(), tuple(weight.shape))
+        owners[key].append(info.name)
         if (info.kind in PRUNABLE_KINDS and info.kind in QUANTIZABLE_KINDS
                 and weight.is_floating_point() and weight.dim() >= 2):
-            candidates.append((info.name, id(weight)))
+            candidates.append((info.name, key))
     return [name for name, key in candidates if len(owners[key]) == 1]
 
 
@@ -592,20 +617,59 @@ def model_sizes(module: nn.Module, swept: Sequence[str]) -> tuple[int, int]:
 def _eval_mode(module: nn.Module) -> Iterator[None]:
     """Eval mode for the duration, every submodule's flag restored after (as TorchRunner does)."""
     modes = [(m, m.training) for m in module.modules()]
-    module.eval()
+    _set_eval(module)
     try:
         yield
     finally:
-        for submodule, training in modes:
-            submodule.training = training
+        for layer, training in modes:
+            layer.training = training
 
 
-def _as_input(batch: np.ndarray, module: nn.Module) -> torch.Tensor:
-    inputs = torch.from_numpy(np.ascontiguousarray(batch))
-    param = next((p for p in module.parameters() if p.is_floating_point()), None)
-    if inputs.is_floating_point() and param is not None:
-        inputs = inputs.to(param.dtype)
-    return inputs
+def _set_eval(module: nn.Module) -> None:
+    try:
+        module.eval()
+    except NotImplementedError:  # torch.export modules refuse it: they run as exported
+        pass
+
+
+def _arguments(module: nn.Module, batch: Inputs | torch.Tensor) -> tuple[Any, ...]:
+    """The module's positional arguments for one batch (one array, or named inputs)."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    return torch_arguments(module, batch)
+
+
+def _fresh_state(module: nn.Module) -> None:
+    """Streaming TorchScript models (Silero VAD) carry state from call to call; each piece
+    starts from a fresh state, so every level of every layer sees the same inputs."""
+    if isinstance(module, torch.jit.ScriptModule) and module._c._has_method("reset_states"):
+        module.reset_states()
+
+
+def _piece_size(module: nn.Module, size: int) -> int:
+    """`size` rounded down to a multiple of the module's fixed batch (at least one batch)."""
+    fixed = fixed_batch_of(module)
+    return max(fixed, size // fixed * fixed) if fixed else size
+
+
+def _forward(module: nn.Module, batch: Inputs | torch.Tensor, cancel: CancelToken
+             ) -> np.ndarray:
+    """The module's first output for a whole chunk, run in pieces (a big model's chunk takes
+    seconds to cancel); a fixed-batch module gets pieces of exactly its batch, the last one
+    padded with copies of its last sample whose outputs are dropped."""
+    fixed = fixed_batch_of(module)
+    step = fixed or PIECE
+    total = batch_length(batch)  # type: ignore[arg-type]
+    outputs = []
+    for start in range(0, total, step):
+        cancel.check()
+        piece = take_samples(batch, start, min(start + step, total))  # type: ignore[arg-type]
+        kept = batch_length(piece)
+        if fixed:
+            piece = pad_samples(piece, fixed)
+        _fresh_state(module)
+        outputs.append(_logits(module(*_arguments(module, piece))).numpy()[:kept])
+    return np.concatenate(outputs)
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -654,33 +718,46 @@ def _constant_answer_score(labels: list[np.ndarray | None], reference: list[np.n
 
 
 def _load_chunks(data: DataSource, size: int, module: nn.Module
-                 ) -> tuple[list[torch.Tensor], list[np.ndarray | None]]:
+                 ) -> tuple[list[Inputs], list[np.ndarray | None]]:
+    """The data in chunks of `size` samples (a multiple of a fixed-batch module's batch), as
+    the source gives them: one array, or named inputs (see engine.data)."""
     if len(data) == 0:
         raise SlimscopeError(f"{data.name}: no samples to measure sensitivity on")
     inputs, labels = [], []
-    for batch, label in data.batches(size):
-        inputs.append(_as_input(batch, module))
+    for batch, label in data.batches(_piece_size(module, size)):
+        inputs.append(batch)
         labels.append(label)
     return inputs, labels
 
 
-def _reference(module: nn.Module, inputs: list[torch.Tensor], cancel: CancelToken
+def _reference(module: nn.Module, inputs: list[Inputs], cancel: CancelToken
                ) -> list[np.ndarray]:
-    outputs = []
-    for x in inputs:
-        pieces = []
-        for piece in x.split(PIECE):  # pieces: a big model's chunk takes seconds to cancel
-            cancel.check()
-            pieces.append(_logits(module(piece)).numpy())
-        outputs.append(np.concatenate(pieces))
-    return outputs
+    return [_forward(module, x, cancel) for x in inputs]
+
+
+def _private_copy(module: nn.Module) -> nn.Module:
+    """A copy whose weights may be overwritten (TorchScript: saved and loaded, as the
+    TorchScript backend copies; ScriptModules refuse deepcopy of their compiled state)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        buffer = io.BytesIO()
+        torch.jit.save(module, buffer)
+        buffer.seek(0)
+        return torch.jit.load(buffer, map_location="cpu")
+    return copy.deepcopy(module)
+
+
+def _hookable(module: nn.Module) -> bool:
+    """Whether forward hooks on a layer see its calls: not in TorchScript (compiled code
+    refuses hooks) nor in a torch.export module (its graph reads the weights, it never calls
+    the layer)."""
+    return not isinstance(module, (torch.jit.ScriptModule, fx.GraphModule))
 
 
 # -- exact: evaluators for "this layer's output replaced by these weights' outputs" -------------
 class _HookEvaluator:
     """Full forward passes with a hook substituting the layer's output: works on any module."""
 
-    def __init__(self, module: nn.Module, inputs: list[torch.Tensor], scorer: _Scorer,
+    def __init__(self, module: nn.Module, inputs: list[Inputs], scorer: _Scorer,
                  cancel: CancelToken) -> None:
         self.module, self.inputs, self.scorer, self.cancel = module, inputs, scorer, cancel
 
@@ -688,18 +765,48 @@ class _HookEvaluator:
         return 1
 
     def metrics(self, name: str, weights: list[torch.Tensor]) -> list[Metrics]:
-        layer = self.module.get_submodule(name)
+        layer = submodule(self.module, name)
         results = []
         for weight in weights:
             handle = layer.register_forward_hook(_substitute(weight), with_kwargs=True)
             totals = self.scorer.new()
             try:
                 for index, x in enumerate(self.inputs):
-                    self.cancel.check()
-                    self.scorer.add(totals, index, _logits(self.module(x)).numpy())
+                    self.scorer.add(totals, index, _forward(self.module, x, self.cancel))
             finally:
                 handle.remove()
             results.append(self.scorer.metrics(totals))
+        return results
+
+
+class _SwapEvaluator:
+    """Full forward passes of a private copy with the level's weight copied in, restored
+    after: works where hooks do not (TorchScript, torch.export), at the cost of one copy."""
+
+    def __init__(self, module: nn.Module, inputs: list[Inputs], scorer: _Scorer,
+                 cancel: CancelToken) -> None:
+        self.module = _private_copy(module)
+        _set_eval(self.module)  # a private copy: its modes need no restoring
+        self.inputs, self.scorer, self.cancel = inputs, scorer, cancel
+
+    def group_size(self, name: str) -> int:
+        return 1
+
+    def metrics(self, name: str, weights: list[torch.Tensor]) -> list[Metrics]:
+        target = weight_of(self.module, name)
+        saved = target.detach().clone()
+        results = []
+        try:
+            for weight in weights:
+                with torch.no_grad():
+                    target.copy_(weight)
+                totals = self.scorer.new()
+                for index, x in enumerate(self.inputs):
+                    self.scorer.add(totals, index, _forward(self.module, x, self.cancel))
+                results.append(self.scorer.metrics(totals))
+        finally:
+            with torch.no_grad():
+                target.copy_(saved)
         return results
 
 
@@ -730,7 +837,7 @@ class _GraphEvaluator:
     forward once, whatever the number of levels.
     """
 
-    def __init__(self, traced: fx.GraphModule, inputs: list[torch.Tensor], scorer: _Scorer,
+    def __init__(self, traced: fx.GraphModule, inputs: list[Inputs], scorer: _Scorer,
                  settings: SweepSettings, cancel: CancelToken) -> None:
         self.traced, self.scorer, self.settings, self.cancel = traced, scorer, settings, cancel
         self.nodes = list(traced.graph.nodes)
@@ -746,27 +853,35 @@ class _GraphEvaluator:
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         self.data_nodes = _reachable(placeholders)
         self.interpreter = fx.Interpreter(traced, garbage_collect_values=False)
-        self.lengths = [len(x) for x in inputs]
-        self.envs = [self._start(placeholders, x) for x in inputs]
+        self.lengths = [batch_length(x) for x in inputs]  # type: ignore[arg-type]
+        self.envs = [self._start(placeholders, _arguments(traced, x)) for x in inputs]
         self.at = len(placeholders)
         self.layer_nodes = _single_call_layers(self.nodes)
 
     @staticmethod
-    def _start(placeholders: list[fx.Node], x: torch.Tensor) -> dict[fx.Node, Any]:
-        env: dict[fx.Node, Any] = {placeholders[0]: x}
-        for extra in placeholders[1:]:
+    def _start(placeholders: list[fx.Node], arguments: tuple[Any, ...]) -> dict[fx.Node, Any]:
+        env: dict[fx.Node, Any] = dict(zip(placeholders, arguments))
+        for extra in placeholders[len(arguments):]:
             env[extra] = extra.args[0] if extra.args else None  # optional inputs: defaults
         return env
 
     @classmethod
-    def build(cls, module: nn.Module, inputs: list[torch.Tensor], reference: list[np.ndarray],
+    def build(cls, module: nn.Module, inputs: list[Inputs], reference: list[np.ndarray],
               scorer: _Scorer, settings: SweepSettings, cancel: CancelToken
               ) -> tuple[_GraphEvaluator | None, str | None]:
         """The evaluator, or None and why when tracing fails or the trace computes otherwise."""
+        if isinstance(module, torch.jit.ScriptModule):
+            return None, "TorchScript cannot be traced by torch.fx: every layer was measured " \
+                         "by whole-model passes with its weight swapped in"
+        if not _hookable(module) or fixed_batch_of(module):
+            return None, "a torch.export graph reads its weights directly (and may take one " \
+                         "batch size only): every layer was measured by whole-model passes " \
+                         "with its weight swapped in"
         try:
             traced = fx.symbolic_trace(module)
             cancel.check()
-            check = _logits(traced(inputs[0][:PIECE])).numpy()
+            head = take_samples(inputs[0], 0, PIECE)  # type: ignore[arg-type]
+            check = _logits(traced(*_arguments(module, head))).numpy()
         except Exception as exc:  # noqa: BLE001 - any tracing failure means: use the fallback
             return None, f"torch.fx cannot trace the model ({type(exc).__name__}); " \
                          "every layer used full forward passes"
@@ -843,7 +958,7 @@ class _GraphEvaluator:
                       weight: torch.Tensor | None) -> torch.Tensor:
         self.interpreter.env = env
         args, kwargs = self.interpreter.fetch_args_kwargs_from_env(node)
-        layer = self.traced.get_submodule(node.target)  # type: ignore[arg-type]
+        layer = submodule(self.traced, str(node.target))
         if weight is None:
             return layer(*args, **kwargs)
         return functional_call(layer, {"weight": weight}, args, kwargs)
@@ -921,7 +1036,7 @@ def sweep(
     module = model.require_module("sensitivity analysis")
     model.require_finite("sensitivity analysis")
     result = sweep_module(module, data, method, settings, layers=layers, progress=progress,
-                          cancel=cancel)
+                          cancel=cancel, kinds={layer.name: layer.kind for layer in model.layers})
     result.model = model.path.name
     return result
 
@@ -935,21 +1050,25 @@ def sweep_module(
     layers: Sequence[str] | None = None,
     progress: Progress = no_progress,
     cancel: CancelToken = NEVER_CANCELLED,
+    kinds: Mapping[str, str] | None = None,
 ) -> Sensitivity:
     """:func:`sweep` on a bare torch module; `method` may also be "naive" (the slow definition
-    the exact method reproduces, kept for tests and benchmarks)."""
+    the exact method reproduces, kept for tests and benchmarks). `kinds` (layer name -> kind)
+    overrides what the module's classes say (see :func:`layer_infos`)."""
     settings = settings or SweepSettings()
     runners = {"exact": _exact, "fast": _fast, "datafree": _datafree, "naive": _naive}
     if method not in runners:
         raise SlimscopeError(f"unknown sensitivity method {method!r} (choose {', '.join(METHODS)})")
     if method != "datafree" and data is None:
         raise SlimscopeError(f"the {method} method needs data; give some, or use 'datafree'")
-    names = list(layers) if layers is not None else sweepable_layers(module)
+    infos = layer_infos(module, kinds)
+    names = list(layers) if layers is not None else sweepable_layers(module, kinds)
     if not names:
         raise SlimscopeError("the model has no layers that can be pruned and quantized")
-    _check_settings(module, names, settings)
+    _check_settings(infos, names, settings)
     started = time.perf_counter()
-    result = runners[method](module, names, data, settings, progress, cancel)
+    result = runners[method](module, names, data, settings, progress, cancel,
+                             {info.name: info.kind for info in infos})
     result.seconds = time.perf_counter() - started
     result.model_bytes, result.fixed_bytes = model_sizes(module, names)
     if data is not None and method != "datafree":
@@ -958,12 +1077,13 @@ def sweep_module(
     return result
 
 
-def _check_settings(module: nn.Module, names: list[str], settings: SweepSettings) -> None:
+def _check_settings(all_infos: list[LayerInfo], names: list[str], settings: SweepSettings
+                    ) -> None:
     """Let plan resolution say, naming the layer, if the quantizer does not fit some layer."""
     settings.axes()
     sections: Sections = {"quantization": replace(settings.quantization, bits=settings.bits[0]
                                                    if settings.bits else 8)}
-    infos = [info for info in module_layers(module) if info.name in set(names)]
+    infos = [info for info in all_infos if info.name in set(names)]
     missing = set(names) - {info.name for info in infos}
     if missing:
         raise SlimscopeError(f"no weight layer named {sorted(missing)[0]!r} in the model")
@@ -971,10 +1091,12 @@ def _check_settings(module: nn.Module, names: list[str], settings: SweepSettings
 
 
 def _layer_axes(module: nn.Module, name: str, settings: SweepSettings) -> list[str]:
-    layer = module.get_submodule(name)
+    """The axes this layer is swept on: rank only for what the low-rank method can factorize
+    (an eager Linear or ungrouped Conv2d; not TorchScript or torch.export layers)."""
+    layer = submodule(module, name)
     axes = settings.axes()
-    grouped = isinstance(layer, nn.Conv2d) and layer.groups != 1
-    if "rank" in axes and (type(layer).__name__ not in LOW_RANK_KINDS or grouped):
+    factorizable = type(layer) in (nn.Linear, nn.Conv2d) and getattr(layer, "groups", 1) == 1
+    if "rank" in axes and not factorizable:
         axes.remove("rank")
     return axes
 
@@ -986,14 +1108,15 @@ def _new_result(method: str, metric: str, higher: bool, baseline: float,
                        fixed_bytes=0, **extra)
 
 
-def _layer_result(module: nn.Module, name: str, curves: dict[str, Curve]) -> LayerSensitivity:
-    weight = module.get_submodule(name).weight
-    return LayerSensitivity(name, type(module.get_submodule(name)).__name__, tuple(weight.shape),
-                            curves, weight.element_size() * 8)
+def _layer_result(module: nn.Module, name: str, curves: dict[str, Curve],
+                  kinds: Mapping[str, str]) -> LayerSensitivity:
+    weight = weight_of(module, name)
+    return LayerSensitivity(name, kinds[name], tuple(weight.shape), curves,
+                            weight.element_size() * 8)
 
 
 def _exact(module: nn.Module, names: list[str], data: DataSource, settings: SweepSettings,
-           progress: Progress, cancel: CancelToken) -> Sensitivity:
+           progress: Progress, cancel: CancelToken, kinds: Mapping[str, str]) -> Sensitivity:
     progress(0.0, "caching activations")
     inputs, labels = _load_chunks(data, settings.chunk_size, module)
     with _eval_mode(module), torch.inference_mode():
@@ -1005,7 +1128,7 @@ def _exact(module: nn.Module, names: list[str], data: DataSource, settings: Swee
         baseline, secondary_baseline = scorer.values(scorer.metrics(totals))
         chance = _constant_answer_score(labels, reference)
         graph, note = _GraphEvaluator.build(module, inputs, reference, scorer, settings, cancel)
-        hooks = _HookEvaluator(module, inputs, scorer, cancel)
+        whole: _HookEvaluator | _SwapEvaluator | None = None
         ordered = graph.order(names) if graph else []
         ordered += [n for n in names if n not in ordered]
         primary_name, secondary_name = scorer.names
@@ -1022,19 +1145,25 @@ def _exact(module: nn.Module, names: list[str], data: DataSource, settings: Swee
         floor = chance + settings.collapse_fraction * (baseline - chance)
         curves_by_layer = {}
         for i, name in enumerate(ordered):
-            evaluator = graph if graph and graph.supports(name) else hooks
+            if graph and graph.supports(name):
+                evaluator: _GraphEvaluator | _HookEvaluator | _SwapEvaluator = graph
+            else:
+                whole = whole or (_HookEvaluator if _hookable(module) else _SwapEvaluator)(
+                    module, inputs, scorer, cancel)
+                evaluator = whole
             layer_progress = sub_progress(progress, i / len(ordered), (i + 1) / len(ordered))
             curves_by_layer[name] = _exact_layer(
                 module, name, evaluator, settings, (baseline, secondary_baseline), floor,
                 layer_progress, cancel)
-    result.layers = [_layer_result(module, n, curves_by_layer[n]) for n in names]
+    result.layers = [_layer_result(module, n, curves_by_layer[n], kinds) for n in names]
     return result
 
 
-def _exact_layer(module: nn.Module, name: str, evaluator: _GraphEvaluator | _HookEvaluator,
+def _exact_layer(module: nn.Module, name: str,
+                 evaluator: _GraphEvaluator | _HookEvaluator | _SwapEvaluator,
                  settings: SweepSettings, baselines: tuple[float, float], floor: float,
                  progress: Progress, cancel: CancelToken) -> dict[str, Curve]:
-    levels_of = LayerLevels(module.get_submodule(name), settings.quantization)
+    levels_of = LayerLevels(submodule(module, name), settings.quantization)
     group = evaluator.group_size(name)
     axes = _layer_axes(module, name, settings)
     curves = {}
@@ -1079,7 +1208,7 @@ def _append(curve: Curve, level: float, metric: float, delta: float, stored: int
 
 
 def _naive(module: nn.Module, names: list[str], data: DataSource, settings: SweepSettings,
-           progress: Progress, cancel: CancelToken) -> Sensitivity:
+           progress: Progress, cancel: CancelToken, kinds: Mapping[str, str]) -> Sensitivity:
     """For each layer and level: deep-copy, compress that layer alone, evaluate all the data."""
     original = TorchRunner(module)
     base_metrics = evaluate(original, data, reference=None if data.has_labels else original,
@@ -1091,14 +1220,14 @@ def _naive(module: nn.Module, names: list[str], data: DataSource, settings: Swee
     result = _new_result("naive", primary_name, True, baseline, settings,
                          secondary_metric=secondary_name, secondary_baseline=secondary_baseline)
     for i, name in enumerate(names):
-        layer = module.get_submodule(name)
+        shape = weight_of(module, name).shape
         curves = {}
         for axis in _layer_axes(module, name, settings):
             curve = Curve([], [], [], [], [], [], [])
             for level in settings.levels(axis):
                 cancel.check()
                 progress(i / len(names), f"{name}: {axis} {level}")
-                sections = level_sections(axis, level, settings.quantization, layer.weight.shape)
+                sections = level_sections(axis, level, settings.quantization, shape)
                 compressed = apply_plan(module, Plan(layers={name: sections}), cancel=cancel)
                 metrics = evaluate(TorchRunner(compressed.module), data,
                                    reference=None if data.has_labels else original, cancel=cancel)
@@ -1108,7 +1237,7 @@ def _naive(module: nn.Module, names: list[str], data: DataSource, settings: Swee
                 _append(curve, level, primary, primary - baseline, stored, nonzero, MEASURED,
                         secondary)
             curves[axis] = curve
-        result.layers.append(_layer_result(module, name, curves))
+        result.layers.append(_layer_result(module, name, curves, kinds))
     return result
 
 
@@ -1121,7 +1250,8 @@ def _compressed_layer_bytes(compressed: CompressedModel, name: str) -> tuple[int
 
 
 # -- estimates ------------------------------------------------------------------------------------
-def fisher_diagonal(module: nn.Module, names: Sequence[str], inputs: list[torch.Tensor],
+def fisher_diagonal(module: nn.Module, names: Sequence[str],
+                    inputs: Sequence[Inputs | torch.Tensor],
                     labels: list[np.ndarray], micro_batch: int = 1,
                     cancel: CancelToken = NEVER_CANCELLED) -> tuple[dict[str, torch.Tensor], float]:
     """Diagonal empirical Fisher of the mean cross-entropy for the named layers' weights, and
@@ -1129,9 +1259,13 @@ def fisher_diagonal(module: nn.Module, names: Sequence[str], inputs: list[torch.
 
     Per-sample gradients give ``F = mean_j g_j²``. Micro-batches of B samples give the mean
     gradient ḡ of B samples; ``B² ḡ²`` estimates the sum of their squared gradients (the
-    cross terms average out), so larger micro-batches trade accuracy of F for speed.
+    cross terms average out), so larger micro-batches trade accuracy of F for speed. A module
+    that takes one batch size only gets micro-batches of exactly that size (the last padded,
+    its padding left out of the loss).
     """
-    weights = {name: module.get_submodule(name).weight for name in names}
+    fixed = fixed_batch_of(module)
+    micro_batch = fixed or micro_batch
+    weights = {name: weight_of(module, name) for name in names}
     flags = {name: w.requires_grad for name, w in weights.items()}
     fisher = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
     total_loss, count = 0.0, 0
@@ -1140,17 +1274,22 @@ def fisher_diagonal(module: nn.Module, names: Sequence[str], inputs: list[torch.
             w.requires_grad_(True)
         with _eval_mode(module), torch.enable_grad():
             for x, y in zip(inputs, labels):
-                for start in range(0, len(x), micro_batch):
+                total = batch_length(x)  # type: ignore[arg-type]
+                for start in range(0, total, micro_batch):
                     cancel.check()
-                    xb = x[start:start + micro_batch]
-                    yb = torch.from_numpy(y[start:start + micro_batch]).long()
-                    logits = first_tensor(module(xb)).float()
+                    stop = min(start + micro_batch, total)
+                    xb = take_samples(x, start, stop)  # type: ignore[arg-type]
+                    if fixed:
+                        xb = pad_samples(xb, fixed)  # type: ignore[arg-type]
+                    yb = torch.from_numpy(np.asarray(y[start:stop])).long()
+                    _fresh_state(module)
+                    logits = first_tensor(module(*_arguments(module, xb))).float()[:stop - start]
                     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1))
                     grads = torch.autograd.grad(loss, list(weights.values()))
                     for name, grad in zip(weights, grads):
-                        fisher[name] += grad.float().square() * (len(xb) ** 2)
-                    total_loss += float(loss.detach()) * len(xb)
-                    count += len(xb)
+                        fisher[name] += grad.float().square() * ((stop - start) ** 2)
+                    total_loss += float(loss.detach()) * (stop - start)
+                    count += stop - start
     finally:
         for name, w in weights.items():
             w.requires_grad_(flags[name])
@@ -1161,7 +1300,7 @@ def _estimate_curves(module: nn.Module, name: str, importance: torch.Tensor | fl
                      baseline: float, settings: SweepSettings, cancel: CancelToken
                      ) -> dict[str, Curve]:
     """Curves of ``baseline + ½ Σ importance · δw²`` with δw from each level's real weight."""
-    levels_of = LayerLevels(module.get_submodule(name), settings.quantization)
+    levels_of = LayerLevels(submodule(module, name), settings.quantization)
     return estimate_curves(levels_of, _layer_axes(module, name, settings), importance, baseline,
                            settings, cancel)
 
@@ -1192,7 +1331,7 @@ def estimate_curves(levels_of: LayerLevels, axes: Sequence[str], importance: tor
 
 
 def _fast(module: nn.Module, names: list[str], data: DataSource, settings: SweepSettings,
-          progress: Progress, cancel: CancelToken) -> Sensitivity:
+          progress: Progress, cancel: CancelToken, kinds: Mapping[str, str]) -> Sensitivity:
     progress(0.0, "one forward and backward pass")
     inputs, labels = _load_chunks(data, settings.chunk_size, module)
     if not all(label is not None for label in labels):
@@ -1206,20 +1345,23 @@ def _fast(module: nn.Module, names: list[str], data: DataSource, settings: Sweep
     for i, name in enumerate(names):
         progress(0.5 + 0.5 * i / len(names), f"estimating {name}")
         result.layers.append(_layer_result(
-            module, name, _estimate_curves(module, name, fisher[name], loss, settings, cancel)))
+            module, name, _estimate_curves(module, name, fisher[name], loss, settings, cancel),
+            kinds))
     return result
 
 
 def _datafree(module: nn.Module, names: list[str], data: DataSource | None,
-              settings: SweepSettings, progress: Progress, cancel: CancelToken) -> Sensitivity:
+              settings: SweepSettings, progress: Progress, cancel: CancelToken,
+              kinds: Mapping[str, str]) -> Sensitivity:
     result = _new_result("datafree", "weight_nsr", False, 0.0, settings)
     for i, name in enumerate(names):
         progress(i / len(names), f"weight error of {name}")
-        weight = module.get_submodule(name).weight.detach().float()
+        weight = weight_of(module, name).detach().float()
         energy = float(weight.square().sum()) or 1.0
         # ½ · (2 / energy) · Σ δw² = ‖δw‖² / ‖w‖²
         result.layers.append(_layer_result(
-            module, name, _estimate_curves(module, name, 2.0 / energy, 0.0, settings, cancel)))
+            module, name, _estimate_curves(module, name, 2.0 / energy, 0.0, settings, cancel),
+            kinds))
     return result
 
 

@@ -114,6 +114,10 @@ def check_matches(sens: Sensitivity, model: Model) -> None:
                                  "sensitivity results")
 
 
+#: keep_float node names the summary lists before "and N more".
+KEEP_FLOAT_SHOWN = 5
+
+
 def format_summary(result: Allocation, sens: Sensitivity) -> str:
     lines = [f"predicted: size {human_bytes(result.bytes)} ({result.ratio:.4f} of "
              f"{human_bytes(sens.model_bytes)}), {result.cost_metric} {result.metric:.4g} "
@@ -124,6 +128,13 @@ def format_summary(result: Allocation, sens: Sensitivity) -> str:
             f"sparsity {option.sparsity:>5.0%}"
         lines.append(f"  {name[:40]:<40} {shape:<14}  {bits:<6} "
                      f"{human_bytes(option.bytes):>10}  drop {option.cost:.3g}")
+    quant = result.plan.activation_quant
+    if quant is not None:
+        kept = list(quant.keep_float)
+        shown = ", ".join(kept[:KEEP_FLOAT_SHOWN]) + (
+            f" and {len(kept) - KEEP_FLOAT_SHOWN} more" if len(kept) > KEEP_FLOAT_SHOWN else "")
+        lines.append(f"activations in int8: predicted drop {result.activation_drop:.3g}; "
+                     f"{len(kept)} node(s) kept in float" + (f": {shown}" if kept else ""))
     return "\n".join(lines)
 
 

@@ -166,7 +166,10 @@ def resolve_format(destination: Path, name: str | None, compressed: CompressedMo
             return registry["state-dict"], "architecture unchanged: weights only"
         return registry["torchscript"], ("the plan changes the architecture: TorchScript "
                                          "carries the new shapes and its own code")
-    by_suffix = next(e for e in registry.values() if e.suffixes[0] == suffix)
+    # the first format of that extension a torch module can produce: registration order must
+    # not let a weights-only format (safetensors-codes) win for a torch result
+    by_suffix = next(e for e in registry.values()
+                     if e.suffixes[0] == suffix and TORCH_SOURCE in e.sources)
     return by_suffix, f"the {suffix} extension"
 
 

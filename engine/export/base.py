@@ -22,7 +22,15 @@ from torch import nn
 
 from engine.compressed import CompressedModel
 from engine.errors import SlimscopeError, one_line
-from engine.evaluate import LatencyStats, Runner, TorchRunner, measure_latency
+from engine.data import Inputs, batch_length, pad_samples, sample_axes, take_samples
+from engine.evaluate import (
+    LatencyStats,
+    Runner,
+    TorchRunner,
+    fixed_batch_of,
+    measure_latency,
+    torch_arguments,
+)
 from engine.jobs import NEVER_CANCELLED, CancelToken, Progress, no_progress
 from engine.model import Model
 
@@ -54,9 +62,10 @@ class ExportJob:
 
     compressed: CompressedModel
     model: Model
-    #: One batch (at least 2 samples, so traced graphs keep the batch axis dynamic); None for
-    #: weights-only models, which have nothing to run.
-    example: np.ndarray | None
+    #: One batch (at least 2 samples, so traced graphs keep the batch axis dynamic; exactly
+    #: the batch of a module that takes one batch size only); one array or named inputs; None
+    #: for weights-only models, which have nothing to run.
+    example: Inputs | None
     #: Calibration data for static int8; None when the caller has none.
     calibration: "DataSource | None" = None
     progress: Progress = no_progress
@@ -65,6 +74,35 @@ class ExportJob:
     notes: list[str] = field(default_factory=list)
     #: Values several exporters derive once (the fp32 ONNX graphs).
     cache: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.example = fitted_example(self.compressed.module, self.example)
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The one batch size the compressed module takes, or None (see fixed_batch_of)."""
+        module = self.compressed.module
+        return fixed_batch_of(module) if module is not None else None
+
+    @property
+    def example_arguments(self) -> tuple[Any, ...]:
+        """The example as the compressed module's positional arguments (one tensor, or the
+        named inputs in its argument order; TorchScript scalars as Python numbers)."""
+        if self.example is None:
+            raise SlimscopeError("this export needs example inputs, and the model has none")
+        return torch_arguments(self.compressed.module, self.example)
+
+    def dynamic_batch_shapes(self) -> tuple[Any, ...] | None:
+        """torch.export's dynamic_shapes for the example: each tensor's sample axis dynamic
+        (None for a fixed-batch module, whose program keeps its static batch)."""
+        if self.fixed_batch or self.example is None:
+            return None
+        if not isinstance(self.example, dict):
+            return ({0: torch.export.Dim.AUTO},)
+        axes = sample_axes(self.example)
+        names = list(self.example)
+        return tuple({axes[name]: torch.export.Dim.AUTO} if axes.get(name) is not None
+                     else None for name in _argument_order(self.compressed.module, names))
 
     @property
     def source(self) -> str:
@@ -75,6 +113,9 @@ class ExportJob:
     def example_tensor(self) -> torch.Tensor:
         if self.example is None:
             raise SlimscopeError("this export needs example inputs, and the model has none")
+        if isinstance(self.example, dict):
+            raise SlimscopeError("this format traces a single-input model, and the model takes "
+                                 f"{len(self.example)} named inputs")
         return torch.from_numpy(np.ascontiguousarray(self.example))
 
     @property
@@ -94,6 +135,25 @@ def architecture_unchanged(compressed: CompressedModel, model: Model) -> bool:
     current = compressed.module.state_dict()
     return original.keys() == current.keys() and all(
         original[k].shape == current[k].shape for k in original)
+
+
+def fitted_example(module: nn.Module | None, example: Inputs | None) -> Inputs | None:
+    """The example batch a module can be traced with: exactly its fixed batch when it takes
+    one size only, else at least 2 samples (tracers specialise a batch of one)."""
+    if example is None or module is None:
+        return example
+    fixed = fixed_batch_of(module)
+    if fixed:
+        return pad_samples(take_samples(example, 0, fixed), fixed)
+    return pad_samples(example, 2) if batch_length(example) < 2 else example
+
+
+def _argument_order(module: nn.Module, names: list[str]) -> list[str]:
+    """The named inputs in the order torch_arguments passes them."""
+    from engine.evaluate import input_names
+
+    declared = input_names(module)
+    return declared[:len(names)] if set(names) == set(declared[:len(names)]) else names
 
 
 class Exporter(ABC):
@@ -150,7 +210,7 @@ class TorchExporter(Exporter):
         original = measure_latency(TorchRunner(job.original), job.example,
                                    repeats=LATENCY_REPEATS, cancel=job.cancel)
         return timed.median_ms, original.median_ms, \
-            f"torch, 1 thread, batch {len(job.example)}, median of {LATENCY_REPEATS}"
+            f"torch, 1 thread, batch {batch_length(job.example)}, median of {LATENCY_REPEATS}"
 
     def baseline_bytes(self, job: ExportJob) -> tuple[int, str]:
         size = sum(t.numel() * t.element_size() for t in job.original.state_dict().values())
@@ -172,7 +232,10 @@ def register(cls: type[Exporter]) -> type[Exporter]:
 def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     """`module` in eval mode, its train/eval flags restored afterwards."""
     modes = [(m, m.training) for m in module.modules()]
-    module.eval()
+    try:
+        module.eval()
+    except NotImplementedError:  # torch.export modules refuse it: they run as exported
+        pass
     try:
         yield module
     finally:
@@ -180,8 +243,12 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
             submodule.training = training
 
 
-def trace(module: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
-    """A TorchScript trace of `module` in eval mode; a one-line error if it cannot be traced."""
+def trace(module: nn.Module, example: torch.Tensor | tuple[Any, ...]) -> torch.jit.ScriptModule:
+    """A TorchScript trace of `module` in eval mode (`example`: one tensor or the positional
+    arguments); a TorchScript module is already one and is returned as it is. A one-line
+    error if it cannot be traced."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return module
     try:
         with eval_mode(module), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript deprecation and tracer notices

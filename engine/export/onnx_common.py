@@ -23,9 +23,12 @@ from typing import Iterator
 
 import numpy as np
 import onnx
+import torch
+from torch import nn
 from onnx import TensorProto, helper, numpy_helper
 
 from engine import onnx_tools
+from engine.data import batch_length
 from engine.evaluate import OnnxRunner, Runner
 from engine.export.base import (
     LATENCY_REPEATS,
@@ -121,7 +124,8 @@ def fp32_graph(job: ExportJob) -> onnx.ModelProto:
     if "fp32" not in job.cache:
         with eval_mode(job.compressed.module) as module:
             job.cache["fp32"] = onnx_tools.constants_to_initializers(
-                onnx_tools.export_onnx(module, job.example_tensor))
+                onnx_tools.export_onnx(_modeless(module), job.example_tensor,
+                                       dynamic_batch=not job.fixed_batch))
     return job.cache["fp32"]
 
 
@@ -133,9 +137,31 @@ def original_fp32_graph(job: ExportJob) -> onnx.ModelProto:
         job.cache["original_fp32"] = compact(_full_proto(job.model.backend), keep_names=True)
     if "original_fp32" not in job.cache:
         with eval_mode(job.original) as module:
-            job.cache["original_fp32"] = compact(onnx_tools.export_onnx(module,
-                                                                        job.example_tensor))
+            job.cache["original_fp32"] = compact(onnx_tools.export_onnx(
+                _modeless(module), job.example_tensor, dynamic_batch=not job.fixed_batch))
     return job.cache["original_fp32"]
+
+
+class _Modeless(nn.Module):
+    """A torch.export module for the ONNX tracer, which sets train(False) on what it traces:
+    such a module refuses mode changes (its graph was captured in eval mode)."""
+
+    def __init__(self, program_module: nn.Module) -> None:
+        super().__init__()
+        self.program_module = program_module
+
+    def train(self, mode: bool = True) -> _Modeless:
+        return self
+
+    def forward(self, *args: object) -> object:
+        return self.program_module(*args)
+
+
+def _modeless(module: nn.Module) -> nn.Module:
+    """`module`, wrapped in :class:`_Modeless` when it comes from torch.export."""
+    exported = isinstance(module, torch.fx.GraphModule) and \
+        getattr(module, "_in_spec", None) is not None
+    return _Modeless(module) if exported else module
 
 
 def _full_proto(backend: object) -> onnx.ModelProto:
@@ -194,7 +220,7 @@ class OnnxExporter(Exporter):
             {"file": path, "original": original_fp32_graph(job)}, job.example,
             repeats=LATENCY_REPEATS, threads=1)
         return times["file"]["median_ms"], times["original"]["median_ms"], \
-            (f"onnxruntime CPU, 1 thread, batch {len(job.example)}, median of "
+            (f"onnxruntime CPU, 1 thread, batch {batch_length(job.example)}, median of "
              f"{LATENCY_REPEATS} (interleaved with the original's fp32 ONNX)")
 
     def baseline_bytes(self, job: ExportJob) -> tuple[int, str]:

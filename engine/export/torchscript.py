@@ -3,7 +3,8 @@
 The module is traced on the example batch, so the file carries its own code: it runs wherever
 ``torch.jit.load`` does, without the model's Python classes and without trusting a pickle.
 Tracing records the path the example took; models whose forward branches on data need
-``torch.export`` (.pt2) instead.
+``torch.export`` (.pt2) instead. A TorchScript model is saved as it is, with its own compiled
+code (control flow included): only its weights changed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class TorchScriptExporter(TorchExporter):
 
     def write(self, job: ExportJob, path: Path) -> None:
         float_storage_note(job, "TorchScript", keeps_casts=False)
-        traced = trace(job.compressed.module, job.example_tensor)
+        traced = trace(job.compressed.module, job.example_arguments)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # still the format users load
             torch.jit.save(traced, str(path))
