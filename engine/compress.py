@@ -26,7 +26,15 @@ from engine.backends.weights import WeightsBackend
 from engine.compressed import CompressedModel
 from engine.data import DataSource
 from engine.errors import SlimscopeError
-from engine.evaluate import Metrics, Runner, TorchRunner, evaluate, measure_latency
+from engine.evaluate import (
+    Metrics,
+    Runner,
+    TorchRunner,
+    evaluate,
+    fixed_batch_of,
+    measure_latency,
+    torch_arguments,
+)
 from engine.finetune import RecoveryConfig, recover
 from engine.formats.guard import quote
 from engine.jobs import NEVER_CANCELLED, CancelToken, Cancelled, Progress, no_progress, sub_progress
@@ -157,13 +165,22 @@ def build_report(original: nn.Module, compressed: CompressedModel, model: Model
     )
 
 
-def calibration_batches(data: DataSource, samples: int = DEFAULT_CALIBRATION_SAMPLES
-                        ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """A small re-iterable list of torch batches for gradient scores and structured tracing."""
+def calibration_batches(data: DataSource, samples: int = DEFAULT_CALIBRATION_SAMPLES,
+                        module: nn.Module | None = None) -> list[tuple[Any, torch.Tensor | None]]:
+    """A small re-iterable list of torch batches for gradient scores and structured tracing.
+
+    With `module`, each batch's inputs are its positional arguments (a tuple when the model
+    takes several named inputs) in pieces of its fixed batch size when it has one.
+    """
+    batch_size = (fixed_batch_of(module) if module is not None else None) or CALIBRATION_BATCH
     batches = []
-    for inputs, labels in data.head(samples).batches(CALIBRATION_BATCH):
-        batches.append((torch.from_numpy(np.ascontiguousarray(inputs)),
-                        None if labels is None else torch.from_numpy(labels).long()))
+    for inputs, labels in data.head(samples).batches(batch_size):
+        if module is not None:
+            arguments = torch_arguments(module, inputs)
+            model_inputs: Any = arguments[0] if len(arguments) == 1 else arguments
+        else:
+            model_inputs = torch.from_numpy(np.ascontiguousarray(inputs))
+        batches.append((model_inputs, None if labels is None else torch.from_numpy(labels).long()))
     return batches
 
 
@@ -195,7 +212,7 @@ def compress(
         raise SlimscopeError("the plan's recovery section needs training data (--train-data)")
     model.require_finite("compression")
     calibration = calibration or data
-    batches = calibration_batches(calibration) if calibration is not None else None
+    batches = calibration_batches(calibration, module=original) if calibration is not None else None
     example = _example_input(model, batches)
     measuring = measure and data is not None
     surgery_end = 0.2 if recovery else (0.6 if measuring else 1.0)

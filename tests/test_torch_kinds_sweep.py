@@ -88,16 +88,9 @@ def _first_output(value) -> np.ndarray:
     return (value[0] if isinstance(value, (tuple, list)) else value).detach().numpy()
 
 
-#: Plan resolution in compress() still reads a torch.export layer's kind from its module class
-#: ("Module"); it needs the graph's kinds the loader found (engine.methods.apply.module_layers).
-KINDS_FROM_GRAPH = pytest.mark.xfail(strict=True, reason="compress resolves torch.export "
-                                     "layers as kind 'Module'")
-
-
 @pytest.mark.parametrize("kind, suffix, fmt", [
     ("script", ".onnx", "onnx"), ("script", ".pt", "torchscript"),
-    pytest.param("program", ".pt2", None, marks=KINDS_FROM_GRAPH),
-    pytest.param("program", ".onnx", "onnx", marks=KINDS_FROM_GRAPH),
+    ("program", ".pt2", None), ("program", ".onnx", "onnx"),
     ("program-uncompressed", ".pt2", None), ("program-uncompressed", ".onnx", "onnx")])
 def test_compressed_torch_kinds_export_and_reload(kind: str, suffix: str, fmt: str | None,
                                                   request, images: Path,

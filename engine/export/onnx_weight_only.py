@@ -24,6 +24,7 @@ from onnx import helper, numpy_helper
 
 from engine.compressed import CompressedModel, QuantizedWeight
 from engine.export.base import ONNX_SOURCE, ExportJob, register, source_of
+from engine.methods.base import layer_kind, submodule, weight_of
 from engine.export.onnx_common import (
     OnnxExporter,
     fp32_graph,
@@ -50,11 +51,9 @@ def quantized_layers(compressed: CompressedModel) -> tuple[dict[str, QuantizedWe
             matmul = any(node.op_type in ("MatMul", "Gemm") for node in consumers.get(key, []))
             (linear if matmul else other)[key] = quant
         return linear, other
-    from torch import nn
-
     for key, quant in compressed.quantized.items():
         layer = key.rpartition(".")[0]
-        is_linear = isinstance(compressed.module.get_submodule(layer), nn.Linear)
+        is_linear = layer_kind(submodule(compressed.module, layer)) == "Linear"
         (linear if is_linear else other)[layer] = quant
     return linear, other
 
@@ -236,7 +235,7 @@ class _WeightOnly(OnnxExporter):
         elif linear:  # else the user asked for weight-only on a plan without it: quantize all
             module = job.compressed.module
             fp32 = _hide_float_weights(fp32, planned_by_value(
-                [module.get_submodule(name).weight.detach().numpy() for name in linear]))
+                [weight_of(module, name).detach().numpy() for name in linear]))
         convs = sum(node.op_type in ("Conv", "ConvTranspose") for node in fp32.graph.node)
         with quiet_onnxruntime_logs():
             quantized = quantize_weight_only(fp32, self.bits, block_size, symmetric=symmetric,

@@ -20,6 +20,7 @@ from torch import nn
 
 from engine.backends.torch_module import ExportedProgramBackend
 from engine.formats import LoadOptions
+from engine.methods.base import KIND_ATTRIBUTE
 from engine.formats._torch_common import check_archive, guess_kind, module_model, quiet_torch
 from engine.formats.pt2_reader import read_program
 from engine.model import Model, TensorSpec, numpy_dtype_name
@@ -68,9 +69,11 @@ def load(path: Path, options: LoadOptions) -> Model:
     def kind_of(name: str, submodule: nn.Module) -> str:
         weight = submodule.get_parameter("weight")
         buffers = dict(submodule.named_buffers(recurse=False))
-        return kinds.get(name) or guess_kind(
+        kind = kinds.get(name) or guess_kind(
             name, tuple(weight.shape), has_running_stats="running_mean" in buffers
         ) or "Tensor"
+        setattr(submodule, KIND_ATTRIBUTE, kind)  # methods ask the layer; copies keep it
+        return kind
 
     inputs = _user_inputs(program)
     static_batch = _static_batch(inputs)

@@ -131,8 +131,17 @@ def own_tensor(layer: nn.Module, attribute: str) -> torch.Tensor | None:
     return None
 
 
+#: Attribute a loader sets on a layer whose class no longer says what it was (torch.export's
+#: holders are plain modules; the kind comes from the operators that read the weight).
+KIND_ATTRIBUTE = "_slimscope_kind"
+
+
 def layer_kind(layer: nn.Module) -> str:
-    """The class name a user wrote: TorchScript keeps it as `original_name`."""
+    """The class name a user wrote: TorchScript keeps it as `original_name`, a torch.export
+    program's loader records it (KIND_ATTRIBUTE)."""
+    recorded = getattr(layer, KIND_ATTRIBUTE, None)
+    if isinstance(recorded, str):
+        return recorded
     if isinstance(layer, torch.jit.ScriptModule):
         return str(layer.original_name)
     return type(layer).__name__
