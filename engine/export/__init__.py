@@ -31,7 +31,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from engine.compressed import CompressedModel
-from engine.data import DataSource, SyntheticData
+from engine.backends.torch_module import TorchScriptBackend
+from engine.data import DataSource, synthetic_data
 from engine.errors import SlimscopeError
 from engine.evaluate import evaluate, runner_for
 from engine.export.base import (
@@ -162,6 +163,9 @@ def resolve_format(destination: Path, name: str | None, compressed: CompressedMo
         chosen, reason = choose_onnx_flavour(compressed)
         return registry[chosen], reason
     if suffix in (".pt", ".pth"):
+        if isinstance(model.backend, TorchScriptBackend):
+            return registry["torchscript"], ("the original is TorchScript: its code travels "
+                                             "with the weights")
         if architecture_unchanged(compressed, model):
             return registry["state-dict"], "architecture unchanged: weights only"
         return registry["torchscript"], ("the plan changes the architecture: TorchScript "
@@ -258,16 +262,16 @@ def verification_data(model: Model) -> DataSource:
     if not model.inputs:
         raise SlimscopeError("verifying the export needs data or a known input shape: give "
                              "--data or --input-shape")
-    return SyntheticData(model.inputs)
+    return synthetic_data(model.inputs)
 
 
 def example_batch(data: DataSource | None) -> np.ndarray | None:
-    """The first samples of `data`, at least two (torch.export specializes a batch of one);
-    None without data (weights-only models)."""
+    """The first samples of `data` (ExportJob pads them to at least two, or cuts them to a
+    program's fixed batch); None without data (weights-only models)."""
     if data is None:
         return None
     inputs, _ = next(data.batches(EXAMPLE_BATCH))
-    return inputs if len(inputs) > 1 else np.concatenate([inputs, inputs])
+    return inputs
 
 
 def export(
