@@ -50,6 +50,11 @@ METHODS: tuple[tuple[str, str, str], ...] = (
     ("datafree", "&Data-free",
      "Weight noise-to-signal ratio only. Needs no data; a first look in seconds."),
 )
+#: What "fast" does where the runtime has no gradients (ONNX Runtime): engine.sensitivity_backends.
+FAST_WITHOUT_GRADIENTS = (
+    "Predicts each layer's output error from its input statistics (XᵀX), collected in one "
+    "forward pass; no gradients needed. Seconds; needs data; the metric is the output's "
+    "noise ratio, not accuracy.")
 DEMO, FOLDER, ARRAYS, SYNTHETIC = "demo", "folder", "arrays", "synthetic"
 ARRAY_FILTER = "NumPy arrays (*.npy *.npz);;All files (*)"
 MAX_SAMPLES = 1_000_000
@@ -95,7 +100,11 @@ class DataDialog(QDialog):
         method_grid = QGridLayout(method_box)
         method_grid.setColumnStretch(1, 1)
         self.method_buttons: dict[str, QRadioButton] = {}
+        self.method_notes: dict[str, QLabel] = {}
+        no_gradients = model is not None and capabilities.why_not(model, capabilities.GRADIENTS) is not None
         for row, (key, label, help_text) in enumerate(METHODS):
+            if key == "fast" and no_gradients and "fast" not in self.blocked:
+                help_text = FAST_WITHOUT_GRADIENTS
             button = QRadioButton(label)
             note = QLabel(help_text)
             note.setWordWrap(True)
@@ -103,6 +112,7 @@ class DataDialog(QDialog):
             note.setBuddy(button)
             self.method_group.addButton(button)
             self.method_buttons[key] = button
+            self.method_notes[key] = note
             method_grid.addWidget(button, row, 0, Qt.AlignmentFlag.AlignTop)
             method_grid.addWidget(note, row, 1)
             if key in self.blocked:

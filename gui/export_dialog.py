@@ -49,7 +49,7 @@ AUTOMATIC = ""
 FORMAT_LABELS = {
     AUTOMATIC: "Automatic — from the file extension and the plan",
     "onnx": "ONNX, fp32 (pruned and low-rank structure)",
-    "onnx-int8": "ONNX, int8 (static QDQ, calibrated)",
+    "onnx-int8": "ONNX, int8 (static QDQ or dynamic: the smaller one not slower)",
     "onnx-dynamic": "ONNX, dynamic int8 (MatMul/Gemm)",
     "onnx-w4": "ONNX, weight-only 4-bit (MatMulNBits)",
     "onnx-w8": "ONNX, weight-only 8-bit (MatMulNBits)",
@@ -344,7 +344,11 @@ class ExportDialog(QDialog):
         verification = result.verification
         metrics = verification.metrics or {}
         if result.kept:
-            self.verdict.setText(f"<span style='color:{PASSED}'>✓ Verified</span> — {result.path}")
+            # The engine's headline: the size against the file the user opened, not only a tick.
+            headline = result.headline
+            if result.size_note and result.size_note in result.notes:  # said once, in the notes
+                headline = headline.removesuffix(f"; {result.size_note}")
+            self.verdict.setText(f"<span style='color:{PASSED}'>✓ Verified</span> — {html.escape(headline)}")
             self.status.setText(f"Wrote {Path(result.path).name} ({result.format}).")
         else:
             self.verdict.setText(f"<span style='color:{FAILED}'>✗ Verification failed — the file was "
@@ -353,6 +357,7 @@ class ExportDialog(QDialog):
         self.verdict.setTextFormat(Qt.TextFormat.RichText)
         rows: list[tuple[str, str]] = [
             ("Format", f"{result.format} — {result.reason}"),
+            *([("Written to", str(result.path))] if result.kept else []),
             ("File size", f"{human_bytes(result.bytes)} = {result.size_ratio:.3f}× {result.baseline} "
                           f"({human_bytes(result.baseline_bytes)})"),
             ("Checked", f"reloaded with {verification.runtime} on {verification.data}"),

@@ -300,6 +300,11 @@ class ParetoPanel(QWidget):
         top, bottom = max(values), min(values)
         if result.higher_is_better and result.chance is not None:
             bottom = max(bottom, self._display(result.chance))
+        elif not result.higher_is_better and len(values) > 10:
+            # An error metric (output noise, KL) has no chance level: the collapse of the
+            # smallest sizes runs to 1000× the useful values and would flatten the rest onto
+            # the axis (seen on a MobileNet). The steep end is left to leave the plot.
+            top = min(top, 1.5 * float(np.quantile(values, 0.8)))
         span = max(top - bottom, 1e-9)
         return bottom - 0.04 * span, top + 0.08 * span
 

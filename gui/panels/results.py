@@ -38,6 +38,7 @@ from PySide6.QtWidgets import (
 from engine.plan import Plan
 
 from gui.panels.recovery_plot import RecoveryPlot
+from gui.panels.row_labels import RowLabels
 from gui.session import CompressionOutcome, PlanState, Session
 from gui.text import grouped, human_bytes, human_count, percent
 
@@ -50,6 +51,13 @@ TABLE_HEADERS = ("Layer", "Kind", "Before", "After", "Ratio", "Sparsity", "Bits"
 
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.2f} %"
+
+
+def packed_only(report: Any) -> bool:
+    """Whether the size counts savings that many export formats write at full size: codes under
+    8 bits or pruned zeros (engine.export.honesty says which format stores what)."""
+    return any(0 < layer.bits < 8 or layer.sparsity > 0.01 for layer in report.layers
+               if layer.bytes_after != layer.bytes_before)
 
 
 class StatCard(QFrame):
@@ -113,10 +121,11 @@ class LayerBytesChart(pg.PlotWidget):
         self.after = pg.BarGraphItem(x0=[], y=[], height=0.38, width=[], brush=accent, pen=None)
         plot.addItem(self.before)
         plot.addItem(self.after)
-        self.legend = plot.addLegend(offset=(-10, 10), labelTextColor=self.palette().color(QPalette.ColorRole.WindowText))
+        self.legend = plot.addLegend(offset=(-10, -30), labelTextColor=self.palette().color(QPalette.ColorRole.WindowText))
         self.legend.addItem(self.before, "before")
         self.legend.addItem(self.after, "after")
         self.names: list[str] = []
+        self.row_labels = RowLabels(plot.getAxis("left"))  # thinned when the bars are thin
         try:
             from gui.theme import style_plot
 
@@ -133,8 +142,7 @@ class LayerBytesChart(pg.PlotWidget):
         after = np.array([a for _, _, a in rows], dtype=float) / 1024
         self.before.setOpts(x0=np.zeros(len(rows)), y=positions - 0.2, width=before, height=0.38)
         self.after.setOpts(x0=np.zeros(len(rows)), y=positions + 0.2, width=after, height=0.38)
-        axis = self.getPlotItem().getAxis("left")
-        axis.setTicks([[(i, name) for i, name in enumerate(self.names)]])
+        self.row_labels.show([(i, name) for i, name in enumerate(self.names)])
         self.getPlotItem().setYRange(-0.7, max(len(rows) - 0.3, 0.3), padding=0)
         self.getPlotItem().setXRange(0, float(before.max()) * 1.05 if len(rows) else 1.0, padding=0)
 
@@ -286,10 +294,13 @@ class ResultsPanel(QWidget):
 
     def _show_size(self, report: Any) -> None:
         saving = 1 - report.size_ratio
+        detail = (f"{report.size_ratio:.3f}× · {percent(saving)} smaller · "
+                  f"{human_count(report.params_after)} params")
+        if packed_only(report):  # e.g. 6-bit codes: ONNX int8 stores them in 8 bits
+            detail += "<br>counted packed; Export says what each format stores"
         self.size_card.show_figure(
             f"{human_bytes(report.bytes_before)} → {human_bytes(report.bytes_after)}",
-            f"{report.size_ratio:.3f}× · {percent(saving)} smaller · "
-            f"{human_count(report.params_after)} params", GOOD if saving > 0 else None)
+            detail, GOOD if saving > 0 else None)
 
     def _show_metric(self, report: Any) -> None:
         before, after = report.metrics_before or {}, report.metrics_after or {}

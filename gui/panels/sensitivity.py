@@ -39,6 +39,7 @@ from PySide6.QtWidgets import (
 from engine.sensitivity import BASELINE_LEVEL, Sensitivity
 
 from gui.analysis import AnalysisState
+from gui.panels.row_labels import RowLabels
 from gui.text import human_bytes, short_float
 from gui.theme import is_dark, style_plot, theme_signals
 
@@ -217,6 +218,7 @@ class SensitivityPanel(QWidget):
         # -- plots, built once --
         self.plots = pg.GraphicsLayoutWidget()
         self.heat_plots: dict[str, pg.PlotItem] = {}
+        self.row_labels: dict[str, RowLabels] = {}
         self.images: dict[str, pg.ImageItem] = {}
         self.curve_plots: dict[str, pg.PlotItem] = {}
         self.curves: dict[str, list[pg.PlotDataItem]] = {}
@@ -250,6 +252,7 @@ class SensitivityPanel(QWidget):
                 curve_plot.addItem(item)
                 self.curves[axis].append(item)
             self.heat_plots[axis], self.images[axis] = heat, image
+            self.row_labels[axis] = RowLabels(heat.getAxis("left"))
             self.curve_plots[axis], self.baselines[axis], self.row_marks[axis] = curve_plot, baseline, mark
         first = AXES[0][0]
         for other, _title in AXES[1:]:
@@ -450,7 +453,7 @@ class SensitivityPanel(QWidget):
         bottom = [(i + 0.5, tick_text(axis, level)) for i, level in enumerate(levels) if i % step == 0]
         plot.getAxis("bottom").setTicks([bottom, []])
         plot.getAxis("top").setTicks([bottom, []])
-        plot.getAxis("left").setTicks([[(i + 0.5, name) for i, name in enumerate(names)], []])
+        self.row_labels[axis].show([(i + 0.5, name) for i, name in enumerate(names)])
         self._size_axes()
         curve_plot = self.curve_plots[axis]
         curve_plot.getAxis("bottom").setTicks([bottom, []])
@@ -490,6 +493,7 @@ class SensitivityPanel(QWidget):
                 mark.show()
             else:
                 mark.hide()
+            self.row_labels[axis].pin(rows.index(name) if name in rows else None)
 
     # -- curves -------------------------------------------------------------------------------------
     def _pin(self, name: str) -> None:
