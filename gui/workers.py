@@ -13,6 +13,7 @@ only: compress() (with recovery) and export() (with verification).
 from __future__ import annotations
 
 import copy
+import gc
 import inspect
 import re
 import traceback
@@ -90,6 +91,8 @@ class Job(QObject):
         Connect every slot before calling this: a signal emitted on the worker before a
         connection exists is lost.
         """
+        if not _LIVE:
+            _pause_collection()
         _LIVE.add(self)
         (pool or QThreadPool.globalInstance()).start(_Runnable(self), priority)
         return self
@@ -136,6 +139,8 @@ class Job(QObject):
     def _forget(self) -> None:
         self.finished = True
         _LIVE.discard(self)
+        if not _LIVE:
+            _resume_collection()
 
 
 class _Runnable(QRunnable):
@@ -146,6 +151,32 @@ class _Runnable(QRunnable):
 
     def run(self) -> None:
         self.job.run_here()
+
+
+#: Whether automatic garbage collection was on when the first of the live jobs started.
+_COLLECTION_PAUSED = False
+
+
+def _pause_collection() -> None:
+    """No automatic garbage collection while a worker runs.
+
+    Seen here: in about one full GUI test run in three, the process died with a segmentation
+    fault while the GUI thread was garbage collecting and a loader worker was walking an ONNX
+    graph (PySide6 6.12 on Python 3.11, see gui.qt_fixes). Reference counting still frees
+    almost everything; cycles wait until the last job ends, when :func:`_resume_collection`
+    turns collection back on (and the next allocation may collect them, on the GUI thread).
+    """
+    global _COLLECTION_PAUSED
+    if gc.isenabled():
+        gc.disable()
+        _COLLECTION_PAUSED = True
+
+
+def _resume_collection() -> None:
+    global _COLLECTION_PAUSED
+    if _COLLECTION_PAUSED:
+        _COLLECTION_PAUSED = False
+        gc.enable()
 
 
 def live_jobs() -> list[Job]:

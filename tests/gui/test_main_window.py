@@ -335,3 +335,27 @@ def test_closing_with_an_unsaved_plan_asks_and_loses_nothing(qtbot, window, make
     assert window.close() is True
     assert save_prompts[-1] == "kept.yaml"  # Save wrote to the plan's own file, no file dialog
     assert "bits: 3" in saved.read_text()
+
+
+def test_no_automatic_garbage_collection_while_a_job_runs(qtbot) -> None:
+    """Collection is paused while a worker runs (see gui.workers._pause_collection) and back on
+    once the last job is done."""
+    import gc
+    import threading
+
+    from gui.workers import Job
+
+    release = threading.Event()
+    seen: list[bool] = []
+
+    def body(_progress, _cancel) -> None:
+        seen.append(gc.isenabled())
+        release.wait(10)
+
+    assert gc.isenabled()
+    job = Job(body, "hold").start()
+    qtbot.waitUntil(lambda: bool(seen), timeout=5000)
+    assert seen == [False] and not gc.isenabled()
+    release.set()
+    qtbot.waitUntil(lambda: job.finished, timeout=5000)
+    assert gc.isenabled()
