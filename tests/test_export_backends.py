@@ -192,6 +192,9 @@ def test_weights_only_codes_rebuild_the_exact_floats(weights_model, tmp_path) ->
     assert table["dec.weight"]["encoding"] == "sparse"
     assert result.file_ratio < 0.5
     assert "x the original file" in result.headline
+    reopened = load_model(destination)  # the app and CLI open it as the floats it stands for
+    for key in ("embed.weight", "enc.weight", "dec.weight"):
+        assert np.array_equal(reopened.tensors.get(key), compressed.backend.read(key)), key
 
 
 def test_weights_only_plain_safetensors_says_it_is_not_smaller(weights_model, tmp_path) -> None:

@@ -86,6 +86,8 @@ def load(path: Path, options: LoadOptions) -> Model:
     input_shape = options.input_shape
     if input_shape is None and zoo.INPUT_SHAPE_METADATA_KEY in metadata:
         input_shape = _metadata_input_shape(name, metadata[zoo.INPUT_SHAPE_METADATA_KEY])
+    if metadata.get("format") == CODES_FORMAT:
+        return _codes_model(path, metadata, input_shape)
     buffer = map_file(path)
     arch = metadata.get(zoo.ARCH_METADATA_KEY)
     if arch in zoo.ARCHITECTURES:
@@ -105,6 +107,27 @@ def load(path: Path, options: LoadOptions) -> Model:
     notes = [f"names the architecture {quote(arch)}, which Slimscope does not know"] if arch else []
     return weights_only_model(path, NAME, store, input_shape=input_shape, notes=notes,
                               metadata=metadata)
+
+
+#: The `format` metadata of Slimscope's own codes files (engine.export.safetensors_codes).
+CODES_FORMAT = "slimscope-codes"
+
+
+def _codes_model(path: Path, metadata: dict[str, str], input_shape: Any) -> Model:
+    """A ``safetensors-codes`` file, decoded: the layers as the floats its codes stand for."""
+    from engine.export.safetensors_codes import read_codes
+
+    arrays = read_codes(path)
+    keys = sorted(arrays, key=_natural_key)
+    store = TensorStore(
+        {key: (lambda array=arrays[key]: array) for key in keys},
+        shapes={key: tuple(arrays[key].shape) for key in keys},
+        dtypes={key: arrays[key].dtype.name for key in keys},
+        itemsizes={key: arrays[key].dtype.itemsize for key in keys},
+    )
+    return weights_only_model(path, NAME, store, input_shape=input_shape, metadata=metadata,
+                              notes=["Slimscope codes file: integer codes, scales and masks, "
+                                     "decoded to the float values they stand for"])
 
 
 # -- the header, checked ----------------------------------------------------------------------
