@@ -15,7 +15,7 @@ import time
 import warnings
 from os import PathLike
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
 import numpy as np
 import onnx
@@ -54,12 +54,13 @@ def _one_line(error: BaseException) -> str:
 # -- export -------------------------------------------------------------------------------
 def export_onnx(
     module: "torch.nn.Module",
-    example_input: "torch.Tensor",
+    example_input: "torch.Tensor | tuple[Any, ...]",
     *,
     opset: int = 17,
     input_names: Sequence[str] = ("input",),
     output_names: Sequence[str] = ("logits",),
     dynamic_batch: bool = True,
+    dynamic_axes: "dict[str, dict[int, str]] | None" = None,
 ) -> onnx.ModelProto:
     """Trace `module` in eval mode with the TorchScript exporter and return the graph.
 
@@ -69,16 +70,15 @@ def export_onnx(
     """
     import torch
 
-    dynamic_axes = (
-        {name: {0: "batch"} for name in (*input_names, *output_names)} if dynamic_batch else None
-    )
+    if dynamic_axes is None and dynamic_batch:  # one input: its first axis is the batch
+        dynamic_axes = {name: {0: "batch"} for name in (*input_names, *output_names)}
     buffer = io.BytesIO()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the deprecation notice for the legacy exporter
             torch.onnx.export(
                 module,
-                (example_input,),
+                example_input if isinstance(example_input, tuple) else (example_input,),
                 buffer,
                 dynamo=False,
                 opset_version=opset,

@@ -235,3 +235,28 @@ def test_hugging_face_cache_snapshots_follow_links_into_their_own_blobs(tmp_path
     (snapshot / "model.safetensors").unlink()
     (snapshot / "model.safetensors").symlink_to(other / "0123abcd")
     assert "leads outside the model's folder" in load_error(snapshot)
+
+
+def test_a_text_model_exports_to_onnx_with_its_named_inputs(tmp_path: Path) -> None:
+    """Three int64 inputs, batch and sequence dynamic: the traced graph takes them by name."""
+    pytest.importorskip("transformers")
+    import onnxruntime as ort
+
+    from engine.compress import compress
+    from engine.data import synthetic_data
+    from engine.export import export
+    from engine.plan import Plan
+
+    model = load_model(tiny_bert_folder(tmp_path / "bert"))
+    data = synthetic_data(model.inputs, count=6,
+                          shapes={spec.name: (1, 12) for spec in model.inputs})
+    compressed, _ = compress(model, Plan.from_dict(
+        {"defaults": {"quantization": {"bits": 8, "granularity": "per-channel"}}}), data)
+    result = export(compressed, model, tmp_path / "bert.onnx", format="onnx", data=data,
+                    measure=False)
+    assert result.kept, result.verification.summary()
+    session = ort.InferenceSession(str(tmp_path / "bert.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == [spec.name for spec in model.inputs]
+    longer = {spec.name: np.ones((2, 20), np.int64) for spec in model.inputs}
+    assert session.run(None, longer)[0].shape[:2] == (2, 20)  # batch and sequence stay dynamic

@@ -104,6 +104,29 @@ class ExportJob:
         return tuple({axes[name]: torch.export.Dim.AUTO} if axes.get(name) is not None
                      else None for name in _argument_order(self.compressed.module, names))
 
+    def onnx_trace(self, module: nn.Module) -> dict[str, Any]:
+        """Keyword arguments for onnx_tools.export_onnx tracing `module` on the example: one
+        tensor as today, or the named inputs in the module's order with each one's sample axis
+        and the model's other dynamic axes (a text model's sequence length) kept dynamic."""
+        if not isinstance(self.example, dict):
+            return {"example_input": self.example_tensor, "dynamic_batch": not self.fixed_batch}
+        names = _argument_order(module, list(self.example))
+        axes = sample_axes(self.example)
+        specs = {spec.name: spec for spec in self.model.inputs}
+        dynamic: dict[str, dict[int, str]] = {}
+        for name in names:
+            named: dict[int, str] = {}
+            if axes.get(name) is not None and not self.fixed_batch:
+                named[axes[name]] = "batch"
+            spec = specs.get(name)
+            for axis, size in enumerate(spec.shape if spec is not None else ()):
+                if not (isinstance(size, int) and size > 0) and axis not in named:
+                    named[axis] = str(size or f"{name}_{axis}")
+            if named:
+                dynamic[name] = named
+        return {"example_input": tuple(torch_arguments(module, self.example)),
+                "input_names": names, "output_names": ["output"], "dynamic_axes": dynamic}
+
     @property
     def source(self) -> str:
         """TORCH_SOURCE, ONNX_SOURCE or WEIGHTS_SOURCE (see :func:`source_of`)."""

@@ -124,8 +124,7 @@ def fp32_graph(job: ExportJob) -> onnx.ModelProto:
     if "fp32" not in job.cache:
         with eval_mode(job.compressed.module) as module:
             job.cache["fp32"] = onnx_tools.constants_to_initializers(
-                onnx_tools.export_onnx(_modeless(module), job.example_tensor,
-                                       dynamic_batch=not job.fixed_batch))
+                onnx_tools.export_onnx(_modeless(module), **job.onnx_trace(module)))
     return job.cache["fp32"]
 
 
@@ -138,7 +137,7 @@ def original_fp32_graph(job: ExportJob) -> onnx.ModelProto:
     if "original_fp32" not in job.cache:
         with eval_mode(job.original) as module:
             job.cache["original_fp32"] = compact(onnx_tools.export_onnx(
-                _modeless(module), job.example_tensor, dynamic_batch=not job.fixed_batch))
+                _modeless(module), **job.onnx_trace(module)))
     return job.cache["original_fp32"]
 
 
