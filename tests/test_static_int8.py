@@ -316,3 +316,17 @@ def test_weight_only_refuses_settings_ort_cannot_run(transformer_fp32, bits: int
                                                      block_size: int, message: str) -> None:
     with pytest.raises(SlimscopeError, match=message):
         quantize_weight_only(transformer_fp32[1], bits=bits, block_size=block_size)
+
+
+def test_a_fixed_batch_graph_is_calibrated_in_its_own_batch_size() -> None:
+    """A .pt2 exported at batch 1 becomes an ONNX graph whose input is [1, ...]: ORT's
+    calibrator must be fed one sample at a time, not the data's batches of 32."""
+    from engine.methods.static_int8 import calibration_feeds
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "fixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(graph)
+    feeds = calibration_feeds(model, [np.zeros((8, 4), np.float32), np.ones((3, 4), np.float32)])
+    assert len(feeds) == 11 and all(feed["x"].shape == (1, 4) for feed in feeds)

@@ -128,9 +128,24 @@ def calibration_feeds(model: onnx.ModelProto,
     """The batches as input feeds for `model`, kept in memory so they can be replayed."""
     name, dtype = onnx_tools.graph_input(model)
     feeds = [onnx_tools.as_feed(batch, name, dtype) for batch in batches]
+    fixed = _fixed_batch(model, name)
+    if fixed:  # a graph exported for exactly this many samples takes no other batch
+        feeds = [{name: feed[name][start:start + fixed]} for feed in feeds if name in feed
+                 and len(feed) == 1
+                 for start in range(0, len(feed[name]) - fixed + 1, fixed)] or feeds
     if not feeds:
         raise SlimscopeError("static int8 quantization needs at least one calibration batch")
     return feeds
+
+
+def _fixed_batch(model: onnx.ModelProto, name: str) -> int | None:
+    """The static first dimension of input `name` when the graph fixes it, else None."""
+    for value in model.graph.input:
+        if value.name == name:
+            dims = value.type.tensor_type.shape.dim
+            if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+                return int(dims[0].dim_value)
+    return None
 
 
 class _DropOnnxRuntimeAdvice(logging.Filter):
