@@ -171,7 +171,8 @@ def _initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     return {tensor.name: tensor for tensor in graph.initializer}
 
 
-def _unique_name(base: str, taken: set[str]) -> str:
+def unique_name(base: str, taken: set[str]) -> str:
+    """`base`, or `base_N` for the first N that is not `taken`; the name is then taken."""
     name, counter = base, 1
     while name in taken:
         name, counter = f"{base}_{counter}", counter + 1
@@ -229,21 +230,21 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
             weight = weight.T
         alpha = np.asarray(attributes.get("alpha", 1.0), weight.dtype)
         weight = np.ascontiguousarray(weight * alpha)
-        weight_name = _unique_name(f"{node.input[1]}_matmul", taken)
+        weight_name = unique_name(f"{node.input[1]}_matmul", taken)
         graph.initializer.append(numpy_helper.from_array(weight, name=weight_name))
         stem = node.name or node.output[0]
-        matmul_output = _unique_name(f"{stem}_matmul_out", taken) if bias_name else node.output[0]
+        matmul_output = unique_name(f"{stem}_matmul_out", taken) if bias_name else node.output[0]
         new_nodes.append(helper.make_node("MatMul", [node.input[0], weight_name], [matmul_output],
-                                          name=_unique_name(f"{stem}_MatMul", taken)))
+                                          name=unique_name(f"{stem}_MatMul", taken)))
         if bias_name is None:
             continue
         if beta != 1.0:
             bias = numpy_helper.to_array(initializers[bias_name])
-            bias_name = _unique_name(f"{bias_name}_scaled", taken)
+            bias_name = unique_name(f"{bias_name}_scaled", taken)
             graph.initializer.append(
                 numpy_helper.from_array(bias * np.asarray(beta, bias.dtype), name=bias_name))
         new_nodes.append(helper.make_node("Add", [matmul_output, bias_name], [node.output[0]],
-                                          name=_unique_name(f"{stem}_Add", taken)))
+                                          name=unique_name(f"{stem}_Add", taken)))
     graph.ClearField("node")
     graph.node.extend(new_nodes)
     remove_unused_initializers(graph)

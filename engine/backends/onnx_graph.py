@@ -39,6 +39,7 @@ from engine.formats.onnx_format import (
     graph_at,
     weight_sites,
 )
+from engine.onnx_tools import unique_name
 
 if TYPE_CHECKING:
     from engine.evaluate import Runner
@@ -213,8 +214,8 @@ def factorize_with_keys(proto: onnx.ModelProto, weight_key: str, rank: int
         raise SlimscopeError(f"{quote(weight_key)}: no MatMul or Gemm uses this weight")
     transposed = _gemm_trans_b(users, copy)  # Gemm(transB=1) stores W as [n, k]
     taken = _all_names(copy)
-    first_name = _fresh(f"{site.name}.lowrank_first", taken)
-    second_name = _fresh(f"{site.name}.lowrank_second", taken)
+    first_name = unique_name(f"{site.name}.lowrank_first", taken)
+    second_name = unique_name(f"{site.name}.lowrank_second", taken)
     first, second = svd_factors(weight.T if transposed else weight, min(rank, *weight.shape))
     for graph_path, node_indices in sorted(users.items(), key=lambda item: -len(item[0])):
         graph = graph_at(copy, graph_path)  # deepest first: outer node indices stay valid
@@ -288,7 +289,7 @@ def _split_node(graph: onnx.GraphProto, index: int, first_name: str, second_name
     """Replace node `index` (x @ W, or Gemm(x, W, C)) by two nodes through the factors."""
     node = graph.node[index]
     base = node.name or f"{node.op_type}_{index}"
-    middle = _fresh(f"{node.output[0]}.lowrank", taken)
+    middle = unique_name(f"{node.output[0]}.lowrank", taken)
     if node.op_type == "MatMul":
         first = helper.make_node("MatMul", [node.input[0], first_name], [middle],
                                  name=f"{base}.lowrank_first")
@@ -347,9 +348,3 @@ def _all_names(proto: onnx.ModelProto) -> set[str]:
     return names
 
 
-def _fresh(base: str, taken: set[str]) -> str:
-    name, suffix = base, 2
-    while name in taken:
-        name, suffix = f"{base}_{suffix}", suffix + 1
-    taken.add(name)
-    return name
