@@ -31,6 +31,14 @@ def conv_gemm_matmul_onnx(seed: int = 0) -> onnx.ModelProto:
         "head.weight": rng.normal(0, 0.3, (32, CLASSES)).astype(np.float32),
         "flat_shape": np.array([0, -1], dtype=np.int64),
     }
+    return conv_gemm_matmul_graph(weights, INPUT_SHAPE, "compress_stand_in")
+
+
+def conv_gemm_matmul_graph(weights: dict[str, np.ndarray], input_shape: tuple[int, ...],
+                           graph_name: str) -> onnx.ModelProto:
+    """Conv → Relu → flatten → Gemm (transB) → Relu → MatMul over `weights` (conv.*, fc.*,
+    head.weight, flat_shape), opset 17, dynamic batch; the node names follow torch's exporter."""
+    classes = weights["head.weight"].shape[1]
     nodes = [
         helper.make_node("Conv", ["input", "conv.weight", "conv.bias"], ["c"], pads=[1, 1, 1, 1],
                          name="/conv/Conv"),
@@ -41,9 +49,9 @@ def conv_gemm_matmul_onnx(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("MatMul", ["h", "head.weight"], ["logits"], name="/head/MatMul"),
     ]
     graph = helper.make_graph(
-        nodes, "compress_stand_in",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *INPUT_SHAPE])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])],
+        nodes, graph_name,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *input_shape])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
         [numpy_helper.from_array(value, name) for name, value in weights.items()],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
 from sklearn.datasets import load_digits
+
+from factories_compress import conv_gemm_matmul_graph
 
 CLASSES = 10
 HIDDEN = 32
@@ -56,26 +57,7 @@ def digits_onnx() -> onnx.ModelProto:
     train_x, train_y, _test_x, _test_y = digits_split()
     weights = _train(train_x, train_y)
     weights["flat_shape"] = np.array([0, -1], dtype=np.int64)
-    nodes = [
-        helper.make_node("Conv", ["input", "conv.weight", "conv.bias"], ["c"], pads=[1, 1, 1, 1],
-                         name="/conv/Conv"),
-        helper.make_node("Relu", ["c"], ["r"], name="/relu/Relu"),
-        helper.make_node("Reshape", ["r", "flat_shape"], ["f"], name="/flat/Reshape"),
-        helper.make_node("Gemm", ["f", "fc.weight", "fc.bias"], ["g"], transB=1, name="/fc/Gemm"),
-        helper.make_node("Relu", ["g"], ["h"], name="/relu2/Relu"),
-        helper.make_node("MatMul", ["h", "head.weight"], ["logits"], name="/head/MatMul"),
-    ]
-    graph = helper.make_graph(
-        nodes, "digits_classifier",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])],
-        [numpy_helper.from_array(value, name) for name, value in weights.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                              producer_name="slimscope-tests")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return conv_gemm_matmul_graph(weights, (1, 8, 8), "digits_classifier")
 
 
 def write_digits_onnx(folder: Path, name: str = "digits_classifier.onnx") -> Path:
