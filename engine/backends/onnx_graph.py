@@ -32,6 +32,7 @@ from engine.backends.base import (
     Backend,
 )
 from engine.errors import SlimscopeError
+from engine.evaluate import ONNX_IN_MEMORY_LIMIT
 from engine.formats.guard import quote
 from engine.formats.onnx_format import (
     GraphStep,
@@ -45,8 +46,6 @@ if TYPE_CHECKING:
     from engine.evaluate import Runner
     from engine.plan import LowRank
 
-#: Protobuf's 2 GiB message limit, with room for the graph.
-ONNX_IN_MEMORY_LIMIT = 1_800_000_000
 
 _NO_TORCH = ("an ONNX file has no PyTorch module; {what} needs one (a .pt with --trust, "
              "TorchScript or torch.export file of the same model)")
