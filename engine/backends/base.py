@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, ClassVar, Mapping
 
 import numpy as np
 
-from engine.errors import NeedsModuleError
+from engine.errors import NeedsModuleError, SlimscopeError
 
 if TYPE_CHECKING:
     from engine.evaluate import Runner
@@ -78,6 +78,16 @@ class Backend(ABC):
     @abstractmethod
     def save(self, path: Path) -> None:
         """Write the model to its native file format at `path` (the exporters' starting point)."""
+
+
+def check_replacement(key: str, value: np.ndarray, shape: tuple[int, ...]) -> None:
+    """Refuse a replacement whose shape differs from the tensor it replaces (one line; the key
+    is the file's, so it is quoted)."""
+    from engine.formats.guard import quote
+
+    if tuple(np.shape(value)) != tuple(shape):
+        raise SlimscopeError(f"{quote(key)}: replacement of shape {list(np.shape(value))} for a "
+                             f"tensor of shape {list(shape)}")
 
 
 def require(backend: Backend, capability: str, purpose: str, file_name: str) -> Backend:

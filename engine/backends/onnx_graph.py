@@ -30,6 +30,7 @@ from engine.backends.base import (
     TORCH_MODULE,
     TRAIN,
     Backend,
+    check_replacement,
 )
 from engine.errors import SlimscopeError
 from engine.evaluate import ONNX_IN_MEMORY_LIMIT
@@ -102,10 +103,7 @@ class OnnxBackend(Backend):
 
     def with_weights(self, replacements: Mapping[str, np.ndarray]) -> OnnxBackend:
         for key, value in replacements.items():  # refuse before copying a large proto
-            dims = tuple(self._site(key).tensor.dims)
-            if tuple(np.shape(value)) != dims:
-                raise SlimscopeError(f"{quote(key)}: replacement of shape "
-                                     f"{list(np.shape(value))} for a tensor of shape {list(dims)}")
+            check_replacement(key, value, tuple(self._site(key).tensor.dims))
         proto = self.full_proto()
         sites = weight_sites(proto)
         for key, value in replacements.items():

@@ -28,6 +28,7 @@ from engine.backends.base import (
     TORCH_MODULE,
     TRAIN,
     Backend,
+    check_replacement,
 )
 from engine.errors import SlimscopeError
 
@@ -64,11 +65,9 @@ class TorchModuleBackend(Backend):
                 if key not in state:
                     raise SlimscopeError(f"the model has no tensor named {key!r}")
                 target = state[key]
-                if tuple(value.shape) != tuple(target.shape):
-                    raise SlimscopeError(f"{key}: replacement of shape {list(value.shape)} for a "
-                                         f"tensor of shape {list(target.shape)}")
+                check_replacement(key, value, tuple(target.shape))
                 target.copy_(torch.from_numpy(np.ascontiguousarray(value)).to(target.dtype))
-        return type(self)(module) if type(self) is TorchModuleBackend else self._like(module)
+        return self._like(module)
 
     def _like(self, module: nn.Module) -> TorchModuleBackend:
         return type(self)(module)

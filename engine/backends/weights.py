@@ -23,6 +23,7 @@ from engine.backends.base import (
     TORCH_MODULE,
     TRAIN,
     Backend,
+    check_replacement,
 )
 from engine.errors import NeedsModuleError, SlimscopeError
 
@@ -64,9 +65,7 @@ class WeightsBackend(Backend):
         for key, value in replacements.items():
             if key not in self.store:
                 raise SlimscopeError(f"the file has no tensor named {key!r}")
-            if tuple(value.shape) != tuple(self.store.shapes[key]):
-                raise SlimscopeError(f"{key}: replacement of shape {list(value.shape)} for a "
-                                     f"tensor of shape {list(self.store.shapes[key])}")
+            check_replacement(key, value, self.store.shapes[key])
         return WeightsBackend(self.store, {**self.replaced, **replacements})
 
     def runner(self, threads: int | None = None) -> "Runner":
