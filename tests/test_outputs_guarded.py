@@ -257,8 +257,15 @@ def test_sigterm_mid_export_removes_the_part_file(tmp_path: Path) -> None:
     destination.write_bytes(b"the previous export")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("SLIMSCOPE_DEBUG", None)
+    # The real CLI, with verification held until the signal comes: a fast machine otherwise
+    # finishes the export between two looks, and the test would race the file it checks.
+    held_verification = (
+        "import sys, time, engine.export as export\n"
+        "export.verify = lambda *args, **kwargs: time.sleep(600)\n"
+        "from engine.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
     child = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "compress", "demo", "--plan", str(DEMO_PLAN),
+        [sys.executable, "-c", held_verification, "compress", "demo", "--plan", str(DEMO_PLAN),
          "--no-measure", "-o", str(destination)],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
