@@ -24,6 +24,7 @@ from types import FrameType
 from typing import Callable, Iterator, NoReturn, Sequence
 
 from engine import __version__
+from engine import threads as thread_policy
 from engine.errors import SlimscopeError, one_line
 from engine.jobs import Cancelled
 
@@ -64,15 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # not built yet
             raise
         module.register(subparsers)
+    for command in subparsers.choices.values():
+        command.add_argument(
+            "--threads", type=int, metavar="N",
+            help="cores for torch and ONNX Runtime (default: OMP_NUM_THREADS, else the idle "
+                 "cores; the app keeps one for itself)")
     return parser
 
 
-def _run_gui(model: str | None) -> int:
+def _run_gui(model: str | None, requested_threads: int | None = None) -> int:
     try:
         from gui.app import main as gui_main
     except ImportError as exc:
         raise SlimscopeError(f"the desktop app cannot start: {exc}") from None
     from engine.commands._common import resolve_model_path
+
+    thread_policy.apply(thread_policy.choose(requested_threads, reserve=1))
 
     return gui_main([str(resolve_model_path(model))] if model else [])
 
@@ -99,10 +107,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(os.environ.get("SLIMSCOPE_DEBUG"))
     with _quiet_libraries(debug):  # the commands' imports pull in torch and its notices
         args = build_parser().parse_args(args_list)
+    requested_threads = getattr(args, "threads", None)
     if args.command in (None, "gui"):
-        return _guarded(lambda: _run_gui(getattr(args, "model", None)), debug)
+        return _guarded(lambda: _run_gui(getattr(args, "model", None), requested_threads), debug)
     with _quiet_libraries(debug), _removing_temps_on_termination():
-        return _guarded(lambda: int(args.handler(args) or 0), debug)
+        return _guarded(lambda: _run_command(args, requested_threads), debug)
+
+
+def _run_command(args: argparse.Namespace, requested_threads: int | None) -> int:
+    thread_policy.apply(thread_policy.choose(requested_threads))
+    return int(args.handler(args) or 0)
 
 
 def _guarded(run: Callable[[], int], debug: bool) -> int:

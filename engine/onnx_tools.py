@@ -282,9 +282,14 @@ def validate(source: ModelSource) -> None:
 
 
 def session(source: ModelSource, threads: int | None = None) -> "ort.InferenceSession":
-    """A CPU ONNX Runtime session; `threads` pins the intra-op thread count (None: ORT's choice)."""
+    """A CPU ONNX Runtime session; `threads` pins the intra-op thread count (None: the process's
+    thread policy, :mod:`engine.threads`, else ORT's choice)."""
     import onnxruntime as ort
 
+    from engine import threads as thread_policy
+
+    if threads is None:
+        threads = thread_policy.applied()
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT's warnings are not for our users
     if threads is not None:
