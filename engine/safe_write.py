@@ -162,11 +162,20 @@ def atomic_path(destination: Path) -> Iterator[Path]:
         raise OutputError(f"cannot write {quote_path(destination)}: no such folder")
     remove_stale_temps(folder)
     with _temp_file(destination) as temp:
+        umask_mode = stat.S_IMODE(os.stat(temp).st_mode)
         yield temp
         try:
+            _restore_mode(temp, umask_mode)
             os.replace(temp, destination)
         except OSError as exc:
             raise write_error(exc, destination) from None
+
+
+def _restore_mode(temp: Path, mode: int) -> None:
+    """Give `temp` the umask's mode again where its writer replaced the file: safetensors
+    writes 0600 through its own temp file, which left exported models unreadable to the group."""
+    if stat.S_IMODE(os.stat(temp).st_mode) != mode:
+        os.chmod(temp, mode)
 
 
 def atomic_write_bytes(destination: Path, data: bytes) -> None:

@@ -310,6 +310,20 @@ def test_stale_parts_named_for_this_pid_but_not_live_are_removed(tmp_path: Path)
     assert (tmp_path / "a.onnx").read_bytes() == b"new" and parts_in(tmp_path) == []
 
 
+def test_a_writer_that_makes_its_own_0600_file_still_gets_the_umask_mode(tmp_path: Path) -> None:
+    """safetensors' save_file writes 0600 through a temp file of its own."""
+    import torch
+    from safetensors.torch import save_file
+
+    old_mask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "w.safetensors") as temp:
+            save_file({"w": torch.zeros(2)}, str(temp))
+    finally:
+        os.umask(old_mask)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644
+
+
 def test_temp_file_mode_follows_the_umask(tmp_path: Path) -> None:
     old_mask = os.umask(0o002)
     try:
