@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
 from types import TracebackType
-from typing import Callable
+from typing import Callable, Mapping
 
 from PySide6.QtCore import QThreadPool
 from PySide6.QtWidgets import QApplication, QWidget
@@ -17,6 +19,28 @@ from gui.preview import demo_model_path
 APP_NAME = "Slimscope"
 #: How long quitting waits for work still running on a worker (the window is already gone).
 SHUTDOWN_WAIT_MS = 15_000
+
+
+def display_problem(environ: Mapping[str, str] = os.environ) -> str | None:
+    """Why Qt could not open a window here, or None; Qt itself aborts the process (exit 134)
+    with a page of plugin advice when it has no platform, so we ask first and say it in a line.
+    """
+    if environ.get("QT_QPA_PLATFORM") or not sys.platform.startswith("linux"):
+        return None  # the user chose a platform (offscreen, vnc...) or the OS provides one
+    if environ.get("WAYLAND_DISPLAY"):
+        return None
+    if not environ.get("DISPLAY"):
+        return ("the desktop app needs a display and none is set (no DISPLAY or WAYLAND_DISPLAY): "
+                "run it in a desktop session or under `xvfb-run -a slimscope`, or use the "
+                "commands (slimscope inspect | sensitivity | plan | compress)")
+    local = re.fullmatch(r"(?:unix)?:(\d+)(?:\.\d+)?", environ["DISPLAY"])
+    if local and not Path(f"/tmp/.X11-unix/X{local.group(1)}").exists():
+        return (f"cannot reach the display {environ['DISPLAY']!r} (no X server listens there): "
+                "run it in a desktop session or under `xvfb-run -a slimscope`")
+    if ctypes.util.find_library("xcb-cursor") is None:
+        return ("Qt's X11 platform needs libxcb-cursor0, which is not installed "
+                "(apt-get install libxcb-cursor0)")
+    return None
 
 
 def create_app() -> QApplication:
@@ -67,6 +91,11 @@ def _install_error_hook(window: QWidget) -> Callable[[], None]:
 def main(argv: list[str]) -> int:
     """Open the model in `argv` (or the bundled demo) and run until the window closes."""
     args = [arg for arg in argv if not arg.startswith("-")]
+    problem = display_problem()
+    if problem is not None:
+        from engine.errors import SlimscopeError
+
+        raise SlimscopeError(problem)
     app = create_app()
     from gui.main_window import MainWindow
 
