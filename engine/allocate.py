@@ -500,7 +500,7 @@ def _option_for(sens: Sensitivity, layer: LayerSensitivity, settings: LayerPlan 
                 sparsity = float(pruning.amount)
             else:
                 exact = False
-                if pruning.method == "nm":
+                if pruning.is_nm:
                     kept, group = pruning.nm
                     sparsity = 1.0 - kept / group
                 else:

@@ -28,7 +28,12 @@ channels; quantization ``bits`` 2..8 or "fp16"/"bf16"; ``group_size`` dividing t
 (``prod(weight.shape[1:])``, i.e. in_features, or in_channels*kh*kw for a conv); low-rank
 ``rank`` >= 1 and <= min(out, row length), a multiple of the layer's group size and N:M M
 (it is the second factor's input), or ``energy`` in (0, 1]; ``structured`` only on
-Conv1d/2d/3d and Linear; every ``magnitude-global`` layer shares one amount.
+Conv1d/2d/3d and Linear; every ``magnitude-global`` layer shares one amount. Quantization
+``method`` is "rtn" (round to nearest, the default) or "gptq" (error-compensated, integer bits
+only; ``act_order`` true/false, ``damping`` in (0, 1]); pruning method "obs" takes an amount or
+an N:M pattern; both need calibration data and layers whose input statistics can be collected
+(:data:`STATISTICS_KINDS`). ``bias_correction: true`` beside the sections (any level) shifts
+the bias of a pruned or quantized layer so its mean output on the calibration data is unchanged.
 
 Example (YAML; JSON has the same structure)::
 
@@ -39,6 +44,9 @@ Example (YAML; JSON has the same structure)::
     kinds:
       Linear:
         quantization: {bits: 4, symmetric: false, granularity: group, group_size: 32, range: mse}
+      Conv2d:                      # GPTQ: rounding errors compensated from calibration data
+        quantization: {bits: 4, method: gptq, act_order: true}
+        bias_correction: true
     patterns:
       "features.*":
         pruning: {method: nm, pattern: "2:4"}
@@ -77,7 +85,13 @@ from engine.safe_write import atomic_write_text
 
 PLAN_VERSION = 1
 
-PRUNING_METHODS = ("magnitude", "magnitude-global", "gradient", "taylor", "nm", "structured")
+PRUNING_METHODS = ("magnitude", "magnitude-global", "gradient", "taylor", "nm", "structured", "obs")
+#: "rtn": round to nearest (the default); "gptq": GPTQ's error-compensated rounding.
+QUANTIZATION_METHODS = ("rtn", "gptq")
+#: Methods that need layer-input statistics from calibration data (engine.calibration_stats).
+STATISTICS_METHODS = frozenset({"obs", "gptq"})
+#: GPTQ's default damping: a fraction of the mean of the Hessian's diagonal.
+DEFAULT_DAMPING = 0.01
 GRANULARITIES = ("per-tensor", "per-channel", "group")
 RANGE_METHODS = ("minmax", "mse")
 FLOAT_FORMATS = ("fp16", "bf16")
@@ -93,16 +107,23 @@ _KEY_QUOTE, _VALUE_QUOTE = 48, 60
 #: Kinds whose output channels torch-pruning can physically remove.
 STRUCTURED_KINDS = frozenset({"Conv1d", "Conv2d", "Conv3d", "Linear"})
 #: Kinds with an input dimension along which N:M groups make sense (not embeddings).
-NM_KINDS = PRUNABLE_KINDS - {"Embedding", "Gather"}
+NM_KINDS = PRUNABLE_KINDS - {"Embedding", "Gather", "LSTM", "GRU", "RNN"}
+#: Kinds whose layer-input statistics can be collected, so GPTQ and OBS can take them: torch's
+#: (engine.calibration_stats) and ONNX's (engine.sensitivity_backends.collect_input_moments).
+STATISTICS_KINDS = frozenset({"Linear", "Conv1d", "Conv2d", "Conv", "Gemm", "MatMul"})
 #: Kinds the SVD method can split into two layers.
 LOW_RANK_KINDS = frozenset({"Linear", "Conv2d", "Gemm", "MatMul"})
 
 SECTIONS = ("pruning", "quantization", "low_rank")
+#: A per-layer switch beside the sections: after pruning or quantization, shift the layer's
+#: bias so its mean output on the calibration data is unchanged (engine.methods.bias_correction).
+BIAS_CORRECTION = "bias_correction"
 
 
 @dataclass(frozen=True)
 class Pruning:
-    """Remove weights: `amount` is the fraction removed; method "nm" takes `pattern` instead."""
+    """Remove weights: `amount` is the fraction removed; method "nm" takes `pattern` instead,
+    and "obs" either (OBS-style pruning with compensation, unstructured or N:M)."""
 
     method: str = "magnitude"
     amount: float | None = None
@@ -117,9 +138,14 @@ class Pruning:
 
         return _parse_nm(self.pattern or "2:4", fail)
 
+    @property
+    def is_nm(self) -> bool:
+        """Whether an N:M pattern (not an amount) says what goes."""
+        return self.method == "nm" or (self.method == "obs" and self.pattern is not None)
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.method}
-        if self.method == "nm":
+        if self.is_nm:
             out["pattern"] = self.pattern or "2:4"
         else:
             out["amount"] = self.amount
@@ -128,13 +154,21 @@ class Pruning:
 
 @dataclass(frozen=True)
 class Quantization:
-    """Weight quantization: integer `bits` (uniform codes) or a float format ("fp16", "bf16")."""
+    """Weight quantization: integer `bits` (uniform codes) or a float format ("fp16", "bf16").
+
+    `method` "rtn" rounds each weight to the nearest code; "gptq" rounds column by column and
+    compensates each error with the columns not yet rounded (needs calibration data), with
+    `act_order` (largest-input columns first) and `damping` (added to the Hessian's diagonal).
+    """
 
     bits: int | str = 8
     symmetric: bool = True
     granularity: str = "per-channel"
     group_size: int | None = None
     range: str = "minmax"
+    method: str = "rtn"
+    act_order: bool = False
+    damping: float = DEFAULT_DAMPING
 
     @property
     def is_float(self) -> bool:
@@ -151,6 +185,10 @@ class Quantization:
         }
         if self.granularity == "group":
             out["group_size"] = self.group_size
+        if self.method != "rtn":
+            out["method"] = self.method
+            out["act_order"] = self.act_order
+            out["damping"] = self.damping
         return out
 
 
@@ -168,23 +206,29 @@ class LowRank:
 
 Section = Union[Pruning, Quantization, LowRank]
 #: The sections one level sets; a key present with value None switches the technique off.
-Sections = dict[str, Union[Section, None]]
+#: The BIAS_CORRECTION key holds a bool instead.
+Sections = dict[str, Union[Section, bool, None]]
 
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """What happens to one layer after resolution; all three None means the layer is kept."""
+    """What happens to one layer after resolution; all three None means the layer is kept
+    (`bias_correction` then has nothing to correct)."""
 
     pruning: Pruning | None = None
     quantization: Quantization | None = None
     low_rank: LowRank | None = None
+    bias_correction: bool = False
 
     @property
     def keep(self) -> bool:
         return self.pruning is None and self.quantization is None and self.low_rank is None
 
     def to_dict(self) -> dict[str, Any] | str:
-        return _sections_to_data({k: getattr(self, k) for k in SECTIONS})
+        sections: dict[str, Any] = {k: getattr(self, k) for k in SECTIONS}
+        if self.bias_correction:
+            sections[BIAS_CORRECTION] = True
+        return _sections_to_data(sections)
 
 
 @dataclass(frozen=True)
@@ -246,11 +290,12 @@ class Plan:
         chosen: dict[str, tuple[Section | None, str]] = {}
         for origin, sections, explicit in self._levels_for(info):
             for key, section in sections.items():
-                if section is not None and not explicit and not _applies(key, section, info.kind):
+                if key != BIAS_CORRECTION and section is not None and not explicit \
+                        and not _applies(key, section, info.kind):
                     continue
                 chosen[key] = (section, origin)
         for key, (section, origin) in chosen.items():
-            if section is not None:
+            if section is not None and key != BIAS_CORRECTION:
                 _check_section(info, key, section, origin)
         layer_plan = LayerPlan(**{key: section for key, (section, _) in chosen.items()})
         _check_rank_splits(info, layer_plan)
@@ -406,19 +451,24 @@ def pattern_matches(pattern: str, name: str) -> bool:
 
 # -- checks ------------------------------------------------------------------------------
 def kind_accepts(kind: str, key: str, pruning_method: str = "magnitude") -> bool:
-    """Whether a layer of this kind can take plan section `key` at all (for pruning, by this
-    method): the check resolution makes, also used by the GUI to skip layers a bulk edit would
-    fail on."""
+    """Whether a layer of this kind can take plan section `key` at all (for pruning and
+    quantization, by this method): the check resolution makes, also used by the GUI to skip
+    layers a bulk edit would fail on."""
     if key == "pruning":
-        kinds = {"structured": STRUCTURED_KINDS, "nm": NM_KINDS}.get(pruning_method, PRUNABLE_KINDS)
+        kinds = {"structured": STRUCTURED_KINDS, "nm": NM_KINDS,
+                 "obs": STATISTICS_KINDS}.get(pruning_method, PRUNABLE_KINDS)
         return kind in kinds
     if key == "quantization":
-        return kind in QUANTIZABLE_KINDS
+        return kind in (STATISTICS_KINDS if pruning_method in STATISTICS_METHODS
+                        else QUANTIZABLE_KINDS)
+    if key == BIAS_CORRECTION:
+        return True
     return kind in LOW_RANK_KINDS
 
 
 def _applies(key: str, section: Section, kind: str) -> bool:
-    return kind_accepts(kind, key, section.method if isinstance(section, Pruning) else "magnitude")
+    method = section.method if isinstance(section, (Pruning, Quantization)) else "magnitude"
+    return kind_accepts(kind, key, method)
 
 
 def row_length(shape: tuple[int, ...]) -> int:
@@ -434,12 +484,14 @@ def _check_section(info: LayerInfo, key: str, section: Section, origin: str) -> 
                         f"{key}.{field_name} {problem}")
 
     if not _applies(key, section, info.kind):
-        what = f"{key}.method {_value(section.method)}" if isinstance(section, Pruning) else key
+        what = (f"{key}.method {_value(section.method)}"
+                if isinstance(section, Pruning) or (isinstance(section, Quantization)
+                                                    and section.method != "rtn") else key)
         raise PlanError(f"layer {_key(info.name)} (from {origin}): {what} cannot apply to "
                         f"{_kind(info.kind)} layers")
     shape = info.shape
     if isinstance(section, Pruning):
-        if section.method == "nm":
+        if section.is_nm:
             n, m = _parse_nm(section.pattern or "2:4", fail)
             if shape is not None and len(shape) > 1 and shape[1] % m:
                 fail("pattern", f"{_value(section.pattern)}: M={m} does not divide the {shape[1]} "
@@ -476,7 +528,7 @@ def _check_rank_splits(info: LayerInfo, layer_plan: LayerPlan) -> None:
     sizes = []
     if quant is not None and not quant.is_float and quant.granularity == "group":
         sizes.append(("quantization.group_size", quant.group_size))
-    if pruning is not None and pruning.method == "nm":
+    if pruning is not None and pruning.is_nm:
         sizes.append(("pruning.pattern M", pruning.nm[1]))
     for what, size in sizes:
         if low_rank.rank % size:
@@ -526,15 +578,17 @@ def _is_number(value: Any) -> bool:
 # -- reading and writing plain data -----------------------------------------------------------
 _SECTION_FIELDS = {
     "pruning": (Pruning, {"method", "amount", "pattern"}),
-    "quantization": (Quantization, {"bits", "symmetric", "granularity", "group_size", "range"}),
+    "quantization": (Quantization, {"bits", "symmetric", "granularity", "group_size", "range",
+                                    "method", "act_order", "damping"}),
     "low_rank": (LowRank, {"rank", "energy"}),
 }
 
 
-def _sections_to_data(sections: Mapping[str, Section | None]) -> dict[str, Any] | str:
+def _sections_to_data(sections: Mapping[str, Section | bool | None]) -> dict[str, Any] | str:
     if len(sections) == len(SECTIONS) and all(sections.get(k) is None for k in SECTIONS):
         return "keep"
-    return {key: (section.to_dict() if section is not None else None) for key, section in sections.items()}
+    return {key: (section if isinstance(section, bool) or section is None else section.to_dict())
+            for key, section in sections.items()}
 
 
 def _sections_from_data(where: str, raw: Any) -> Sections:
@@ -542,8 +596,16 @@ def _sections_from_data(where: str, raw: Any) -> Sections:
         return {key: None for key in SECTIONS}
     if not isinstance(raw, Mapping):
         raise PlanError(f"plan {where}: expected a mapping of sections or 'keep', got {_value(raw)}")
-    _reject_unknown(f"plan {where}", raw, set(SECTIONS))
-    return {key: _section_from_data(f"{where}.{key}", key, value) for key, value in raw.items()}
+    _reject_unknown(f"plan {where}", raw, {*SECTIONS, BIAS_CORRECTION})
+    out: Sections = {}
+    for key, value in raw.items():
+        if key == BIAS_CORRECTION:
+            if not isinstance(value, bool):
+                raise PlanError(f"plan {where}.{key}: expected true or false, got {_value(value)}")
+            out[key] = value
+        else:
+            out[key] = _section_from_data(f"{where}.{key}", key, value)
+    return out
 
 
 def _section_from_data(where: str, key: str, raw: Any) -> Section | None:
@@ -557,7 +619,10 @@ def _section_from_data(where: str, key: str, raw: Any) -> Section | None:
     _reject_unknown(f"plan {where}", raw, fields)
     if key == "pruning":
         method = _choice(f"{where}.method", raw.get("method", "magnitude"), PRUNING_METHODS)
-        if method == "nm":
+        if method == "obs" and "pattern" in raw:
+            if "amount" in raw:
+                raise PlanError(f"plan {where}: give amount or pattern for method 'obs', not both")
+        if method == "nm" or (method == "obs" and "pattern" in raw):
             pattern = raw.get("pattern", "2:4")
             if not isinstance(pattern, str):
                 raise PlanError(f"plan {where}.pattern: {_value(pattern)} must be text like '2:4' "
@@ -570,6 +635,8 @@ def _section_from_data(where: str, key: str, raw: Any) -> Section | None:
             raise PlanError(f"plan {where}.amount: required for method {method!r}")
         return Pruning(method, amount=_typed(f"{where}.amount", raw["amount"], _is_number, "a number"))
     if key == "quantization":
+        method = _choice(f"{where}.method", raw.get("method", "rtn"), QUANTIZATION_METHODS)
+        act_order, damping = _gptq_options(where, raw, method)
         granularity = _choice(f"{where}.granularity", raw.get("granularity", "per-channel"), GRANULARITIES)
         range_method = _choice(f"{where}.range", raw.get("range", "minmax"), RANGE_METHODS)
         symmetric = raw.get("symmetric", True)
@@ -584,13 +651,34 @@ def _section_from_data(where: str, key: str, raw: Any) -> Section | None:
         group_size = raw.get("group_size") if granularity == "group" else None
         if group_size is not None:
             _typed(f"{where}.group_size", group_size, _is_int, "an integer")
+        if method != "rtn" and not _is_int(bits):
+            raise PlanError(f"plan {where}.bits: {_value(bits)} cannot go with method "
+                            f"{method!r}, which makes integer codes (bits {MIN_BITS}..{MAX_BITS})")
         return Quantization(bits=bits, symmetric=symmetric, granularity=granularity,
-                            group_size=group_size, range=range_method)
+                            group_size=group_size, range=range_method, method=method,
+                            act_order=act_order, damping=damping)
     if ("rank" in raw) == ("energy" in raw):
         raise PlanError(f"plan {where}: give exactly one of rank or energy")
     if "rank" in raw:
         return LowRank(rank=_typed(f"{where}.rank", raw["rank"], _is_int, "an integer"))
     return LowRank(energy=_typed(f"{where}.energy", raw["energy"], _is_number, "a number"))
+
+
+def _gptq_options(where: str, raw: Mapping[str, Any], method: str) -> tuple[bool, float]:
+    """act_order and damping: GPTQ's options, refused for other methods rather than ignored."""
+    if method != "gptq":
+        for name in ("act_order", "damping"):
+            if name in raw:
+                raise PlanError(f"plan {where}.{name}: only for method 'gptq' "
+                                f"(this section's method is {method!r})")
+        return False, DEFAULT_DAMPING
+    act_order = raw.get("act_order", False)
+    if not isinstance(act_order, bool):
+        raise PlanError(f"plan {where}.act_order: expected true or false, got {_value(act_order)}")
+    damping = raw.get("damping", DEFAULT_DAMPING)
+    if not _is_number(damping) or not 0 < damping <= 1 or not math.isfinite(damping):
+        raise PlanError(f"plan {where}.damping: {_value(damping)} must be a number in (0, 1]")
+    return act_order, float(damping)
 
 
 def _activation_from_data(raw: Any) -> ActivationQuant | None:
@@ -626,7 +714,9 @@ def _typed(where: str, value: Any, check: Any, expected: str) -> Any:
 def _reject_unknown(where: str, raw: Mapping[Any, Any], allowed: set[str]) -> None:
     for name in raw:
         if not isinstance(name, str) or name not in allowed:
-            raise PlanError(f"{where}: unknown field {_key(name)} (expected {', '.join(sorted(allowed))})")
+            # the name is cut shorter than other keys: the list of fields takes the room
+            raise PlanError(f"{where}: unknown field {quote(name, 32)} "
+                            f"(expected {', '.join(sorted(allowed))})")
 
 
 def _name_key(level: str, key: Any) -> str:

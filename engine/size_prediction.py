@@ -116,7 +116,7 @@ class SizePredictor:
         for shape in shapes:
             count = math.prod(shape)
             nonzero = count - round(sparsity * count)
-            if pruning is not None and pruning.method == "nm":
+            if pruning is not None and pruning.is_nm:
                 n, m = pruning.nm
                 nonzero = min(nonzero, count * n // m)
             elif pruning is not None and pruning.method != "structured":

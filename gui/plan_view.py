@@ -18,7 +18,7 @@ def action_text(layer_plan: LayerPlan | None) -> str:
         parts.append(low_rank_text(layer_plan.low_rank))
     pruning = layer_plan.pruning
     if pruning is not None:
-        if pruning.method == "nm":
+        if pruning.is_nm:
             parts.append(pruning.pattern or "2:4")
         elif pruning.method == "structured":
             parts.append(f"−{_pct(pruning.amount)} channels")

@@ -39,7 +39,7 @@ def rank_multiple(layer_plan: LayerPlan) -> int:
     quant = layer_plan.quantization
     if quant is not None and quant.granularity == "group" and not quant.is_float:
         multiple = math.lcm(multiple, quant.group_size)
-    if layer_plan.pruning is not None and layer_plan.pruning.method == "nm":
+    if layer_plan.pruning is not None and layer_plan.pruning.is_nm:
         multiple = math.lcm(multiple, layer_plan.pruning.nm[1])
     return multiple
 

@@ -26,7 +26,8 @@ from torch import nn
 
 from engine.compressed import CompressedModel, QuantizedWeight
 from engine.errors import PlanError
-from engine.methods.base import Context, Method, own_tensor, register, submodule, weight_of
+from engine.methods.base import (Context, Method, own_tensor, parameter_key, register, submodule,
+                                 weight_key, weight_of)
 from engine.plan import LayerPlan, Quantization
 
 #: Clipping ratios tried by the MSE range search (1.0 = min-max, always included).
@@ -74,6 +75,15 @@ def quantize_tensor(
     """Integer codes, scales and zero points for `weight`; see the module docstring."""
     w = weight.detach().to(torch.float32)
     units = _units(w, granularity, group_size)
+    lo, hi = unit_ranges(units, bits, symmetric, range_method)
+    codes, scale, zero, _ = _fake_quant(units, lo, hi, bits, symmetric)
+    return packed(codes.reshape(w.shape), scale, zero, bits, symmetric, granularity, group_size)
+
+
+def unit_ranges(units: torch.Tensor, bits: int, symmetric: bool, range_method: str = "minmax"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-unit ranges ``[lo, hi]`` (``[units, 1]`` each, lo <= 0 <= hi) of `units` rows:
+    min-max, or the MSE-best clipping of it. GPTQ takes its grid from here too."""
     lo = units.min(dim=1, keepdim=True).values.clamp(max=0)
     hi = units.max(dim=1, keepdim=True).values.clamp(min=0)
     ratio = torch.ones_like(lo)
@@ -85,17 +95,31 @@ def quantize_tensor(
             better = err < best
             best = torch.where(better, err, best)
             ratio = torch.where(better, torch.full_like(ratio, candidate), ratio)
-    codes, scale, zero, _ = _fake_quant(units, lo * ratio, hi * ratio, bits, symmetric)
+    return lo * ratio, hi * ratio
+
+
+def qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Scale, zero point and code range for per-unit ranges (see the module docstring)."""
+    return _qparams(lo, hi, bits, symmetric)
+
+
+def packed(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+           symmetric: bool, granularity: str, group_size: int | None) -> QuantizedWeight:
+    """Codes (float, in the weight's shape) and per-unit scale / zero point as the stored
+    :class:`QuantizedWeight`: the one layout every quantizer writes, so exporters and size
+    reports read GPTQ's codes exactly like round-to-nearest's."""
+    shape = codes.shape
     dtype = torch.int8 if symmetric else torch.uint8
     if granularity == "per-tensor":
         param_shape: tuple[int, ...] = ()
     elif granularity == "per-channel":
-        param_shape = (w.shape[0],)
+        param_shape = (shape[0],)
     else:
-        param_shape = (w.shape[0], -1)
+        param_shape = (shape[0], -1)
     return QuantizedWeight(
-        codes=codes.reshape(w.shape).to(dtype),
-        scale=scale.reshape(param_shape),
+        codes=codes.to(dtype),
+        scale=scale.to(torch.float32).reshape(param_shape),
         zero_point=zero.reshape(param_shape).to(dtype),
         bits=bits,
         symmetric=symmetric,
@@ -129,7 +153,7 @@ class UniformQuantization(Method):
             context.cancel.check()
             settings: Quantization = layer_plan.quantization
             weight = weight_of(module, name)
-            key = f"{name}.weight"
+            key = weight_key(name)
             row = weight[0].numel()
             if settings.granularity == "group" and row % settings.group_size:
                 raise PlanError(  # the plan checked original shapes; surgery may have changed them
@@ -164,4 +188,4 @@ class FloatCast(Method):
                 if param is not None:
                     with torch.no_grad():
                         param.copy_(param.to(dtype).to(param.dtype))
-                    result.cast[f"{name}.{param_name}"] = dtype
+                    result.cast[parameter_key(name, param_name)] = dtype
