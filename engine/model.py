@@ -27,7 +27,10 @@ if TYPE_CHECKING:  # torch and onnx are heavy; only adapters import them at run 
 #: Layer kinds whose weights pruning methods can act on.
 PRUNABLE_KINDS = frozenset(
     {"Conv1d", "Conv2d", "Conv3d", "ConvTranspose2d", "Linear", "Conv", "ConvTranspose",
-     "Gemm", "MatMul", "Embedding", "Gather"}
+     "Gemm", "MatMul", "Embedding", "Gather",
+     # Recurrent weights (torch: `rnn.weight_ih_l0`; ONNX: `<node>.weight_ih`): element-wise
+     # methods only; structured and N:M pruning refuse them (engine.methods.base).
+     "LSTM", "GRU", "RNN"}
 )
 #: Layer kinds whose weights weight-quantization methods can act on.
 QUANTIZABLE_KINDS = PRUNABLE_KINDS

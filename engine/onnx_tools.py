@@ -67,8 +67,12 @@ def export_onnx(
     The legacy exporter is used because it needs no onnxscript and folds BatchNorm into Conv,
     which is what quantizers want to see. The module's training flag is restored afterwards.
     The graph is built in memory, so models over protobuf's 2 GB limit are out of reach here.
+    A torch.export graph's recurrent cells are first written out with static gate sizes, which
+    that exporter cannot infer (engine.backends.torch_module.onnx_traceable).
     """
     import torch
+
+    from engine.backends.torch_module import onnx_traceable
 
     if dynamic_axes is None and dynamic_batch:  # one input: its first axis is the batch
         dynamic_axes = {name: {0: "batch"} for name in (*input_names, *output_names)}
@@ -77,7 +81,7 @@ def export_onnx(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the deprecation notice for the legacy exporter
             torch.onnx.export(
-                module,
+                onnx_traceable(module),
                 example_input if isinstance(example_input, tuple) else (example_input,),
                 buffer,
                 dynamo=False,

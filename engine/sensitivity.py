@@ -95,11 +95,13 @@ from engine.evaluate import (
     evaluate,
     first_tensor,
     fixed_batch_of,
+    fresh_stream_state,
+    is_score_output,
     torch_arguments,
 )
 from engine.jobs import NEVER_CANCELLED, CancelToken, Progress, no_progress, sub_progress
 from engine.methods.apply import apply_plan, module_layers
-from engine.methods.base import submodule, weight_of
+from engine.methods.base import is_recurrent_weight, submodule, weight_key, weight_of
 from engine.methods.lowrank import factorize
 from engine.methods.quantize import quantize_tensor
 from engine.model import PRUNABLE_KINDS, QUANTIZABLE_KINDS, Model
@@ -605,7 +607,7 @@ def model_sizes(module: nn.Module, swept: Sequence[str]) -> tuple[int, int]:
     both counted exactly as compress()'s report counts them."""
     state = module.state_dict()
     before = sum(t.numel() * t.element_size() for t in state.values())
-    swept_keys = {f"{name}.weight" for name in swept}
+    swept_keys = {weight_key(name) for name in swept}
     nothing = CompressedModel(module=module)
     fixed = sum(tensor_storage_bytes(nothing, key, t) for key, t in state.items()
                 if key not in swept_keys)
@@ -642,8 +644,7 @@ def _arguments(module: nn.Module, batch: Inputs | torch.Tensor) -> tuple[Any, ..
 def _fresh_state(module: nn.Module) -> None:
     """Streaming TorchScript models (Silero VAD) carry state from call to call; each piece
     starts from a fresh state, so every level of every layer sees the same inputs."""
-    if isinstance(module, torch.jit.ScriptModule) and module._c._has_method("reset_states"):
-        module.reset_states()
+    fresh_stream_state(module)
 
 
 def _piece_size(module: nn.Module, size: int) -> int:
@@ -683,6 +684,9 @@ class _Scorer:
         self.labels = labels
         self.reference = reference
         self.has_labels = all(label is not None for label in labels)
+        #: Without labels, one number per output position (silero's speech probability) is
+        #: scored as a value: agreement and KL of a single class are constant.
+        self.scores = not self.has_labels and bool(reference) and is_score_output(reference[0])
 
     def new(self) -> MetricTotals:
         return MetricTotals()
@@ -698,7 +702,7 @@ class _Scorer:
 
     @property
     def names(self) -> tuple[str, str]:
-        return ("accuracy", "loss") if self.has_labels else ("agreement", "kl_divergence")
+        return metric_names(self.has_labels, self.scores)
 
     def values(self, metrics: Metrics) -> tuple[float, float]:
         primary, secondary = (getattr(metrics, name) for name in self.names)
@@ -707,11 +711,25 @@ class _Scorer:
         return float(primary), float(secondary)
 
 
+def metric_names(has_labels: bool, scores: bool) -> tuple[str, str]:
+    """(primary, secondary) Metrics fields a sweep ranks by: accuracy and loss with labels;
+    without, agreement and KL for class outputs, fidelity and MSE for score outputs."""
+    if has_labels:
+        return ("accuracy", "loss")
+    return ("score_fidelity", "mse") if scores else ("agreement", "kl_divergence")
+
+
 def _constant_answer_score(labels: list[np.ndarray | None], reference: list[np.ndarray]
                            ) -> float:
-    """Accuracy (or agreement) of always answering the most frequent class."""
+    """Accuracy (or agreement) of always answering the most frequent class; for score outputs
+    without labels, the fidelity of always answering the original's median value."""
     if all(label is not None for label in labels):
         answers = np.concatenate([np.asarray(label).reshape(-1) for label in labels])
+    elif reference and is_score_output(reference[0]):
+        values = np.concatenate([out.astype(np.float64).reshape(-1) for out in reference])
+        probabilities = bool(np.all((values >= 0.0) & (values <= 1.0)))
+        scale = 1.0 if probabilities else (float(np.abs(values).mean()) or 1.0)
+        return 1.0 - float(np.abs(values - np.median(values)).mean()) / scale
     else:
         answers = np.concatenate([out.argmax(-1).reshape(-1) for out in reference])
     return float(np.bincount(answers).max() / answers.size)
@@ -1128,7 +1146,7 @@ def _exact(module: nn.Module, names: list[str], data: DataSource, settings: Swee
         baseline, secondary_baseline = scorer.values(scorer.metrics(totals))
         chance = _constant_answer_score(labels, reference)
         graph, note = _GraphEvaluator.build(module, inputs, reference, scorer, settings, cancel)
-        whole: _HookEvaluator | _SwapEvaluator | None = None
+        wholes: dict[type, _HookEvaluator | _SwapEvaluator] = {}
         ordered = graph.order(names) if graph else []
         ordered += [n for n in names if n not in ordered]
         primary_name, secondary_name = scorer.names
@@ -1148,9 +1166,12 @@ def _exact(module: nn.Module, names: list[str], data: DataSource, settings: Swee
             if graph and graph.supports(name):
                 evaluator: _GraphEvaluator | _HookEvaluator | _SwapEvaluator = graph
             else:
-                whole = whole or (_HookEvaluator if _hookable(module) else _SwapEvaluator)(
-                    module, inputs, scorer, cancel)
-                evaluator = whole
+                # A recurrent weight is one of several its module reads: no hook can swap it.
+                kind = _HookEvaluator if _hookable(module) and not is_recurrent_weight(
+                    name.rpartition(".")[2]) else _SwapEvaluator
+                if kind not in wholes:
+                    wholes[kind] = kind(module, inputs, scorer, cancel)
+                evaluator = wholes[kind]
             layer_progress = sub_progress(progress, i / len(ordered), (i + 1) / len(ordered))
             curves_by_layer[name] = _exact_layer(
                 module, name, evaluator, settings, (baseline, secondary_baseline), floor,
@@ -1213,8 +1234,8 @@ def _naive(module: nn.Module, names: list[str], data: DataSource, settings: Swee
     original = TorchRunner(module)
     base_metrics = evaluate(original, data, reference=None if data.has_labels else original,
                             cancel=cancel)
-    primary_name, secondary_name = ("accuracy", "loss") if data.has_labels else \
-        ("agreement", "kl_divergence")
+    primary_name, secondary_name = metric_names(data.has_labels,
+                                                base_metrics.score_fidelity is not None)
     baseline = getattr(base_metrics, primary_name)
     secondary_baseline = getattr(base_metrics, secondary_name)
     result = _new_result("naive", primary_name, True, baseline, settings,
@@ -1243,7 +1264,7 @@ def _naive(module: nn.Module, names: list[str], data: DataSource, settings: Swee
 
 def _compressed_layer_bytes(compressed: CompressedModel, name: str) -> tuple[int, int]:
     keys = [f"{name}.0.weight", f"{name}.1.weight"] if name in compressed.low_rank \
-        else [f"{name}.weight"]
+        else [weight_key(name)]
     state = compressed.module.state_dict()
     stored = sum(tensor_storage_bytes(compressed, key, state[key]) for key in keys)
     return stored, sum(int(torch.count_nonzero(state[key])) for key in keys)
@@ -1336,7 +1357,12 @@ def _fast(module: nn.Module, names: list[str], data: DataSource, settings: Sweep
     inputs, labels = _load_chunks(data, settings.chunk_size, module)
     if not all(label is not None for label in labels):
         with _eval_mode(module), torch.inference_mode():  # no labels: the model's own top-1
-            labels = [out.argmax(-1) for out in _reference(module, inputs, cancel)]
+            reference = _reference(module, inputs, cancel)
+        if is_score_output(reference[0]):
+            raise SlimscopeError("the fast estimate needs class outputs or labels, and this "
+                                 "model outputs one score per sample; use the exact or "
+                                 "datafree method")
+        labels = [out.argmax(-1) for out in reference]
     fisher, loss = fisher_diagonal(module, names, inputs, labels,  # type: ignore[arg-type]
                                    settings.fisher_batch, cancel)
     result = _new_result("fast", "loss", False, loss, settings)

@@ -143,3 +143,84 @@ class ExportedProgramBackend(TorchModuleBackend):
             raise SlimscopeError("this torch.export model has changed weights; export it "
                                  "through an exporter, which re-exports the module")
         torch.export.save(self.program, str(path))
+
+
+# -- torch.export graphs for the TorchScript-based ONNX exporter ------------------------------------
+def _lstm_cell(x: torch.Tensor, hx: list[torch.Tensor], w_ih: torch.Tensor, w_hh: torch.Tensor,
+               b_ih: torch.Tensor | None = None, b_hh: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``aten.lstm_cell`` with the gates split at sizes known from the weight (i, f, g, o)."""
+    h, c = hx
+    gates = _gates(x, w_ih, b_ih) + _gates(h, w_hh, b_hh)
+    i, f, g, o = torch.split(gates, int(w_hh.shape[1]), dim=1)
+    c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c_next), c_next
+
+
+def _gru_cell(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+              b_ih: torch.Tensor | None = None, b_hh: torch.Tensor | None = None) -> torch.Tensor:
+    """``aten.gru_cell`` with static gate sizes (r, z, n)."""
+    hidden = int(w_hh.shape[1])
+    x_r, x_z, x_n = torch.split(_gates(x, w_ih, b_ih), hidden, dim=1)
+    h_r, h_z, h_n = torch.split(_gates(h, w_hh, b_hh), hidden, dim=1)
+    r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+    n = torch.tanh(x_n + r * h_n)
+    return (1 - z) * n + z * h
+
+
+def _rnn_tanh_cell(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+                   b_ih: torch.Tensor | None = None, b_hh: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    return torch.tanh(_gates(x, w_ih, b_ih) + _gates(h, w_hh, b_hh))
+
+
+def _rnn_relu_cell(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+                   b_ih: torch.Tensor | None = None, b_hh: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    return torch.relu(_gates(x, w_ih, b_ih) + _gates(h, w_hh, b_hh))
+
+
+def _gates(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+#: Recurrent-cell operators a torch.export graph keeps whole, and their static-split forms. The
+#: TorchScript-based ONNX exporter expands the cells with ``unsafe_chunk``, which it cannot
+#: export when the traced gate size is unknown ("unknown dimension size"); splitting at the
+#: weight's hidden size gives a plain ONNX Split.
+_CELL_REWRITES = {"lstm_cell": _lstm_cell, "gru_cell": _gru_cell,
+                  "rnn_tanh_cell": _rnn_tanh_cell, "rnn_relu_cell": _rnn_relu_cell}
+
+
+def onnx_traceable(module: nn.Module) -> nn.Module:
+    """`module`, or a copy of a torch.export graph module whose recurrent cells are written out
+    with static gate splits (see :data:`_CELL_REWRITES`); same weights, same results.
+
+    Other modules (eager, TorchScript) come back unchanged: their cells reach the exporter as
+    module calls it knows. A wrapper holding the graph as its only child (the exporters'
+    mode-less wrapper) is rewritten around a rewritten copy."""
+    children = list(module.children())
+    graph_module = module if isinstance(module, torch.fx.GraphModule) else \
+        (children[0] if len(children) == 1 and isinstance(children[0], torch.fx.GraphModule)
+         else None)
+    if graph_module is None or not any(_cell_of(node) for node in graph_module.graph.nodes):
+        return module
+    rewritten = copy.deepcopy(graph_module)
+    for node in rewritten.graph.nodes:
+        replacement = _cell_of(node)
+        if replacement is not None:
+            node.target = replacement
+    rewritten.recompile()
+    if graph_module is module:
+        return rewritten
+    wrapper = copy.copy(module)  # shallow: shares everything but the swapped child
+    wrapper._modules = dict(module._modules)
+    wrapper._modules[next(iter(module._modules))] = rewritten
+    return wrapper
+
+
+def _cell_of(node: torch.fx.Node) -> object | None:
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return None
+    return _CELL_REWRITES.get(target.overloadpacket.__name__)

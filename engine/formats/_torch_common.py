@@ -148,16 +148,17 @@ def _own_tensor(module: nn.Module, attribute: str) -> torch.Tensor | None:
 
 def module_layers(module: nn.Module, store: TensorStore,
                   kind_of: Callable[[str, nn.Module], str] | None = None) -> list[Layer]:
-    """Layers of a live module: every submodule that owns a `weight` parameter directly."""
-    kind_of = kind_of or (lambda _name, submodule: module_kind(submodule))
+    """Layers of a live module: every submodule that owns a `weight` parameter directly, and
+    every recurrent weight of LSTM/GRU/RNN modules (engine.methods.base.weight_layers)."""
+    from engine.methods.base import weight_layers
+
+    modules = dict(module.named_modules()) if kind_of is not None else {}
     layers: list[Layer] = []
-    for name, submodule in module.named_modules():
-        if _own_tensor(submodule, "weight") is None:
-            continue
-        dot = f"{name}." if name else ""
-        bias_key = f"{dot}bias" if _own_tensor(submodule, "bias") is not None else None
-        layers.append(layer_from_store(name or "weight", kind_of(name, submodule), store,
-                                       f"{dot}weight", bias_key))
+    for found in weight_layers(module):
+        kind = found.kind
+        if kind_of is not None and not found.recurrent:
+            kind = kind_of(found.owner, modules[found.owner])
+        layers.append(layer_from_store(found.name, kind, store, found.weight_key, found.bias_key))
     _mark_shared(layers, store)
     return layers
 

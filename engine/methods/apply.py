@@ -5,6 +5,11 @@ surgery runs first so later steps see the final layers; quantization runs last s
 the pruned weights (zeros stay exactly zero, see :mod:`engine.methods.quantize`). After
 low-rank, a factorized layer's later settings apply to both of its factors ``<layer>.0`` and
 ``<layer>.1``. The original module is never modified.
+
+Error-compensating methods (GPTQ, OBS pruning) and bias correction read layer-input statistics
+from the calibration batches (:mod:`engine.calibration_stats`); bias correction runs last, on
+the layers whose plan asks for it and that pruning or quantization changed, against their
+weights as they were before those two stages.
 """
 
 from __future__ import annotations
@@ -22,19 +27,17 @@ from engine.compressed import CompressedModel
 from engine.jobs import NEVER_CANCELLED, CancelToken, Progress, no_progress, sub_progress
 from engine.methods import REGISTRY, STAGES, Context
 from engine.errors import PlanError
-from engine.methods.base import Batch, layer_kind, own_tensor
+from engine.formats.guard import quote
+from engine.methods.base import Batch, weight_layers, weight_of
+from engine.methods.bias_correction import correct_biases
 from engine.plan import LayerInfo, LayerPlan, Plan
 
 
 def module_layers(module: nn.Module) -> list[LayerInfo]:
-    """Every sub-module that owns a `weight` parameter, as plan resolution sees it (TorchScript
-    modules included: their kinds are the original class names)."""
-    layers = []
-    for name, layer in module.named_modules():
-        weight = own_tensor(layer, "weight")
-        if weight is not None:
-            layers.append(LayerInfo(name, layer_kind(layer), tuple(weight.shape)))
-    return layers
+    """Every weight layer, as plan resolution sees it (TorchScript modules included: their kinds
+    are the original class names; recurrent weights are layers of their own)."""
+    return [LayerInfo(found.name, found.kind, tuple(found.weight.shape))
+            for found in weight_layers(module)]
 
 
 def _capabilities_needed(method_name: str) -> tuple[str, ...]:
@@ -84,9 +87,36 @@ def method_names(layer_plan: LayerPlan) -> list[str]:
         names.append(layer_plan.pruning.method)
     if layer_plan.low_rank is not None:
         names.append("svd")
-    if layer_plan.quantization is not None:
-        names.append("cast" if layer_plan.quantization.is_float else "uniform")
+    quantization = layer_plan.quantization
+    if quantization is not None:
+        names.append("cast" if quantization.is_float
+                     else "gptq" if quantization.method == "gptq" else "uniform")
     return names
+
+
+def needs_statistics(method_name: str) -> bool:
+    """Whether a registered method reads layer-input statistics of calibration data."""
+    return bool(getattr(REGISTRY[method_name], "needs_statistics", False))
+
+
+def statistics_refusal(resolved: Mapping[str, LayerPlan], module: nn.Module | None,
+                       has_calibration: bool) -> str | None:
+    """One line saying why the plan's statistics-based steps (GPTQ, OBS, bias correction)
+    cannot run, or None: they need calibration data and an eager torch module's hooks."""
+    for name, layer_plan in resolved.items():
+        steps = [m for m in method_names(layer_plan) if needs_statistics(m)]
+        if layer_plan.bias_correction and (layer_plan.pruning is not None
+                                           or layer_plan.quantization is not None):
+            steps.append("bias correction")
+        if not steps:
+            continue
+        if not has_calibration:
+            return (f"layer {quote(name)}: {steps[0]} needs calibration data "
+                    "(--data or --calibration)")
+        if module is not None and isinstance(module, torch.jit.ScriptModule):
+            return (f"layer {quote(name)}: {steps[0]} needs forward hooks on an eager torch "
+                    "module, and TorchScript has none; open the model as a state_dict or module")
+    return None
 
 
 def apply_plan(
@@ -105,7 +135,8 @@ def apply_plan(
     calibration batch's inputs are used (so pass a re-iterable such as a list or DataLoader).
     """
     resolved = plan.resolve(module_layers(module))
-    refusal = plan_refusal(resolved, _module_why_not(module))
+    refusal = plan_refusal(resolved, _module_why_not(module)) or statistics_refusal(
+        resolved, module, calibration is not None)
     if refusal is not None:
         raise PlanError(refusal)
     work = copy.deepcopy(module)
@@ -121,18 +152,44 @@ def apply_plan(
     order = sorted(by_method, key=lambda m: STAGES.index(REGISTRY[m].stage))
     if example_inputs is None and calibration is not None and any(REGISTRY[m].needs_example_inputs for m in order):
         example_inputs = next(iter(calibration))[0]
+    correcting = [name for name, lp in resolved.items() if lp.bias_correction
+                  and (lp.pruning is not None or lp.quantization is not None)]
+    steps = len(order) + (1 if correcting else 0)
+    references: dict[str, torch.Tensor] | None = None
     for i, method_name in enumerate(order):
         cancel.check()
         method = REGISTRY[method_name]
+        if references is None and method.stage in ("prune", "quantize"):
+            references = _references(work, correcting, result)
         layers = _follow_factorized(by_method[method_name], result.low_rank)
-        stage_progress = sub_progress(progress, i / len(order), (i + 1) / len(order))
+        stage_progress = sub_progress(progress, i / steps, (i + 1) / steps)
         stage_progress(0.0, f"{method_name}: {len(layers)} layers")
         method.apply(work, layers, result, Context(calibration, example_inputs, stage_progress, cancel))
+    if correcting and references:
+        cancel.check()
+        correct_biases(work, references, result,
+                       Context(calibration, example_inputs,
+                               sub_progress(progress, len(order) / steps, 1.0), cancel))
     for param in work.parameters():
         param.grad = None
     work.train(module.training)
     progress(1.0, "compression done")
     return result
+
+
+def _references(work: nn.Module, names: list[str], result: CompressedModel
+                ) -> dict[str, torch.Tensor]:
+    """Copies of the weights bias correction measures the change against, taken before the
+    first pruning or quantization stage. A factorized layer is left out, with a note: its
+    error is the two factors' together, which the one-layer correction does not model."""
+    references = {}
+    for name in names:
+        if name in result.low_rank:
+            result.notes.append(f"{name}: bias correction of a factorized layer is not built "
+                                "yet; skipped")
+            continue
+        references[name] = weight_of(work, name).detach().clone()
+    return references
 
 
 def _follow_factorized(layers: dict[str, LayerPlan], factorized: dict[str, int]) -> dict[str, LayerPlan]:

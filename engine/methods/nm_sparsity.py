@@ -13,7 +13,7 @@ from typing import Mapping
 import torch
 
 from engine.errors import PlanError
-from engine.methods.base import PruningMethod, register
+from engine.methods.base import PruningMethod, refuse_recurrent, register
 from engine.plan import LayerPlan
 
 
@@ -35,6 +35,7 @@ class NMPruning(PruningMethod):
         return weight.abs()
 
     def select(self, scores: Mapping[str, torch.Tensor], layers: Mapping[str, LayerPlan]) -> dict[str, torch.Tensor]:
+        refuse_recurrent("N:M pruning", scores)  # gate blocks have no input-channel groups
         masks = {}
         for name, s in scores.items():
             n, m = layers[name].pruning.nm

@@ -18,7 +18,7 @@ from torch import nn
 
 from engine.compressed import CompressedModel
 from engine.errors import PlanError
-from engine.methods.base import Context, Method, register
+from engine.methods.base import Context, Method, refuse_recurrent, register
 from engine.plan import LayerPlan
 
 
@@ -79,6 +79,7 @@ class StructuredPruning(Method):
     needs_example_inputs = True
 
     def apply(self, module: nn.Module, layers: Mapping[str, LayerPlan], result: CompressedModel, context: Context) -> None:
+        refuse_recurrent("structured pruning", layers)  # channels are stacked gates there
         inputs = context.example_inputs
         if inputs is None:
             first = next(iter(layers))
