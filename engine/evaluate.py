@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -91,6 +91,37 @@ def input_names(module: "torch.nn.Module") -> list[str]:
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
+def _takes_varargs(module: "torch.nn.Module") -> bool:
+    """Whether forward() takes ``*args`` (then any number of inputs may be right)."""
+    import inspect
+
+    import torch
+
+    if isinstance(module, torch.jit.ScriptModule):
+        return False
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind == p.VAR_POSITIONAL for p in parameters)
+
+
+def check_named_inputs(given: Sequence[str], names: Sequence[str]) -> None:
+    """Refuse, in one line, named inputs a module's forward() cannot take: one whose name is not
+    an argument while others' are (it would be passed in another's place), or more inputs than
+    arguments. Inputs none of whose names match go by position (names from an ONNX spec).
+
+    A module without input specs (TorchScript) is checked here, at its first batch, since the
+    data could not be checked against specs when it was opened."""
+    if not names:
+        return
+    unknown = [name for name in given if name not in names]
+    if unknown and (len(unknown) < len(given) or len(given) > len(names)):
+        raise SlimscopeError(
+            f"the data holds {quote(unknown[0])}, which the model does not take: its "
+            f"forward() takes {', '.join(map(quote, names))}; give one array per input")
+
+
 def torch_arguments(module: "torch.nn.Module", batch: "Inputs | Mapping[str, np.ndarray]"
                     ) -> tuple[Any, ...]:
     """Positional arguments for one batch: one tensor, or the named inputs in the module's own
@@ -110,6 +141,8 @@ def torch_arguments(module: "torch.nn.Module", batch: "Inputs | Mapping[str, np.
     if not isinstance(batch, Mapping):
         return (tensor(batch),)
     names = input_names(module)
+    if not _takes_varargs(module):
+        check_named_inputs(list(batch), names)
     order = names[:len(batch)] if set(batch) == set(names[:len(batch)]) else list(batch)
     kinds = {}
     if isinstance(module, torch.jit.ScriptModule):
@@ -154,6 +187,7 @@ class TorchRunner:
             if change_threads:
                 torch.set_num_threads(self.threads)
             _to_eval(self.module)
+            fresh_stream_state(self.module)
             with torch.inference_mode():
                 output = first_tensor(self.module(*arguments))
         finally:
@@ -165,6 +199,19 @@ class TorchRunner:
 
     def with_threads(self, threads: int | None) -> TorchRunner:
         return TorchRunner(self.module, threads, self.fixed_batch)
+
+
+def fresh_stream_state(module: "torch.nn.Module") -> None:
+    """Reset a streaming TorchScript model's carried state (Silero VAD's ``reset_states``).
+
+    Such a model feeds each call's state into the next, so an output would depend on which
+    batches ran before it: two runners over the same data (compressed and original, file and
+    memory) would be compared from different states. Every call starts fresh instead, as each
+    sensitivity piece does; the samples of a data file are independent chunks."""
+    import torch
+
+    if isinstance(module, torch.jit.ScriptModule) and module._c._has_method("reset_states"):
+        module.reset_states()
 
 
 def in_fixed_batches(run: Callable[[Inputs], np.ndarray], batch: Inputs,
@@ -299,6 +346,11 @@ class Metrics:
     kl_divergence: float | None = None
     cosine_similarity: float | None = None
     max_abs_diff: float | None = None
+    #: For score outputs (one number per position: a probability, a logit, a regression
+    #: value), which have no classes to agree on: 1 - mean |output - original| over the
+    #: original's scale (1 for probabilities), and the mean squared difference.
+    score_fidelity: float | None = None
+    mse: float | None = None
 
     @property
     def primary(self) -> float | None:
@@ -306,7 +358,24 @@ class Metrics:
         return self.accuracy if self.accuracy is not None else self.agreement
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "primary": self.primary}
+        out = {**asdict(self), "primary": self.primary}
+        for name in SCORE_FIELDS:  # classification results keep their exact keys
+            if out[name] is None:
+                del out[name]
+        return out
+
+
+#: Metrics fields only score outputs have (see :func:`is_score_output`).
+SCORE_FIELDS = ("score_fidelity", "mse")
+#: Decision threshold of a score output: 0.5 for probabilities, 0 for logits and the like.
+PROBABILITY_THRESHOLD, LOGIT_THRESHOLD = 0.5, 0.0
+
+
+def is_score_output(outputs: np.ndarray) -> bool:
+    """Whether outputs hold one number per position (last axis of size 1, or no axis beyond
+    the batch) rather than a class distribution: softmax agreement and KL are constant there
+    (one class always agrees with itself), so they are scored as values instead."""
+    return outputs.ndim < 2 or outputs.shape[-1] == 1
 
 
 class MetricTotals:
@@ -323,6 +392,16 @@ class MetricTotals:
         self.compared_positions = 0
         self.cosine = 0.0
         self.max_abs = 0.0
+        # Score outputs: positions, absolute and squared differences, the original's absolute
+        # values, decisions agreeing at either threshold, and whether the original stayed in
+        # [0, 1] (a probability) on every batch so far.
+        self.scored_positions = 0
+        self.abs_error = 0.0
+        self.squared_error = 0.0
+        self.reference_abs = 0.0
+        self.agree_probability = 0
+        self.agree_logit = 0
+        self.probabilities = True
 
     def add_labels(self, outputs: np.ndarray, labels: np.ndarray) -> None:
         log_probs = _class_log_probs(outputs)
@@ -351,12 +430,26 @@ class MetricTotals:
                           np.where(np.all(out64 == ref64, axis=1), 1.0, 0.0))
         self.cosine += float(cosine.sum())
         self.max_abs = max(self.max_abs, float(np.max(np.abs(out64 - ref64), initial=0.0)))
-        if outputs.ndim >= 2:
+        if is_score_output(reference):
+            self._add_scores(out64.reshape(-1), ref64.reshape(-1))
+        elif outputs.ndim >= 2:
             log_p = _class_log_probs(reference)
             log_q = _class_log_probs(outputs)
             self.kl += float((np.exp(log_p) * (log_p - log_q)).sum())
             self.agree += int(np.count_nonzero(log_p.argmax(-1) == log_q.argmax(-1)))
             self.compared_positions += log_p[..., 0].size
+
+    def _add_scores(self, outputs: np.ndarray, reference: np.ndarray) -> None:
+        difference = outputs - reference
+        self.scored_positions += reference.size
+        self.abs_error += float(np.abs(difference).sum())
+        self.squared_error += float(np.square(difference).sum())
+        self.reference_abs += float(np.abs(reference).sum())
+        self.probabilities &= bool(np.all((reference >= 0.0) & (reference <= 1.0)))
+        self.agree_probability += int(np.count_nonzero(
+            (outputs > PROBABILITY_THRESHOLD) == (reference > PROBABILITY_THRESHOLD)))
+        self.agree_logit += int(np.count_nonzero(
+            (outputs > LOGIT_THRESHOLD) == (reference > LOGIT_THRESHOLD)))
 
     def metrics(self, has_labels: bool, has_reference: bool) -> Metrics:
         fields: dict[str, float | None] = {}
@@ -369,7 +462,20 @@ class MetricTotals:
             if self.compared_positions:
                 fields["agreement"] = self.agree / self.compared_positions
                 fields["kl_divergence"] = max(0.0, self.kl / self.compared_positions)
+            if self.scored_positions:
+                fields.update(self._score_fields())
         return Metrics(samples=self.samples, **fields)
+
+    def _score_fields(self) -> dict[str, float]:
+        """Decision agreement (p > 0.5 for probabilities, > 0 otherwise), fidelity, MSE."""
+        count = self.scored_positions
+        agree = self.agree_probability if self.probabilities else self.agree_logit
+        # Probabilities: the error in probability units. Other scores: relative to the
+        # original's mean magnitude (an all-zero original leaves the absolute error).
+        scale = 1.0 if self.probabilities else (self.reference_abs / count or 1.0)
+        return {"agreement": agree / count,
+                "score_fidelity": 1.0 - self.abs_error / count / scale,
+                "mse": self.squared_error / count}
 
 
 def evaluate(

@@ -44,6 +44,7 @@ from engine.data import DataSource
 from engine.errors import SlimscopeError
 from engine.evaluate import in_fixed_batches
 from engine.jobs import NEVER_CANCELLED, CancelToken, Progress, no_progress, sub_progress
+from engine.methods.base import RECURRENT_KINDS
 from engine.model import PRUNABLE_KINDS, QUANTIZABLE_KINDS, Layer, Model
 from engine.parsing import quote
 from engine.sensitivity import (
@@ -183,8 +184,13 @@ class _Weight(nn.Module):
 
 
 def layer_levels(backend: Backend, layer: Layer, settings: SweepSettings) -> LayerLevels:
-    """The layer's weight at any level, made by the compression methods' own functions."""
-    return LayerLevels(_Weight(backend.read(layer.weight_key)), settings.quantization)
+    """The layer's weight at any level, made by the compression methods' own functions, on
+    the output-rows view compression uses (per-channel scales per gate row of a recurrent
+    weight); a level's weight goes back to the stored shape before it is fed."""
+    weight = np.asarray(backend.read(layer.weight_key))
+    if layer.kind in RECURRENT_KINDS and weight.ndim == 3:
+        weight = weight.reshape(-1, weight.shape[-1])  # as tensor_compress.output_rows
+    return LayerLevels(_Weight(weight), settings.quantization)
 
 
 def _axes(settings: SweepSettings) -> list[str]:
@@ -432,7 +438,8 @@ def _measured_curves(layer: Layer, levels_of: LayerLevels,
                 continue
             level = levels_of.level(axis, value)
             assert level.weight is not None
-            primary, secondary = measure(level.weight.numpy().astype(dtype, copy=False))
+            primary, secondary = measure(
+                level.weight.numpy().astype(dtype, copy=False).reshape(layer.shape))
             _append(curve, value, primary, primary - baselines[0], level.bytes, level.nonzero,
                     MEASURED, secondary)
         curves[axis] = curve

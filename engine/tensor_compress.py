@@ -16,19 +16,21 @@ surgery, low-rank a backend that can factorize (see :class:`Factorizing`), recov
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING, Mapping, Protocol, runtime_checkable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
 from torch import nn
 
 from engine.backends.base import GRADIENTS, GRAPH_SURGERY, LOW_RANK, TRAIN, Backend
-from engine.compressed import CompressedModel
+from engine.compressed import CompressedModel, QuantizedWeight
 from engine.errors import PlanError, SlimscopeError
 from engine.formats.guard import quote
 from engine.jobs import NEVER_CANCELLED, CancelToken, Progress, no_progress, sub_progress
 from engine.methods import REGISTRY, STAGES, Context
 from engine.methods.apply import method_names
+from engine.methods.base import RECURRENT_KINDS
 from engine.plan import LayerPlan, LowRank, Plan
 
 if TYPE_CHECKING:
@@ -165,12 +167,15 @@ def _run_methods(model: "Model", work: list[tuple["Layer", LayerPlan]], result: 
     assert model.backend is not None
     holder = nn.Module()
     alias_of: dict[str, "Layer"] = {}
+    stored_shapes: dict[str, tuple[int, ...]] = {}
     by_method: dict[str, dict[str, LayerPlan]] = defaultdict(dict)
     for i, (layer, layer_plan) in enumerate(work):
         cancel.check()
         alias = f"t{i}"
         casts = layer_plan.quantization is not None and layer_plan.quantization.is_float
-        weight = _float_tensor(model, layer, layer.weight_key)
+        stored = _float_tensor(model, layer, layer.weight_key)
+        stored_shapes[alias] = tuple(stored.shape)
+        weight = output_rows(layer.kind, stored)
         bias = _float_tensor(model, layer, layer.bias_key) if casts and layer.bias_key else None
         holder.add_module(alias, _Holder(weight, bias))
         alias_of[alias] = layer
@@ -193,17 +198,51 @@ def _run_methods(model: "Model", work: list[tuple["Layer", LayerPlan]], result: 
             scratch_key = f"{alias}.{param_name}"
             if key is None:
                 continue
+            value = getattr(part, param_name)
+            if value is None:
+                continue
+            # the weight back in its stored shape (see output_rows); a bias never changed shape
+            shape = stored_shapes[alias] if param_name == "weight" else tuple(value.shape)
             if scratch_key in scratch.masks:
-                result.masks[key] = scratch.masks[scratch_key]
+                result.masks[key] = scratch.masks[scratch_key].reshape(shape)
             if scratch_key in scratch.quantized:
-                result.quantized[key] = scratch.quantized[scratch_key]
+                result.quantized[key] = stored_layout(scratch.quantized[scratch_key], shape)
             if scratch_key in scratch.cast:
                 result.cast[key] = scratch.cast[scratch_key]
-            value = getattr(part, param_name)
-            if value is not None and (param_name == "weight" or scratch_key in scratch.cast):
-                replacements[key] = value.detach().numpy()
+            if param_name == "weight" or scratch_key in scratch.cast:
+                replacements[key] = value.detach().numpy().reshape(shape)
     result.notes.extend(_rename(note, alias_of) for note in scratch.notes)
     return replacements
+
+
+def output_rows(kind: str, weight: torch.Tensor) -> torch.Tensor:
+    """`weight` with its output rows on axis 0, where the compression methods look for them
+    (per-channel scales, group rows): an ONNX recurrent weight ``[D, 4H, in]`` becomes
+    ``[D*4H, in]``, one row per gate unit and direction, as torch's ``weight_ih_l0`` and the
+    ``[4H, in]`` a graph unsqueezes first already are. Everything else is returned as it is."""
+    if kind in RECURRENT_KINDS and weight.dim() == 3:
+        return weight.reshape(-1, weight.shape[-1])
+    return weight
+
+
+def stored_layout(quantized: QuantizedWeight, shape: Sequence[int]) -> QuantizedWeight:
+    """Codes made on :func:`output_rows`' view, back in the stored `shape`: a per-channel scale
+    then runs along axis 1 for one direction, and per row of each direction (groups of a whole
+    row) for two; group-wise and per-tensor scales only reshape."""
+    shape = tuple(shape)
+    if tuple(quantized.codes.shape) == shape:
+        return quantized
+    codes = quantized.codes.reshape(shape)
+    if quantized.axis is None or len(shape) != 3:
+        group_scales = (shape[0], -1) if quantized.group_size else tuple(quantized.scale.shape)
+        return replace(quantized, codes=codes, scale=quantized.scale.reshape(group_scales),
+                       zero_point=quantized.zero_point.reshape(group_scales))
+    if shape[0] == 1:
+        return replace(quantized, codes=codes, axis=1)
+    rows = shape[:2]
+    return replace(quantized, codes=codes, axis=None, group_size=shape[2],
+                   scale=quantized.scale.reshape(rows),
+                   zero_point=quantized.zero_point.reshape(rows))
 
 
 def _float_tensor(model: "Model", layer: "Layer", key: str) -> torch.Tensor:

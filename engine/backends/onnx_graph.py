@@ -36,8 +36,10 @@ from engine.errors import SlimscopeError
 from engine.evaluate import ONNX_IN_MEMORY_LIMIT
 from engine.formats.guard import quote
 from engine.formats.onnx_format import (
+    Dequantization,
     GraphStep,
     WeightSite,
+    dequantizations,
     graph_at,
     weight_sites,
 )
@@ -73,6 +75,7 @@ class OnnxBackend(Backend):
         #: The loader's validated (memory-mapping) reader; None for a backend this one made.
         self._read = read
         self._sites: dict[str, WeightSite] | None = None
+        self._decoders: dict[str, Dequantization] | None = None
 
     @property
     def sites(self) -> dict[str, WeightSite]:
@@ -81,6 +84,18 @@ class OnnxBackend(Backend):
             self._sites = weight_sites(self.proto)
         return self._sites
 
+    @property
+    def decoders(self) -> dict[str, Dequantization]:
+        """Weights stored as integer codes (QDQ / QLinear graphs) -> how they decode; such a
+        weight is read as its float value and written back as codes on the same scale."""
+        if self._decoders is None:
+            self._decoders = dequantizations(self.proto)
+        return self._decoders
+
+    def _stored(self, key: str) -> np.ndarray:
+        tensor = self._site(key).tensor
+        return numpy_helper.to_array(tensor, str(self.external_folder or self.path.parent))
+
     def _site(self, key: str) -> WeightSite:
         site = self.sites.get(key)
         if site is None:
@@ -88,10 +103,15 @@ class OnnxBackend(Backend):
         return site
 
     def read(self, key: str) -> np.ndarray:
+        """The tensor under `key`; a quantized weight as the float weight its codes decode to
+        (the loader's store does the same), so every reader sees one value."""
         if self._read is not None:
             return self._read(key)
-        tensor = self._site(key).tensor
-        return numpy_helper.to_array(tensor, str(self.external_folder or self.path.parent))
+        decoder = self.decoders.get(key)
+        if decoder is None:
+            return self._stored(key)
+        zero_point = self._stored(decoder.zero_point) if decoder.zero_point else None
+        return decoder.decode(self._stored(key), self._stored(decoder.scale), zero_point)
 
     def full_proto(self) -> onnx.ModelProto:
         """A copy with every external tensor read in, for ONNX Runtime and for saving whole."""
@@ -108,8 +128,15 @@ class OnnxBackend(Backend):
         sites = weight_sites(proto)
         for key, value in replacements.items():
             target = sites[key].tensor
-            dtype = helper.tensor_dtype_to_np_dtype(target.data_type)
-            target.CopyFrom(numpy_helper.from_array(np.asarray(value).astype(dtype), target.name))
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(target.data_type))
+            value = np.asarray(value)
+            decoder = self.decoders.get(key)
+            if decoder is not None and value.dtype.kind == "f":  # a float weight: back to codes
+                zero_point = (numpy_helper.to_array(sites[decoder.zero_point].tensor)
+                              if decoder.zero_point else None)
+                value = decoder.encode(value, numpy_helper.to_array(sites[decoder.scale].tensor),
+                                       zero_point, dtype)
+            target.CopyFrom(numpy_helper.from_array(value.astype(dtype), target.name))
         return OnnxBackend(proto, self.path)
 
     def factorize(self, settings: Mapping[str, "LowRank"]

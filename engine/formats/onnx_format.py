@@ -16,6 +16,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -77,6 +78,12 @@ _FIRST_WEIGHT_SUFFIX = "weight_ih"
 #: Nodes whose output is their first input, decoded: a weight reached through one of these
 #: (QDQ graphs put DequantizeLinear between an int8 initializer and its Conv) is still a weight.
 _DECODERS = frozenset({"DequantizeLinear", "Cast", "Identity"})
+#: Nodes that rearrange their first input's elements and nothing else: a weight reached through
+#: one (torch's exporter feeds an LSTM ``Unsqueeze(Concat(Slice(weight_ih)...))``, its gates
+#: reordered and a direction axis added) is still that weight, kept in its stored shape. Every
+#: other input must be a constant (the new shape, the axes, the slice bounds); a Concat counts
+#: only when all its pieces come from one weight.
+_RESHAPERS = frozenset({"Unsqueeze", "Squeeze", "Reshape", "Flatten", "Slice", "Concat"})
 #: Element types stored packed below a byte per element -> bits per element.
 _PACKED_BITS = {
     getattr(TensorProto, name): bits
@@ -113,7 +120,8 @@ def load(path: Path, options: LoadOptions) -> Model:
     sources = _checked_sources(path, constants, notes)
     _check_other_external(path, other_external)
     has_external = any(source.external is not None for source in sources.values())
-    store = _tensor_store(sources, path.parent)
+    decoders = _decodable(_dequantizations(graph, sites), sources)
+    store = _tensor_store(sources, path.parent, decoders)
     layers, uses = _layers(graph, store, sites)
     main_constants = {key for key, site in sites.items() if not site.graph_path}
     inputs = [_spec(value) for value in graph.input if value.name not in main_constants]
@@ -426,19 +434,170 @@ def _read(source: _Source, maps: dict[Path, np.ndarray], folder: Path) -> np.nda
     return array.astype(np.float32) if array.dtype.kind == "V" else array
 
 
-def _tensor_store(sources: dict[str, _Source], folder: Path) -> TensorStore:
+def _tensor_store(sources: dict[str, _Source], folder: Path,
+                  decoders: dict[str, Dequantization] | None = None) -> OnnxTensorStore:
     maps: dict[Path, np.ndarray] = {}
 
     def read(name: str) -> np.ndarray:
         return _read(sources[name], maps, folder)
 
-    return TensorStore(
+    return OnnxTensorStore(
         read,
         shapes={name: source.shape for name, source in sources.items()},
         dtypes={name: _dtype_name(source.dtype) for name, source in sources.items()},
         # Packed 4-bit types report one byte per element: numpy has no half-byte itemsize.
         itemsizes={name: max(source.dtype.itemsize, 1) for name, source in sources.items()},
+        decoders=decoders,
     )
+
+
+# -- quantized weights ----------------------------------------------------------------------
+#: Operators that turn integer codes into the float weight they compute with:
+#: op type -> (codes, scale, zero point) input indices, and the scale's axis when the node
+#: has no ``axis`` attribute (QLinearConv scales per output channel, QLinearMatMul per column).
+_CODE_INPUTS: dict[str, tuple[int, int, int, int]] = {
+    "DequantizeLinear": (0, 1, 2, 1),
+    "QLinearConv": (3, 4, 5, 0),
+    "QLinearMatMul": (3, 4, 5, -1),
+}
+#: The suffix ONNX Runtime's quantizer gives the codes of a weight (``conv.weight_quantized``).
+_QUANTIZED_SUFFIX = "_quantized"
+
+
+@dataclass(frozen=True)
+class Dequantization:
+    """How a weight stored as integer codes becomes the float weight the graph computes with:
+    ``(codes - zero_point) * scale``, the scale per tensor, per slice along `axis`, or per block
+    of `block_size` along it (DequantizeLinear's three modes)."""
+
+    #: Weight keys of the scale and of the zero point (None: zero).
+    scale: str
+    zero_point: str | None
+    #: The axis a scale with several values runs along (may be negative).
+    axis: int
+    block_size: int = 0
+
+    def _spread(self, values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """A scale or zero point broadcastable against codes of `shape`."""
+        values = np.asarray(values)
+        if values.size == 1:
+            return values.reshape(())
+        axis = self.axis % len(shape)
+        if self.block_size:
+            return np.repeat(values, self.block_size, axis=axis)[
+                (slice(None),) * axis + (slice(0, shape[axis]),)]
+        if values.size != shape[axis]:
+            raise FormatError(f"a quantized weight of shape {list(shape)} has {values.size} "
+                              f"scales for axis {axis}")
+        return values.reshape([-1 if index == axis else 1 for index in range(len(shape))])
+
+    def decode(self, codes: np.ndarray, scale: np.ndarray,
+               zero_point: np.ndarray | None) -> np.ndarray:
+        """The float weight: codes less the zero point, times the scale (float32)."""
+        shifted = codes.astype(np.float32)
+        if zero_point is not None:
+            shifted = shifted - self._spread(zero_point, codes.shape).astype(np.float32)
+        return (shifted * self._spread(scale, codes.shape).astype(np.float32)).astype(np.float32)
+
+    def encode(self, weight: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None,
+               dtype: np.dtype) -> np.ndarray:
+        """Codes of `dtype` that decode to `weight` as nearly as the scale allows; an exact zero
+        stays exactly zero (its code is the zero point)."""
+        scaled = np.asarray(weight, np.float64) / self._spread(scale, weight.shape).astype(np.float64)
+        if zero_point is not None:
+            scaled = scaled + self._spread(zero_point, weight.shape).astype(np.float64)
+        limits = np.iinfo(dtype)
+        return np.clip(np.rint(scaled), limits.min, limits.max).astype(dtype)
+
+
+class OnnxTensorStore(TensorStore):
+    """The graph's constants; integer codes a DequantizeLinear or QLinear node decodes are handed
+    out as the float weight the graph computes with, so statistics, histograms and sensitivity
+    see real weight values. :meth:`stored` gives the codes as the file holds them; the store's
+    `dtypes` and `itemsizes` stay the stored ones, so sizes are the file's."""
+
+    def __init__(self, read: Callable[[str], np.ndarray], shapes: dict[str, tuple[int, ...]],
+                 dtypes: dict[str, str], itemsizes: dict[str, int],
+                 decoders: dict[str, Dequantization] | None = None) -> None:
+        self._stored = read
+        #: Weight key of integer codes -> how they decode.
+        self.decoders = dict(decoders or {})
+        super().__init__(self._decoded, shapes, dtypes, itemsizes)
+
+    def stored(self, key: str) -> np.ndarray:
+        """The tensor exactly as the file stores it (a quantized weight's integer codes)."""
+        if key not in self.shapes:
+            raise KeyError(key)
+        return self._stored(key)
+
+    def _decoded(self, key: str) -> np.ndarray:
+        codes = self._stored(key)
+        decoder = self.decoders.get(key)
+        if decoder is None:
+            return codes
+        zero_point = self._stored(decoder.zero_point) if decoder.zero_point else None
+        return decoder.decode(codes, self._stored(decoder.scale), zero_point)
+
+
+def dequantizations(proto: onnx.ModelProto) -> dict[str, Dequantization]:
+    """Weight key (as :func:`weight_sites` keys it) of every integer weight the graph decodes
+    with a constant float scale -> how; what the loader and the ONNX backend both go by."""
+    sites = weight_sites(proto)
+    kinds: dict[str, str] = {}
+    for key, site in sites.items():
+        try:
+            kinds[key] = np.dtype(helper.tensor_dtype_to_np_dtype(site.tensor.data_type)).kind
+        except (KeyError, TypeError, ValueError):
+            continue
+    found = _dequantizations(proto.graph, sites)
+    return {key: decoder for key, decoder in found.items()
+            if kinds.get(key) in ("i", "u") and kinds.get(decoder.scale) == "f"
+            and (decoder.zero_point is None or kinds.get(decoder.zero_point) in ("i", "u"))}
+
+
+def _decodable(found: dict[str, Dequantization], sources: dict[str, _Source]
+               ) -> dict[str, Dequantization]:
+    """The decoders whose codes are integers and whose scale is a float constant we can read."""
+    def kind(key: str | None) -> str:
+        return sources[key].dtype.kind if key in sources else ""
+
+    return {key: decoder for key, decoder in found.items()
+            if kind(key) in ("i", "u") and kind(decoder.scale) == "f"
+            and (decoder.zero_point is None or kind(decoder.zero_point) in ("i", "u"))}
+
+
+def _dequantizations(graph: onnx.GraphProto, sites: dict[str, WeightSite]
+                     ) -> dict[str, Dequantization]:
+    """Every constant fed as codes to a DequantizeLinear / QLinearConv / QLinearMatMul together
+    with a constant scale, in the main graph and its subgraphs (first use wins)."""
+    by_graph: dict[tuple[GraphStep, ...], dict[str, str]] = {}
+    for key, site in sites.items():
+        by_graph.setdefault(site.graph_path, {})[site.name] = key
+    found: dict[str, Dequantization] = {}
+
+    def visit(graph: onnx.GraphProto, graph_path: tuple[GraphStep, ...],
+              outer: dict[str, str]) -> None:
+        scope = dict(outer)
+        scope.update(by_graph.get(graph_path, {}))
+        for index, node in enumerate(graph.node):
+            spot = _CODE_INPUTS.get(node.op_type)
+            if spot is not None:
+                codes, scale, zero, default_axis = spot
+                inputs = node.input
+                if len(inputs) > scale and inputs[codes] in scope and inputs[scale] in scope:
+                    zero_key = (scope.get(inputs[zero])
+                                if len(inputs) > zero and inputs[zero] else None)
+                    attributes = {a.name: a.i for a in node.attribute
+                                  if a.type == onnx.AttributeProto.INT}
+                    found.setdefault(scope[inputs[codes]], Dequantization(
+                        scope[inputs[scale]], zero_key,
+                        int(attributes.get("axis", default_axis)),
+                        max(0, int(attributes.get("block_size", 0)))))
+            for step, _, subgraph in _subgraphs(node, index):
+                visit(subgraph, (*graph_path, step), scope)
+
+    visit(graph, (), {})
+    return found
 
 
 # -- layers -------------------------------------------------------------------------------
@@ -453,6 +612,7 @@ def _layers(graph: onnx.GraphProto, store: TensorStore, sites: dict[str, WeightS
     Subgraphs are searched too, and their nodes see the values of every enclosing graph (an
     If branch's Conv may use an initializer of the main graph).
     """
+    decoders = store.decoders if isinstance(store, OnnxTensorStore) else {}
     by_graph: dict[tuple[GraphStep, ...], dict[str, str]] = {}
     for key, site in sites.items():
         if key in store:
@@ -472,6 +632,13 @@ def _layers(graph: onnx.GraphProto, store: TensorStore, sites: dict[str, WeightS
                 candidates.append(node)
             elif op_type in _DECODERS and node.input and node.output and node.input[0] in scope:
                 scope[node.output[0]] = scope[node.input[0]]
+                if node.input[0] in reshaped:
+                    reshaped.add(node.output[0])
+            elif op_type in _RESHAPERS and node.output:
+                weight = _rearranged_weight(node, scope)
+                if weight is not None:
+                    scope[node.output[0]] = weight
+                    reshaped.add(node.output[0])
             elif op_type in _SUBGRAPH_OPS or node.domain not in ("", "ai.onnx"):
                 nested.extend((step, subgraph) for step, _, subgraph in _subgraphs(node, index))
         for node in candidates:
@@ -483,7 +650,8 @@ def _layers(graph: onnx.GraphProto, store: TensorStore, sites: dict[str, WeightS
         kind, weight_indices, bias_index = _LAYER_OPS[node.op_type]
         inputs = node.input
         index = next((i for i in weight_indices if i < len(inputs) and inputs[i] in scope), None)
-        if index is None or not _plausible_weight(node.op_type, store, scope[inputs[index]]):
+        if index is None or not _plausible_weight(node.op_type, store, scope[inputs[index]],
+                                                  inputs[index] in reshaped):
             return
         bias = (scope.get(inputs[bias_index])
                 if bias_index is not None and bias_index < len(inputs) else None)
@@ -497,7 +665,10 @@ def _layers(graph: onnx.GraphProto, store: TensorStore, sites: dict[str, WeightS
     def add_layer(node: onnx.NodeProto, weight: str, kind: str, bias: str | None,
                   weight_first: bool, suffix_name: str) -> None:
         if weight not in found:
-            name = _layer_name(sites[weight].name, node)
+            source = sites[weight].name
+            if weight in decoders:  # the float weight's name, not its codes' (`..._quantized`)
+                source = source.removesuffix(_QUANTIZED_SUFFIX) or source
+            name = _layer_name(source, node)
             if suffix_name and _GENERATED_NAME.match(sites[weight].name):
                 name = f"{name}.{suffix_name}"  # named after the node: tell W and R apart
             found[weight] = (name, kind, bias)
@@ -506,6 +677,8 @@ def _layers(graph: onnx.GraphProto, store: TensorStore, sites: dict[str, WeightS
 
     found: dict[str, tuple[str, str, str | None]] = {}
     uses_of: dict[str, list[Use]] = {}
+    #: Value names (in any graph) that hold a weight in another shape than the stored one.
+    reshaped: set[str] = set()
     visit(graph, (), {})
     layers: list[Layer] = []
     uses: dict[str, list[Use]] = {}
@@ -592,13 +765,28 @@ def _module_path(node: onnx.NodeProto) -> str | None:
     return ".".join(path)
 
 
-def _plausible_weight(op_type: str, store: TensorStore, key: str) -> bool:
-    """Gather only looks up embeddings in 2-D float tables; matrix products need 2-D or more."""
+def _rearranged_weight(node: onnx.NodeProto, scope: dict[str, str]) -> str | None:
+    """The weight key a :data:`_RESHAPERS` node's output rearranges, or None: its data input
+    (every input, for Concat, all the one weight) is a weight and its other inputs constants."""
+    if not node.input or node.input[0] not in scope or node.domain not in ("", "ai.onnx"):
+        return None  # (most reshaping nodes reshape activations: answered at once)
+    inputs = [name for name in node.input if name]
+    if node.op_type == "Concat":
+        keys = {scope.get(name) for name in inputs}
+        return keys.pop() if len(keys) == 1 and None not in keys else None
+    if any(name not in scope for name in inputs[1:]):
+        return None  # a shape, axes or bounds computed at run time
+    return scope[inputs[0]]
+
+
+def _plausible_weight(op_type: str, store: TensorStore, key: str, reshaped: bool = False) -> bool:
+    """Gather only looks up embeddings in 2-D float tables; matrix products need 2-D or more,
+    which a weight reached through a reshaping node may be only after it (a 1-D store)."""
     rank = len(store.shapes[key])
     if op_type == "Gather":
-        return rank == 2 and store.dtypes[key].startswith(("float", "bfloat"))
+        return not reshaped and rank == 2 and store.dtypes[key].startswith(("float", "bfloat"))
     if op_type in ("MatMul", "Gemm"):
-        return rank >= 2
+        return rank >= (1 if reshaped else 2)
     return rank >= 1
 
 
@@ -654,14 +842,16 @@ def _fill_macs(proto: onnx.ModelProto, layers: list[Layer], uses: dict[str, list
 def _node_macs(node: onnx.NodeProto, weight_first: bool, layer: Layer,
                shapes: dict[str, tuple[int, ...]]) -> int | None:
     output = shapes.get(node.output[0])
-    weight = layer.shape
     op = node.op_type
+    weight = _consumed_shape(node, weight_first, layer, shapes)
     if op == "ConvTranspose":
         data = shapes.get(node.input[0])
         return conv_transpose_macs(math.prod(data), weight) if data is not None else None
     if output is None:
         return None
     numel = math.prod(output)
+    if op in ("Conv", "Gemm", "MatMul") and len(weight) < 2:
+        return None  # a flat weight reshaped in a way inference could not follow
     if op == "Conv":
         return conv_macs(numel, weight)
     if op == "Gemm":
@@ -674,6 +864,18 @@ def _node_macs(node: onnx.NodeProto, weight_first: bool, layer: Layer,
     if op in _SECOND_WEIGHTS:
         return None  # recurrent layers: the step count is the sequence length
     return norm_macs(numel)
+
+
+def _consumed_shape(node: onnx.NodeProto, weight_first: bool, layer: Layer,
+                    shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """The weight's shape as `node` reads it: the stored shape, unless the weight reaches the
+    node reshaped (an Unsqueeze in between) and inference knows the shape it arrives in."""
+    index = 0 if node.op_type in ("MatMul", "Gemm") and weight_first else 1
+    if index < len(node.input):
+        seen = shapes.get(node.input[index])
+        if seen is not None and math.prod(seen) == math.prod(layer.shape):
+            return seen
+    return tuple(layer.shape)
 
 
 def _inferred_shapes(proto: onnx.ModelProto,
