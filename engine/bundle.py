@@ -36,7 +36,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import numpy as np
 import torch
@@ -190,13 +190,19 @@ def zoo_architecture(module: nn.Module, metadata: Mapping[str, str]) -> str | No
     return None
 
 
-def stripped_torchscript(traced: torch.jit.ScriptModule) -> bytes:
-    """A traced module saved with every parameter and buffer replaced by an empty tensor.
+def stripped_torchscript(traced: torch.jit.ScriptModule,
+                         stored: Collection[str] | None = None) -> bytes:
+    """A traced module saved with every parameter and buffer the bundle stores (`stored`; None:
+    all of them) replaced by an empty tensor.
 
-    Changes `traced`; pass a trace made for the purpose.
+    Tensors the bundle does not store stay in the graph as they are: a trace keeps buffers its
+    module marked non-persistent (transformers' ``position_ids``), which are not in the
+    module's state_dict, so the bundle has no copy of them. Changes `traced`; pass a trace made
+    for the purpose.
     """
     for name, tensor in traced.state_dict().items():
-        _set_script_tensor(traced, name, torch.empty(0, dtype=tensor.dtype))
+        if stored is None or name in stored:
+            _set_script_tensor(traced, name, torch.empty(0, dtype=tensor.dtype))
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # see _rebuild_torchscript
@@ -583,11 +589,16 @@ def _rebuild_torchscript(data: bytes, state: Mapping[str, torch.Tensor]) -> nn.M
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         module = torch.jit.load(io.BytesIO(data), map_location="cpu")
-    expected = set(module.state_dict())
-    if expected != set(state):
-        missing = sorted(expected - set(state))[:3]
+    graph_tensors = module.state_dict()
+    # what the writer stripped must come from the bundle; tensors the graph kept (buffers its
+    # module did not persist) may come from it too
+    stripped = {name for name, tensor in graph_tensors.items() if tensor.numel() == 0}
+    if not stripped <= set(state) <= set(graph_tensors):
+        missing = sorted(stripped - set(state))[:3]
+        unknown = sorted(set(state) - set(graph_tensors))[:3]
         raise ModelLoadError(f"the bundle's tensors do not fit its graph (missing: "
-                             f"{', '.join(missing) or 'none'})")
+                             f"{', '.join(missing) or 'none'}; not in the graph: "
+                             f"{', '.join(unknown) or 'none'})")
     for name, tensor in state.items():
         _set_script_tensor(module, name, tensor)
     return module

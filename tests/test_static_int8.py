@@ -215,7 +215,7 @@ def test_best_int8_reports_every_candidate_and_returns_the_chosen_one(conv_fp32)
     net, fp32 = conv_fp32
     chosen, report = quantize_int8_best(fp32, [images(8, 0), images(8, 1)], repeats=6)
     assert [c.name for c in report.candidates] == [
-        "static_qdq", "dynamic_matmul", "static_rest_dynamic_matmul"]
+        "static_qdq", "weight_only", "dynamic_matmul", "static_rest_dynamic_matmul"]
     assert sum(c.chosen for c in report.candidates) == 1
     assert all(c.reason for c in report.candidates)
     assert report.chosen.bytes == onnx_tools.serialized_size(chosen)

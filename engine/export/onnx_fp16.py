@@ -38,7 +38,8 @@ MIN_COSINE = 0.99
 def weights_in_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy where every float32 initializer of at least MIN_ELEMENTS values is stored as
     float16 and cast back to float32 by a Cast node named like the tensor; nothing else
-    changes, so every consumer (subgraphs included) reads the same float32 name."""
+    changes, so every consumer (subgraphs included) reads the same float32 name. Constant
+    nodes and initializers inside If / Loop / Scan bodies are stored the same way."""
     result = onnx.ModelProto()
     result.CopyFrom(onnx_tools.constants_to_initializers(model))
     graph = result.graph
@@ -61,7 +62,74 @@ def weights_in_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     nodes = casts + list(graph.node)  # Casts read initializers only, so first is in order
     graph.ClearField("node")
     graph.node.extend(nodes)
+    taken = _all_names(graph, set())
+    for node in graph.node:
+        for sub in _subgraphs(node):
+            _subgraph_weights_in_fp16(sub, taken)
     return result
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [sub for attribute in node.attribute
+            for sub in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH
+                        else attribute.graphs)]
+
+
+def _all_names(graph: onnx.GraphProto, taken: set[str]) -> set[str]:
+    taken.update(tensor.name for tensor in graph.initializer)
+    for node in graph.node:
+        taken.update((*node.input, *node.output, node.name))
+        for sub in _subgraphs(node):
+            _all_names(sub, taken)
+    return taken
+
+
+def _float_constant(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """The float32 tensor of a Constant node's ``value`` (where weights sit), else None."""
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    return next((a.t for a in node.attribute if a.name == "value"
+                 and a.type == onnx.AttributeProto.TENSOR
+                 and a.t.data_type == TensorProto.FLOAT), None)
+
+
+def _subgraph_weights_in_fp16(graph: onnx.GraphProto, taken: set[str]) -> None:
+    """weights_in_fp16 inside an If / Loop / Scan body, its own bodies included: Constant
+    nodes and initializers of float32 become float16 with a Cast back under the same name.
+    Real models keep all their weights there (Silero VAD: 25 If nodes, nested 4 deep), where
+    constants_to_initializers, which converts the main graph only, does not reach."""
+    inputs = {value.name for value in graph.input}
+    nodes: list[onnx.NodeProto] = []
+    kept: list[onnx.TensorProto] = []
+    for tensor in graph.initializer:
+        size = int(np.prod(tensor.dims)) if tensor.dims else 1
+        if tensor.data_type != TensorProto.FLOAT or size < MIN_ELEMENTS or tensor.name in inputs:
+            kept.append(tensor)
+            continue
+        half = onnx_tools.unique_name(f"{tensor.name}{FP16_SUFFIX}", taken)
+        kept.append(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16),
+                                            half))
+        nodes.append(helper.make_node("Cast", [half], [tensor.name], to=TensorProto.FLOAT,
+                                      name=onnx_tools.unique_name(f"{half}_cast", taken)))
+    for node in graph.node:
+        for sub in _subgraphs(node):
+            _subgraph_weights_in_fp16(sub, taken)
+        tensor = _float_constant(node)
+        size = int(np.prod(tensor.dims)) if tensor is not None and tensor.dims else 1
+        if tensor is None or size < MIN_ELEMENTS:
+            nodes.append(node)
+            continue
+        half = onnx_tools.unique_name(f"{node.output[0]}{FP16_SUFFIX}", taken)
+        nodes.append(helper.make_node(
+            "Constant", [], [half], name=onnx_tools.unique_name(f"{half}_constant", taken),
+            value=numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16),
+                                          half)))
+        nodes.append(helper.make_node("Cast", [half], [node.output[0]], to=TensorProto.FLOAT,
+                                      name=onnx_tools.unique_name(f"{half}_cast", taken)))
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept)
+    graph.ClearField("node")
+    graph.node.extend(nodes)
 
 
 def whole_graph_fp16(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -24,7 +24,10 @@ class SlimBundleExporter(TorchExporter):
             recipe, graph = {"kind": "zoo", "name": arch}, None
         else:
             recipe = {"kind": "torchscript"}
-            graph = stripped_torchscript(trace(job.compressed.module, job.example_tensor))
+            # one tensor, or the named inputs in the module's argument order (a text model's
+            # input_ids, attention_mask, ...): the trace takes them positionally
+            graph = stripped_torchscript(trace(job.compressed.module, job.example_arguments),
+                                         stored=set(job.compressed.module.state_dict()))
         job.notes.extend(write_bundle(
             path, job.compressed, architecture=recipe, architecture_bytes=graph,
             inputs=job.model.inputs, outputs=job.model.outputs,
