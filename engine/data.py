@@ -20,6 +20,7 @@ axis of every array that has one is the sample axis.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 import re
 from typing import Iterator, Literal, Mapping, Sequence, Union
@@ -610,7 +611,8 @@ def open_data(spec: str, model_inputs: Sequence[TensorSpec], *,
     """The source a user named, checked against the model's inputs.
 
     `spec` is "demo" (the digits test split; "demo:train" / "demo:calibration" for the others),
-    "synthetic" or "synthetic:COUNT", a folder of images, or a .npy/.npz file.
+    "synthetic" or "synthetic:COUNT" (optionally followed by ``;NAME=SHAPE`` parts giving
+    inputs' sizes, see :func:`synthetic_spec`), a folder of images, or a .npy/.npz file.
     `mean`/`std` apply to image folders only; `shapes` (input name -> whole shape, or a value
     for a scalar input) fills the dynamic sizes synthetic data cannot guess.
     """
@@ -618,12 +620,10 @@ def open_data(spec: str, model_inputs: Sequence[TensorSpec], *,
     if kind == "demo":
         source: DataSource = DigitsData(argument or "test")  # type: ignore[arg-type]
     elif kind == "synthetic":
-        if argument and not argument.isdigit():
-            raise SlimscopeError(f"synthetic:COUNT needs a whole number, not {argument!r}")
-        count = int(argument) if argument else DEFAULT_SYNTHETIC_COUNT
+        count, given = parse_synthetic_spec(spec)
         if not model_inputs:
             _single_input(model_inputs, "synthetic data")
-        return synthetic_data(model_inputs, count=count, shapes=shapes)
+        return synthetic_data(model_inputs, count=count, shapes={**given, **(shapes or {})})
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
@@ -755,3 +755,351 @@ def _as_labels(labels: np.ndarray, name: str) -> np.ndarray:
     return labels.astype(np.int64)
 
 
+
+
+# -- what a use case runs on --------------------------------------------------------------------
+#: Data the bundled demo model uses when none is named, by role (the CLI's and the app's default).
+DEMO_DEFAULTS = {"evaluation": "demo", "calibration": "demo:calibration", "train": "demo:train"}
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The data a use case runs on, as :func:`open_data` specs, one per role; None is none.
+
+    One type for the CLI's ``--data/--calibration/--train-data/--samples`` and the app's data
+    choices, so both faces hand the engine the same thing (engine.workflows). `evaluation` is
+    what metrics, sensitivity and plan checks measure on; `calibration` feeds gradient scores,
+    tracing, int8 calibration and the choice of the best recovery step (the first evaluation
+    samples when None); `train` is what recovery learns from. `limit` caps the evaluation
+    samples (0: all); `shapes` fills dynamic input sizes synthetic data cannot guess.
+    """
+
+    evaluation: str | None = None
+    calibration: str | None = None
+    train: str | None = None
+    limit: int = 0
+    shapes: Mapping[str, Sequence[int]] | None = field(default=None, hash=False)
+
+    def effective(self, model_is_demo: bool) -> "DataSpec":
+        """The spec with the demo's defaults filled in: the demo model evaluates on "demo",
+        calibrates on "demo:calibration" and trains on "demo:train"; any other model has no data
+        until someone names some (then calibration and training data follow the demo only when
+        evaluation is the demo)."""
+        evaluation = self.evaluation or (DEMO_DEFAULTS["evaluation"] if model_is_demo else None)
+        demo = evaluation == DEMO_DEFAULTS["evaluation"]
+        return replace(self, evaluation=evaluation,
+                       calibration=self.calibration or (DEMO_DEFAULTS["calibration"] if demo else None),
+                       train=self.train or (DEMO_DEFAULTS["train"] if demo else None))
+
+    def open(self, model_inputs: Sequence[TensorSpec]) -> "OpenedData":
+        """Every named source, opened and checked against the model's inputs (one line if one
+        does not fit); `limit` applies to the evaluation data."""
+        def opened(spec: str | None) -> DataSource | None:
+            return open_data(spec, model_inputs, shapes=self.shapes) if spec else None
+
+        evaluation = opened(self.evaluation)
+        if evaluation is not None and self.limit:
+            evaluation = evaluation.head(self.limit)
+        return OpenedData(evaluation, opened(self.calibration), opened(self.train))
+
+    def read_inputs(self) -> list[tuple[str, Path | None]]:
+        """The files and folders this spec reads, labelled, for refusing them as outputs."""
+        from engine.safe_write import data_input
+
+        return [data_input("data", self.evaluation), data_input("calibration data", self.calibration),
+                data_input("training data", self.train)]
+
+
+@dataclass(frozen=True)
+class OpenedData:
+    """The sources a :class:`DataSpec` names, opened (None where it names none)."""
+
+    evaluation: DataSource | None = None
+    calibration: DataSource | None = None
+    train: DataSource | None = None
+
+
+# -- does this data fit this model? (asked before any work, e.g. by the app's data dialog) ----
+#: Separates the parts of a synthetic spec: ``synthetic:64;input_ids=1,16;sr=16000``.
+SPEC_PART_SEPARATOR = ";"
+
+
+def synthetic_spec(count: int = DEFAULT_SYNTHETIC_COUNT,
+                   shapes: Mapping[str, Sequence[int] | int | float] | None = None) -> str:
+    """The spec string :func:`open_data` reads as synthetic data of `count` samples whose
+    inputs take the given sizes (input name -> whole shape, the sample axis' entry ignored; or
+    a value for a scalar input). Kept in one string so a project file and the CLI's ``--data``
+    carry it unchanged."""
+    parts = [f"synthetic:{int(count)}"]
+    for name, shape in (shapes or {}).items():
+        if SPEC_PART_SEPARATOR in name:
+            raise SlimscopeError(f"input {quote(name)} has a {SPEC_PART_SEPARATOR!r} in its name, "
+                                 "so its size cannot go in a data spec; give an .npz instead")
+        sizes = [shape] if isinstance(shape, (int, float)) else list(shape)
+        parts.append(f"{name}={','.join(str(size) for size in sizes)}")
+    return SPEC_PART_SEPARATOR.join(parts)
+
+
+def parse_synthetic_spec(spec: str) -> tuple[int, dict[str, tuple[int | float, ...]]]:
+    """(count, sizes by input name) of a spec :func:`synthetic_spec` wrote ("synthetic",
+    "synthetic:64", "synthetic:64;input_ids=1,16")."""
+    head, *parts = spec.split(SPEC_PART_SEPARATOR)
+    argument = head.partition(":")[2]
+    if argument and not argument.isdigit():
+        raise SlimscopeError(f"synthetic:COUNT needs a whole number, not {quote(argument)}")
+    count = int(argument) if argument else DEFAULT_SYNTHETIC_COUNT
+    if count < 1:
+        raise SlimscopeError(f"synthetic data needs at least one sample, not {count}")
+    shapes: dict[str, tuple[int | float, ...]] = {}
+    for part in parts:
+        name, equals, sizes = part.rpartition("=")
+        if not equals or not name:
+            raise SlimscopeError(f"{quote(part)} in the data spec is not NAME=SIZES "
+                                 "(e.g. input_ids=1,16)")
+        try:
+            shapes[name] = tuple(float(size) if "." in size or "e" in size.lower() else int(size)
+                                 for size in sizes.split(",") if size.strip())
+        except ValueError:
+            raise SlimscopeError(f"{quote(part)} in the data spec: sizes must be numbers "
+                                 "separated by commas") from None
+    return count, shapes
+
+
+def missing_sizes(model_inputs: Sequence[TensorSpec]) -> list[tuple[str, int, str]]:
+    """The sizes synthetic data cannot take from the model: (input name, axis, the size's name
+    in the file or "" when it has none) for every dynamic axis that is not the input's sample
+    axis, and (name, -1, "") for every scalar input (a setting such as a sample rate)."""
+    batch = _static_batch(model_inputs)
+    missing: list[tuple[str, int, str]] = []
+    for spec in model_inputs:
+        if not spec.shape:
+            missing.append((spec.name, -1, ""))
+            continue
+        sample = spec_sample_axis(spec, batch)
+        for axis, size in enumerate(spec.shape):
+            if axis != sample and not (isinstance(size, int) and size > 0):
+                missing.append((spec.name, axis, size if isinstance(size, str) else ""))
+    return missing
+
+
+def digits_fit(model_inputs: Sequence[TensorSpec]) -> str | None:
+    """None when the demo digits (1×8×8 float images) fit the model's inputs, else one line why
+    not. A model that records no inputs (TorchScript) may still take them."""
+    if not model_inputs:
+        return None
+    if len(model_inputs) > 1:
+        return (f"the demo digits feed one input, but this model takes {len(model_inputs)} "
+                f"({', '.join(map(quote, (spec.name for spec in model_inputs)))})")
+    spec = model_inputs[0]
+    per_sample = tuple(spec.shape[1:])
+    wanted = DIGITS_INPUT_SHAPE
+    fixed = [d for d in per_sample if not (isinstance(d, int) and d > 0)]
+    squeezed = tuple(d for d in per_sample if d != 1)
+    dtype = _numpy_dtype(spec.dtype)
+    if fixed or squeezed != tuple(d for d in wanted if d != 1) or (dtype is not None
+                                                                  and dtype.kind != "f"):
+        return (f"the demo digits are {_shape_text(wanted)} float images, but input "
+                f"{quote(spec.name)} takes {_shape_text(per_sample)} {spec.dtype} per sample")
+    return None
+
+
+def check_data_fits(model_inputs: Sequence[TensorSpec], spec: str) -> str | None:
+    """None when the data `spec` names (as :func:`open_data` reads it) fits the model's inputs
+    by names, dtypes and shapes, else the one-line reason. Reads only what it must: array
+    files' headers, an image folder's listing; nothing is decoded, so the app may ask it on
+    every keystroke. What it cannot know (inputs a file does not record) it lets pass; the
+    worker's :func:`open_data` checks again."""
+    try:
+        _check_fits(model_inputs, spec)
+    except SlimscopeError as exc:
+        return one_line(exc)
+    return None
+
+
+def _check_fits(model_inputs: Sequence[TensorSpec], spec: str) -> None:
+    kind, _, argument = spec.partition(":")
+    if kind == "demo":
+        if argument and argument not in DIGITS_SPLITS:
+            raise SlimscopeError(f"unknown digits split {quote(argument)} "
+                                 f"(choose {', '.join(DIGITS_SPLITS)})")
+        reason = digits_fit(model_inputs)
+        if reason:
+            raise SlimscopeError(reason)
+        return
+    if kind == "synthetic":
+        count, shapes = parse_synthetic_spec(spec)
+        if not model_inputs:
+            _single_input(model_inputs, "synthetic data")
+        batch = _static_batch(model_inputs)
+        for input_spec in model_inputs:
+            axis = spec_sample_axis(input_spec, batch) if len(model_inputs) > 1 else 0
+            if not input_spec.shape and input_spec.name in shapes:
+                if len(shapes[input_spec.name]) != 1:
+                    raise SlimscopeError(f"the scalar input {quote(input_spec.name)} takes one value")
+                continue
+            _synthetic_shape(input_spec, axis, count, shapes)  # raises naming what is missing
+            _synthetic_array(input_spec, (0,), np.random.default_rng(0))  # a dtype it can make
+        return
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        input_spec = _single_input(model_inputs, "an image folder")
+        shape = input_spec.shape[1:]
+        if not all(isinstance(d, int) and d > 0 for d in shape):
+            raise SlimscopeError(f"cannot size images for input {quote(input_spec.name)} of "
+                                 f"shape {_shape_text(input_spec.shape)}: its image size is not fixed")
+        _image_layout(tuple(shape))  # type: ignore[arg-type]
+        has_images = any(_images_in(path)) or any(
+            _images_in(sub) for sub in path.iterdir() if sub.is_dir() and not sub.name.startswith("."))
+        if not has_images:
+            raise SlimscopeError(f"{path.name}: no images found (expected one subfolder per class)")
+        return
+    suffix = path.suffix.lower()
+    if suffix not in (".npy", ".npz"):
+        if path.exists():
+            raise SlimscopeError(f"{path.name}: unsupported data file (use a folder of images, "
+                                 ".npy or .npz)")
+        raise SlimscopeError(f"{quote(spec)}: no such data (expected 'demo', 'synthetic', a "
+                             "folder of images, or a .npy/.npz file)")
+    if not path.is_file():
+        raise SlimscopeError(f"{quote(str(path))}: no such data file")
+    headers = _array_headers(path)
+    if not model_inputs:
+        return
+    if suffix == ".npz" and len(model_inputs) > 1:
+        _check_named_headers(path.name, headers, model_inputs)
+        return
+    input_spec = _single_input(model_inputs, "evaluation data")
+    if suffix == ".npy":
+        shape, dtype = headers[""]
+    else:
+        key = next((k for k in (*ArrayData.INPUT_KEYS, input_spec.name) if k in headers), None)
+        if key is None:
+            raise SlimscopeError(f"{path.name}: no inputs array (name it one of "
+                                 f"{', '.join((*ArrayData.INPUT_KEYS, input_spec.name))}; found "
+                                 f"{', '.join(map(quote, headers)) or 'nothing'})")
+        shape, dtype = headers[key]
+    per_sample, wanted = shape[1:], tuple(input_spec.shape[1:])
+    if len(shape) < 2:
+        raise SlimscopeError(f"{path.name}: inputs have shape {shape}; expected (samples, ...) "
+                             "with at least one axis per sample")
+    if not _shape_matches(per_sample, wanted):
+        squeezed = tuple(d for d in per_sample if d != 1)
+        if not (all(isinstance(d, int) for d in wanted)
+                and squeezed == tuple(d for d in wanted if d != 1)):
+            raise SlimscopeError(f"{path.name} has samples of shape {_shape_text(per_sample)}, "
+                                 f"but the model input {quote(input_spec.name)} takes "
+                                 f"{_shape_text(wanted)} per sample")
+    _check_dtype(path.name, input_spec, dtype)
+
+
+def _check_named_headers(where: str, headers: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+                         model_inputs: Sequence[TensorSpec]) -> None:
+    """:func:`named_array_data`'s checks on array headers: one array per input name, nothing
+    else, per-sample sizes as the spec fixes them, dtypes that cast."""
+    stored = {key: value for key, value in headers.items() if key not in ArrayData.LABEL_KEYS}
+    wanted = [spec.name for spec in model_inputs]
+    missing = [name for name in wanted if name not in stored]
+    if missing:
+        raise SlimscopeError(f"{where} has no array for the model input {quote(missing[0])} "
+                             f"(it holds {', '.join(map(quote, stored)) or 'nothing'}; give one "
+                             f"array per input: {', '.join(map(quote, wanted))})")
+    extra = [key for key in stored if key not in wanted]
+    if extra:
+        raise SlimscopeError(f"{where} holds {quote(extra[0])}, which is not a model input "
+                             f"(the inputs are {', '.join(map(quote, wanted))})")
+    batch = _static_batch(model_inputs)
+    for spec in model_inputs:
+        shape, dtype = stored[spec.name]
+        axis = spec_sample_axis(spec, batch)
+        rank = len(spec.shape)
+        if len(shape) == rank:
+            per_sample = _without_axis(shape, axis)
+        elif axis is not None and len(shape) == rank - 1:
+            per_sample = tuple(shape)
+        else:
+            raise SlimscopeError(f"{where}: input {quote(spec.name)} has shape {tuple(shape)}, "
+                                 f"but the model takes {_shape_text(spec.shape)}")
+        expected = _without_axis(spec.shape, axis)  # type: ignore[arg-type]
+        if not _shape_matches(per_sample, expected):
+            raise SlimscopeError(f"{where}: input {quote(spec.name)} has samples of shape "
+                                 f"{_shape_text(per_sample)}, but the model takes "
+                                 f"{_shape_text(expected)} per sample")
+        _check_dtype(where, spec, dtype)
+
+
+def _check_dtype(where: str, spec: TensorSpec, have: np.dtype) -> None:
+    wanted = _numpy_dtype(spec.dtype)
+    if wanted is None or have == wanted:
+        return
+    if have.kind == "f" and wanted.kind in "iub":
+        raise SlimscopeError(f"{where}: input {quote(spec.name)} holds {have} values, but the "
+                             f"model takes {spec.dtype}")
+    if have.kind not in "fiub":
+        raise SlimscopeError(f"{where}: input {quote(spec.name)} holds {have} values, which no "
+                             "model input takes")
+
+
+def _array_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every array in a .npy ("" as the key) or .npz, from the headers
+    alone: a multi-gigabyte file costs a few reads."""
+    import zipfile
+
+    def header(stream: "object") -> tuple[tuple[int, ...], np.dtype]:
+        version = np.lib.format.read_magic(stream)  # type: ignore[arg-type]
+        reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                  else np.lib.format.read_array_header_2_0)
+        shape, _fortran, dtype = reader(stream)  # type: ignore[arg-type]
+        return tuple(int(d) for d in shape), np.dtype(dtype)
+
+    try:
+        if path.suffix.lower() == ".npy":
+            with path.open("rb") as stream:
+                return {"": header(stream)}
+        headers = {}
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.filename.endswith(".npy"):
+                    with archive.open(info) as stream:
+                        headers[info.filename[:-len(".npy")]] = header(stream)
+        return headers
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise SlimscopeError(f"{path.name}: not a readable numpy file ({one_line(exc)})") from None
+
+
+def image_folder_fit(model_inputs: Sequence[TensorSpec]) -> str | None:
+    """None when images can be sized for the model's one input ((1 or 3, H, W) or channels
+    last, H and W fixed), else one line why not."""
+    try:
+        spec = _single_input(model_inputs, "an image folder")
+        shape = spec.shape[1:]
+        if not all(isinstance(d, int) and d > 0 for d in shape):
+            raise SlimscopeError(f"cannot size images for input {quote(spec.name)} of shape "
+                                 f"{_shape_text(spec.shape)}: its image size is not fixed")
+        _image_layout(tuple(shape))  # type: ignore[arg-type]
+    except SlimscopeError as exc:
+        return one_line(exc)
+    return None
+
+
+def synthetic_values_text(spec: TensorSpec) -> str:
+    """What synthetic data puts in an input, in a few words (as :func:`_synthetic_array` does)."""
+    dtype = _numpy_dtype(spec.dtype)
+    kind = dtype.kind if dtype is not None else "?"
+    if not spec.shape:
+        return "the value you give"
+    if kind == "f":
+        return "random normal floats"
+    if kind in "iu":
+        if _MASK_NAME.search(spec.name):
+            return "ones (a mask)"
+        if _ZERO_NAME.search(spec.name):
+            return "zeros (segment ids)"
+        return f"random integers 0–{SYNTHETIC_ID_RANGE - 1} (token ids)"
+    if kind == "b":
+        return "all true (a mask)" if _MASK_NAME.search(spec.name) else "random true/false"
+    return f"none: type {spec.dtype} cannot be made up"
+
+
+def shape_text(shape: Sequence[int | str | None]) -> str:
+    """``(batch, 3, 224, 224)``: a shape as messages show it, dynamic sizes by name or "?"."""
+    return _shape_text(shape)

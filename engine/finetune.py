@@ -228,6 +228,8 @@ class StepReport:
     lr: float
     metric: float | None = None
     sparsity: float | None = None
+    #: Updates the run will make in all (0: not said), so a watcher can show "step of total".
+    total: int = 0
 
 
 @dataclass
@@ -597,7 +599,7 @@ def recover(compressed: CompressedModel, teacher: nn.Module, train_data: TrainDa
                     if eligible(step) and better:
                         kept, kept_eligible = _snapshot(student, constraints, step, metric), True
                 report = StepReport(step, loss, lr, metric,
-                                    constraints.sparsity() if track_sparsity else None)
+                                    constraints.sparsity() if track_sparsity else None, total)
                 history.append(report)
                 progress(step / total, f"recovery step {step}/{total}, loss {report.loss:.4f}")
                 if on_step is not None:

@@ -19,7 +19,6 @@ torch using both cores the GUI thread stalled up to 420 ms; with one core left t
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -28,11 +27,12 @@ from PySide6.QtCore import QEvent, QObject, QSettings, Qt, QThreadPool, Signal
 from PySide6.QtGui import QAction, QActionGroup, QKeySequence
 from PySide6.QtWidgets import QDockWidget, QFileDialog, QMainWindow, QMenu, QWidget
 
-from engine.data import DataSource, open_data
+from engine import threads as thread_policy
+from engine import workflows
 from engine.errors import SlimscopeError
 from engine.jobs import CancelToken, Progress
 from engine.model import Model
-from engine.sensitivity import DEFAULT_RANKS, Sensitivity, SweepSettings, sweep
+from engine.sensitivity import DEFAULT_RANKS, Sensitivity, SweepSettings
 
 from gui import capabilities
 from gui.plan_document import PlanDocument
@@ -49,8 +49,9 @@ SENSITIVITY_FILTER = "Sensitivity results (*.json);;All files (*)"
 
 
 def worker_threads() -> int:
-    """Intra-op threads for background torch work: one core is left to the GUI thread."""
-    return max(1, (os.cpu_count() or 2) - 1)
+    """Intra-op threads for background torch work: the process's thread policy (set when the
+    app starts, one core kept for the GUI thread; engine/threads.py), else that policy now."""
+    return thread_policy.applied() or thread_policy.choose(reserve=1)
 
 
 class AnalysisState(QObject):
@@ -108,11 +109,7 @@ class AnalysisState(QObject):
         model = self.session.model
         if model is None:
             raise SlimscopeError("open the model these results belong to first")
-        names = set(model.layer_names())
-        missing = [layer.name for layer in result.layers if layer.name not in names]
-        if missing:
-            raise SlimscopeError(f"these results are for another model: it has no layer "
-                                 f"{missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        workflows.check_fits(result, model)
 
     # -- running ---------------------------------------------------------------------------------
     @property
@@ -196,7 +193,11 @@ class AnalysisState(QObject):
             self.running_changed.emit(False)
 
     def _on_model_changed(self, _model: Model | None) -> None:
+        """Everything here belongs to one model: results, the sweep, and the data choice (data
+        chosen for one model rarely fits the next; the dialog then starts from the new one's
+        inputs). A project being opened sets its own choice after this."""
         self.cancel_and_forget()
+        self.choice = DataChoice()
         if self.sensitivity is not None:
             self.set_sensitivity(None)
 
@@ -219,28 +220,14 @@ def cap_worker_threads() -> None:
     torch.set_num_threads(worker_threads())
 
 
-def open_choice_data(model: Model, spec: str, limit: int | None, progress: Progress) -> DataSource:
-    """The data a DataChoice names, opened by the job that uses it (folders can be big)."""
-    progress(0.0, f"opening {spec}")
-    data = open_data(spec, model.inputs)
-    if limit:
-        data = data.head(limit)
-    progress(0.0, data.describe())
-    return data
-
-
 def sensitivity_job(model: Model, choice: DataChoice) -> Callable[[Progress, CancelToken], Sensitivity]:
     """The job body: open the chosen data on the worker, then sweep."""
 
     def body(progress: Progress, cancel: CancelToken) -> Sensitivity:
         cap_worker_threads()
-        data = None
-        if choice.method != "datafree":
-            if choice.spec is None:
-                raise SlimscopeError(f"the {choice.method} method needs data")
-            data = open_choice_data(model, choice.spec, choice.limit, progress)
         settings = SweepSettings(ranks=DEFAULT_RANKS if choice.ranks else ())
-        return sweep(model, data, choice.method, settings, progress=progress, cancel=cancel)
+        return workflows.sweep(model, choice.data_spec(), choice.method, settings,
+                               progress=progress, cancel=cancel)
 
     return body
 

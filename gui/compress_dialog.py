@@ -11,6 +11,7 @@ Run alone: ``python -m gui.compress_dialog`` prints the choice.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import (
@@ -26,10 +27,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from engine.data import DataSpec
 from engine.model import Model
 
 from gui import capabilities
-from gui.session import CompressionData
 
 FIELDS = (
     ("evaluation", "Evaluation",
@@ -45,11 +46,12 @@ FIELD_NEEDS = {"evaluation": capabilities.RUN, "calibration": capabilities.RUN,
 
 
 class CompressionDataDialog(QDialog):
-    def __init__(self, current: CompressionData, model_is_demo: bool, parent: QWidget | None = None,
+    def __init__(self, current: DataSpec, model_is_demo: bool, parent: QWidget | None = None,
                  model: Model | None = None) -> None:
         super().__init__(parent)
+        self.current = current
         self.setWindowTitle("Compression Data")
-        defaults = CompressionData().effective(model_is_demo)
+        defaults = DataSpec().effective(model_is_demo)
         intro = QLabel("Where compression finds its samples. Leave a field empty for the default; "
                        "the CLI takes the same values (--data, --calibration, --train-data).")
         intro.setWordWrap(True)
@@ -91,13 +93,13 @@ class CompressionDataDialog(QDialog):
         if path:
             edit.setText(path)
 
-    def data(self) -> CompressionData:
+    def data(self) -> DataSpec:
         values = {key: (edit.text().strip() or None) for key, edit in self.edits.items()}
-        return CompressionData(**values)
+        return replace(self.current, **values)  # sample limit and input sizes stay as they were
 
 
-def ask_compression_data(parent: QWidget | None, current: CompressionData, model_is_demo: bool,
-                         model: Model | None = None) -> CompressionData | None:
+def ask_compression_data(parent: QWidget | None, current: DataSpec, model_is_demo: bool,
+                         model: Model | None = None) -> DataSpec | None:
     dialog = CompressionDataDialog(current, model_is_demo, parent, model)
     return dialog.data() if dialog.exec() == QDialog.DialogCode.Accepted else None
 
@@ -106,7 +108,7 @@ def _main(argv: list[str]) -> int:
     from gui.preview import ensure_app
 
     ensure_app()
-    print(ask_compression_data(None, CompressionData(), "--demo" in argv))
+    print(ask_compression_data(None, DataSpec(), "--demo" in argv))
     return 0
 
 

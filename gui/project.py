@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from engine.data import DataSpec
 from engine.errors import SlimscopeError, one_line
 from engine.formats.guard import quote
 from engine.parsing import read_json
@@ -46,6 +47,10 @@ class DataChoice:
     #: Also measure truncated-SVD ranks (engine.sensitivity.DEFAULT_RANKS), so allocation may
     #: factorize layers too.
     ranks: bool = False
+
+    def data_spec(self) -> DataSpec:
+        """The engine's one data-spec type for this choice (what engine.workflows takes)."""
+        return DataSpec(self.spec, limit=self.limit)
 
     def to_dict(self) -> dict[str, Any]:
         return {"spec": self.spec, "method": self.method, "limit": self.limit, "ranks": self.ranks}

@@ -12,10 +12,12 @@ thread-safe, and because a queue lets the selected layer overtake the sweep over
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 from PySide6.QtCore import QObject, QThreadPool, Signal
 
+from engine import workflows
+from engine.data import DataSpec
 from engine.errors import PlanError
 from engine.jobs import CancelToken, Progress
 from engine.model import Model
@@ -40,27 +42,9 @@ SELECTED_PRIORITY = 10
 SWEEP_PRIORITY = 0
 
 
-@dataclass(frozen=True)
-class CompressionData:
-    """The data compression uses, as :func:`engine.data.open_data` specs; None means the default.
-
-    Defaults are the CLI's (``slimscope compress``): the demo model evaluates on "demo",
-    calibrates on "demo:calibration" and trains on "demo:train"; any other model has no data
-    until the user picks some, so compression then reports sizes but no metrics.
-    """
-
-    evaluation: str | None = None
-    calibration: str | None = None
-    train: str | None = None
-
-    def effective(self, model_is_demo: bool) -> "CompressionData":
-        evaluation = self.evaluation or ("demo" if model_is_demo else None)
-        demo = evaluation == "demo"
-        return CompressionData(
-            evaluation,
-            self.calibration or ("demo:calibration" if demo else None),
-            self.train or ("demo:train" if demo else None),
-        )
+#: The data compression uses: the engine's one data-spec type (CLI and app alike), its
+#: defaults the CLI's (see DataSpec.effective).
+CompressionData = DataSpec
 
 
 class MetricPrediction(NamedTuple):
@@ -89,18 +73,8 @@ class PlanState:
     metric: MetricPrediction | None = None
 
 
-@dataclass
-class CompressionOutcome:
-    """One finished compression: what it was made from and what it gave."""
-
-    model: Model
-    #: The plan as plain data, exactly as it was when the job started.
-    plan: dict[str, Any]
-    data: CompressionData
-    compressed: Any  # engine.compressed.CompressedModel (torch is imported lazily)
-    report: Any  # engine.compress.CompressionReport
-    #: Recovery steps as they were reported (engine.finetune.StepReport), possibly empty.
-    history: list[Any] = field(default_factory=list)
+#: One finished compression (engine.workflows makes it for the CLI and the app alike).
+CompressionOutcome = workflows.CompressionOutcome
 
 
 @dataclass(frozen=True, eq=False)
@@ -240,10 +214,7 @@ class Session(QObject):
 
     # -- data and results ----------------------------------------------------------------------
     def model_is_demo(self) -> bool:
-        from gui.preview import demo_model_path
-
-        demo = demo_model_path()
-        return self.model is not None and demo is not None and self.model.path.resolve() == demo.resolve()
+        return self.model is not None and workflows.is_demo(self.model)
 
     def effective_data(self) -> CompressionData:
         """The data compression will use now: the user's choice with the CLI's defaults filled in."""

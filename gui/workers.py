@@ -6,16 +6,14 @@ signals, then :meth:`Job.start` runs it on a :class:`QThreadPool`. Signals arriv
 that created the job (the GUI thread), so slots may touch widgets. Failures arrive as one line
 for the user plus optional details.
 
-:func:`compression_job` and :func:`export_job` build the app's two long jobs from engine calls
-only: compress() (with recovery) and export() (with verification).
+:func:`compression_job` and :func:`export_job` run the app's two long jobs, which are the
+engine's use cases (:mod:`engine.workflows`), the very functions the CLI calls.
 """
 
 from __future__ import annotations
 
 import copy
 import gc
-import inspect
-import re
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -28,9 +26,9 @@ from engine.jobs import Cancelled, CancelToken, Progress
 import gui.qt_fixes  # noqa: F401 - also here: under pytest, tests/gui shadows gui/__init__.py
 
 if TYPE_CHECKING:
+    from engine.data import DataSpec
     from engine.model import Model
-
-    from gui.session import CompressionData, CompressionOutcome
+    from engine.workflows import CompressionOutcome
 
 #: A job body: ``fn(progress, cancel) -> result``.
 JobFunction = Callable[[Progress, CancelToken], Any]
@@ -207,27 +205,18 @@ def import_first(*modules: str) -> None:
         except ImportError:
             pass  # the job itself reports a missing optional package in its own words
 
-_RECOVERY_MESSAGE = re.compile(r"recovery step (\d+)/(\d+), loss ([-+0-9.eEinfa]+)")
 
+def compression_job(model: "Model", plan_data: dict[str, Any], data: "DataSpec") -> Job:
+    """:func:`engine.workflows.compress` on a worker, with a snapshot of the plan; succeeds with
+    a CompressionOutcome.
 
-def _compress_accepts_on_step() -> bool:
-    from engine.compress import compress
-
-    return "on_step" in inspect.signature(compress).parameters
-
-
-def compression_job(model: "Model", plan_data: dict[str, Any], data: "CompressionData") -> Job:
-    """Compress `model` with a snapshot of the plan on a worker; succeeds with a CompressionOutcome.
-
-    Recovery step reports arrive on ``partial`` as :class:`engine.finetune.StepReport`. The
-    loaded model is never modified (compress() works on a copy), so a cancel or a failure
+    Recovery steps arrive on ``partial`` as :class:`engine.workflows.RecoveryStep` events. The
+    loaded model is never modified (the engine works on a copy), so a cancel or a failure
     leaves the session exactly as it was. Torch keeps its default thread count, as in the CLI:
     float sums split over other thread counts round differently, and a saved plan must replay
     bit for bit in ``slimscope compress``.
     """
     import torch
-
-    from gui.session import CompressionOutcome
 
     plan_data = copy.deepcopy(plan_data)
     threads = torch.get_num_threads()  # the GUI thread's: torch's default, as the CLI has it
@@ -235,73 +224,28 @@ def compression_job(model: "Model", plan_data: dict[str, Any], data: "Compressio
     import_first("engine.compress", *(["sklearn.datasets", "sklearn.model_selection"]
                                       if any(spec.startswith("demo") for spec in specs) else []))
 
-    def body(progress: Progress, cancel: CancelToken) -> CompressionOutcome:
-        from engine.compress import compress
-        from engine.finetune import StepReport
-        from engine.plan import Plan
+    def body(progress: Progress, cancel: CancelToken) -> "CompressionOutcome":
+        from engine import workflows
 
         torch.set_num_threads(threads)  # per thread: a pooled thread may carry another job's cap
-        plan = Plan.from_dict(plan_data)
-        progress(0.0, "opening the data")
-        evaluation, calibration, train = open_sources(model, data.evaluation, data.calibration, data.train)
-        history: list[StepReport] = []
-
-        def on_step(report: StepReport) -> None:
-            history.append(report)
-            job.publish(report)
-
-        options: dict[str, Any] = {}
-        if _compress_accepts_on_step():
-            options["on_step"] = on_step
-        elif plan.recovery:
-            progress = _steps_from_messages(progress, on_step)
-        compressed, report = compress(model, plan, evaluation, calibration=calibration, train_data=train,
-                                      progress=progress, cancel=cancel, **options)
-        return CompressionOutcome(model, plan_data, data, compressed, report, history)
+        outcome = workflows.compress(model, plan_data, data, progress=progress, cancel=cancel,
+                                     on_event=job.publish)
+        outcome.opened = None  # the session keeps the result: let the sources go, export reopens
+        return outcome
 
     job = Job(body, f"compress {model.path.name}")
     return job
 
 
-def _steps_from_messages(progress: Progress, on_step: Callable[[Any], None]) -> Progress:
-    """Until engine.compress.compress passes `on_step` through to recover(), rebuild the step
-    reports (step and loss only) from recover()'s progress messages."""
-    from engine.finetune import StepReport
-
-    def report(fraction: float, message: str = "") -> None:
-        progress(fraction, message)
-        match = _RECOVERY_MESSAGE.search(message)
-        if match:
-            on_step(StepReport(step=int(match.group(1)), loss=float(match.group(3)), lr=float("nan")))
-
-    return report
-
-
-def open_sources(model: "Model", *specs: str | None) -> list[Any]:
-    """engine.data.open_data for each spec (None stays None), checked against the model's inputs."""
-    from engine.data import open_data
-
-    return [open_data(spec, model.inputs) if spec else None for spec in specs]
-
-
 def export_job(outcome: "CompressionOutcome", destination: Path, format_name: str | None,
                inputs: Sequence[Path] = ()) -> Job:
-    """Write, reload and verify `outcome` at `destination`; succeeds with an ExportResult.
-
-    Verification runs on the compression's evaluation data (synthetic inputs without it) and
-    static int8 calibrates on its calibration data. The input model is never overwritten.
-    """
+    """:func:`engine.workflows.export` on a worker; succeeds with an ExportResult."""
     import_first("engine.export", "onnxruntime", "onnxruntime.quantization")
 
     def body(progress: Progress, cancel: CancelToken) -> Any:
-        from engine.export import export
-        from engine.safe_write import data_input
+        from engine import workflows
 
-        evaluation, calibration = open_sources(outcome.model, outcome.data.evaluation, outcome.data.calibration)
-        read = [outcome.model.path, data_input("data", outcome.data.evaluation),
-                data_input("calibration data", outcome.data.calibration), *inputs]
-        return export(outcome.compressed, outcome.model, destination, format=format_name, data=evaluation,
-                      calibration=calibration, inputs=read,
-                      progress=progress, cancel=cancel)
+        return workflows.export(outcome, destination, format=format_name, inputs=list(inputs),
+                                progress=progress, cancel=cancel)
 
     return Job(body, f"export {destination.name}", destination)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,13 +26,29 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def parse_named_shape(text: str) -> tuple[str | None, tuple[int, ...]]:
+    """'input_ids=1,128' -> ('input_ids', (1, 128)); a bare '1,3,224,224' has no name."""
+    name, separator, shape = text.rpartition("=")
+    if separator and not name.strip():
+        raise argparse.ArgumentTypeError(f"not a shape: {text!r} (expected NAME=1,128)")
+    return (name.strip() or None), parse_shape(shape)
+
+
+def named_shapes(args: argparse.Namespace) -> dict[str, tuple[int, ...]] | None:
+    """The `--input-shape NAME=...` sizes, for synthetic data of models with dynamic inputs."""
+    named = {name: shape for name, shape in args.input_shape if name is not None}
+    return named or None
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model file: .pt/.pth/.bin, TorchScript, .pt2, .onnx, "
                         ".safetensors (the format is read from the content), or 'demo'")
     parser.add_argument("--trust", action="store_true",
                         help="allow loading a pickled module, which runs code from the file")
-    parser.add_argument("--input-shape", type=parse_shape, metavar="SHAPE",
-                        help="input shape such as 1,3,224,224, for MACs when the file has none")
+    parser.add_argument("--input-shape", type=parse_named_shape, metavar="[NAME=]SHAPE",
+                        action="append", default=[],
+                        help="input shape such as 1,3,224,224, for MACs when the file has none; "
+                             "NAME=1,128 sizes one named input for synthetic data (repeatable)")
 
 
 def resolve_model_path(text: str) -> Path:
@@ -50,7 +67,8 @@ def guard_outputs(args: argparse.Namespace, outputs: Sequence[str | Path | None]
 
 
 def load_from_args(args: argparse.Namespace) -> Model:
-    options = LoadOptions(trust=args.trust, input_shape=args.input_shape)
+    unnamed = [shape for name, shape in args.input_shape if name is None]
+    options = LoadOptions(trust=args.trust, input_shape=unnamed[-1] if unnamed else None)
     return load_model(resolve_model_path(args.model), options)
 
 
@@ -102,9 +120,21 @@ def human_count(count: float) -> str:
 
 
 def print_progress(fraction: float, message: str = "") -> None:
-    """A one-line progress bar on an interactive terminal; silent when piped."""
+    """A one-line progress bar on an interactive terminal; piped (a CI log, `tee`), a plain
+    line every PIPED_PROGRESS_S at most, so long work shows it is alive without flooding."""
+    global _last_piped_line
     if sys.stderr.isatty():
         print(f"\r[{fraction:5.1%}] {message[:70]:<70}", end="", file=sys.stderr, flush=True)
+        return
+    now = time.monotonic()
+    if now - _last_piped_line >= PIPED_PROGRESS_S:
+        _last_piped_line = now
+        print(f"[{fraction:5.1%}] {message[:100]}", file=sys.stderr, flush=True)
+
+
+#: Seconds between progress lines when stderr is not a terminal.
+PIPED_PROGRESS_S = 5.0
+_last_piped_line = time.monotonic()
 
 
 def fail(message: str) -> None:

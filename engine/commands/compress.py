@@ -15,20 +15,20 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from engine import workflows
 from engine.commands._common import (
     add_model_arguments,
     guard_outputs,
     human_bytes,
     load_from_args,
+    named_shapes,
     print_progress,
-    resolve_model_path,
     write_json,
 )
-from engine.compress import CompressionReport, compress
-from engine.data import open_data
+from engine.compress import CompressionReport
+from engine.data import DataSpec
 from engine.errors import SlimscopeError
 from engine.plan import Plan
-from engine.safe_write import data_input
 
 if TYPE_CHECKING:
     from engine.export import ExportResult
@@ -50,8 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "compressed model (exit status is still 1)")
     parser.add_argument("--data", help="evaluation data: demo, synthetic[:N], an image folder, "
                         "or a .npy/.npz file (default: demo for the demo model, else none)")
-    parser.add_argument("--calibration", help="calibration data (default: the first samples "
-                        "of --data; demo:calibration for the demo)")
+    parser.add_argument("--calibration", "--calib-data", dest="calibration",
+                        help="calibration data: gradient scores, tracing, int8 ranges and the "
+                        "layer-input statistics GPTQ, OBS and bias correction use (default: the "
+                        "first samples of --data; demo:calibration for the demo)")
     parser.add_argument("--train-data", help="training data for the plan's recovery section "
                         "(default: demo:train for the demo)")
     parser.add_argument("--report", help="write the report as JSON to this file")
@@ -61,16 +63,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    data_spec = args.data or ("demo" if args.model == "demo" else None)
-    calibration_spec = args.calibration or ("demo:calibration" if data_spec == "demo" else None)
-    train_spec = args.train_data or ("demo:train" if data_spec == "demo" else None)
     if not args.output and not args.report:
         raise SlimscopeError("compress needs an output file (-o) or a report (--report), or both")
     output = Path(args.output) if args.output else None
-    inputs = [("plan", args.plan), data_input("data", data_spec),
-              data_input("calibration data", calibration_spec),
-              data_input("training data", train_spec)]
-    guard_outputs(args, [output, args.report], *inputs)  # before the slow part, not after
+    chosen = DataSpec(args.data, args.calibration, args.train_data, shapes=named_shapes(args))
+    # before the slow part, not after; the demo's own data is never a file to protect
+    guard_outputs(args, [output, args.report], ("plan", args.plan), *chosen.read_inputs())
     if output is not None:
         from engine.export import check_destination
 
@@ -81,22 +79,16 @@ def run(args: argparse.Namespace) -> int:
 
         check_model_destination(output, args.export_format, model)
     plan = Plan.load(args.plan)
-    data = open_data(data_spec, model.inputs) if data_spec else None
-    calibration = open_data(calibration_spec, model.inputs) if calibration_spec else None
-    train_data = open_data(train_spec, model.inputs) if train_spec else None
-    compressed, report = compress(model, plan, data, calibration=calibration, train_data=train_data,
-                                  measure=not args.no_measure, progress=print_progress)
+    outcome = workflows.compress(model, plan, chosen.effective(workflows.is_demo(model)),
+                                 measure=not args.no_measure, progress=print_progress)
+    report = outcome.report
     if output is None:
         write_json(report.to_dict(), args.report)
         print(format_summary(report), file=sys.stderr)
         return 0
-    from engine.export import export
-
-    result = export(compressed, model, output, format=args.export_format, data=data,
-                    calibration=calibration, keep_unverified=args.keep_unverified,
-                    measure=not args.no_measure,
-                    inputs=[("model", resolve_model_path(args.model)), *inputs],
-                    progress=print_progress)
+    result = workflows.export(outcome, output, format=args.export_format,
+                              keep_unverified=args.keep_unverified, measure=not args.no_measure,
+                              inputs=[("plan", args.plan)], progress=print_progress)
     if args.report:  # first: a failed write must be the only stderr line
         write_json({**report.to_dict(), "export": result.to_dict()}, args.report)
     print(format_summary(report), file=sys.stderr)

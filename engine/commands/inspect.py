@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from engine import workflows
 from engine.commands._common import (
     add_model_arguments,
     human_bytes,
@@ -12,7 +13,6 @@ from engine.commands._common import (
     load_from_args,
     write_json,
 )
-from engine.stats import model_report
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,14 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model = load_from_args(args)
-    report = model_report(model)
-    # from the statistics just computed: model.non_finite() would read every weight again
-    bad = {layer["name"]: layer["stats"]["non_finite"] for layer in report["layers"]
-           if layer.get("stats", {}).get("non_finite")}
-    if bad:
-        where = ", ".join(f"{name} ({count})" for name, count in list(bad.items())[:5])
-        print(f"slimscope: warning: non-finite weights (NaN/Inf) in {where}", file=sys.stderr)
-    report["non_finite"] = bad
+    report = workflows.inspect(model, on_event=print_note)
     if args.json:
         write_json(report, None)
     else:
@@ -39,11 +32,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_note(event: workflows.Event) -> None:
+    if isinstance(event, workflows.Note):
+        print(f"slimscope: warning: {event.message}", file=sys.stderr)
+
+
+def _file_size(report: dict) -> str:
+    """The file's own size where it differs from the weights' (a .slim packs codes; the weights
+    are counted as they decode): a 113 KiB .slim was shown as "size 737 KiB" alone."""
+    file_bytes = report.get("file_bytes")
+    if not file_bytes or abs(file_bytes - report["bytes"]) <= 0.05 * report["bytes"]:
+        return ""
+    return f" as weights (file {human_bytes(file_bytes)}, {file_bytes / report['bytes']:.3f}x)"
+
+
 def format_report(report: dict) -> str:
     """A plain-text table for a terminal."""
     lines = [
         f"{report['path']}  [{report['format']}]",
         f"params {human_count(report['params'])}  size {human_bytes(report['bytes'])}"
+        + _file_size(report)
         + (f"  MACs {human_count(report['macs'])}" if report.get("macs") else ""),
     ]
     for spec in report["inputs"]:

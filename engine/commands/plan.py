@@ -12,24 +12,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.allocate import Allocation, allocate, parse_size
+from engine import workflows
+from engine.allocate import Allocation
 from engine.commands._common import (
     add_model_arguments,
     guard_outputs,
     human_bytes,
     load_from_args,
+    named_shapes,
     print_progress,
     write_json,
 )
-from engine.data import open_data
-from engine.errors import SlimscopeError
-from engine.model import Model
-from engine.plan_check import (
-    DEFAULT_TRIES,
-    CheckedAllocation,
-    allocate_within_measured_drop,
-    check_allocation,
-)
+from engine.data import DataSpec
+from engine.plan_check import DEFAULT_TRIES, CheckedAllocation
 from engine.safe_write import data_input
 from engine.sensitivity import Sensitivity
 
@@ -67,30 +62,16 @@ def run(args: argparse.Namespace) -> int:
                   data_input("check data", args.check))
     model = load_from_args(args)
     sens = Sensitivity.load(args.sensitivity)
-    check_matches(sens, model)
-    secondary = args.cost == "secondary"
-    data = open_data(args.check, model.inputs) if args.check else None
-    checked: CheckedAllocation | None = None
-    if args.target_size is not None:
-        size, ratio = parse_size(args.target_size)
-        result = allocate(sens, target_bytes=size, target_ratio=ratio, secondary=secondary)
-        if data is not None:
-            checked = check_allocation(sens, model, data, result, secondary=secondary,
-                                       progress=print_progress)
-    elif data is not None:
-        checked = allocate_within_measured_drop(sens, model, data, args.max_drop,
-                                                secondary=secondary, tries=args.tries,
-                                                progress=print_progress)
-        result = checked.chosen.allocation
-    else:
-        result = allocate(sens, max_drop=args.max_drop, secondary=secondary)
+    target = (workflows.Target.size(args.target_size) if args.target_size is not None
+              else workflows.Target(max_drop=args.max_drop))
+    outcome = workflows.allocate_plan(
+        sens, model, target, check=DataSpec(args.check, shapes=named_shapes(args)) if args.check else None,
+        secondary=args.cost == "secondary", tries=args.tries, progress=print_progress)
+    result, checked = outcome.allocation, outcome.checked
     # Files first: a failed write must be the only stderr line.
     result.plan.save(args.output)
     if args.report:
-        report = result.to_dict()
-        if checked is not None:
-            report["checked"] = checked.to_dict()
-        write_json(report, args.report)
+        write_json(outcome.to_dict(), args.report)
     if checked is not None and sys.stderr.isatty():
         print(file=sys.stderr)
     print(format_summary(result, sens), file=sys.stderr)
@@ -98,20 +79,6 @@ def run(args: argparse.Namespace) -> int:
         print(format_check(checked), file=sys.stderr)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
-
-
-def check_matches(sens: Sensitivity, model: Model) -> None:
-    """Refuse results measured on another model: every layer must exist with the same shape."""
-    for layer in sens.layers:
-        try:
-            found = model.layer(layer.name)
-        except KeyError:
-            raise SlimscopeError(f"the sensitivity results name layer {layer.name!r}, which "
-                                 f"{model.path.name} does not have") from None
-        if tuple(found.shape) != tuple(layer.shape):
-            raise SlimscopeError(f"layer {layer.name!r} is {tuple(found.shape)} in "
-                                 f"{model.path.name} but {tuple(layer.shape)} in the "
-                                 "sensitivity results")
 
 
 #: keep_float node names the summary lists before "and N more".

@@ -11,14 +11,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from engine import workflows
 from engine.commands._common import (
     add_model_arguments,
     guard_outputs,
     load_from_args,
+    named_shapes,
     print_progress,
 )
-from engine.data import open_data
-from engine.backends.base import RUN
+from engine.data import DataSpec
 from engine.errors import SlimscopeError
 from engine.plan import GRANULARITIES, RANGE_METHODS, Quantization
 from engine.safe_write import data_input
@@ -29,14 +30,10 @@ from engine.sensitivity import (
     METHODS,
     Sensitivity,
     SweepSettings,
-    sweep,
 )
 
 #: Nodes the summary lists by their int8-activation drop.
 ACTIVATION_LINES = 5
-#: Data the demo model is measured on when --data is not given: the held-out split for the
-#: exact metric, the calibration split for the estimate.
-DEMO_DATA = {"exact": "demo", "fast": "demo:calibration"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -73,29 +70,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    data_spec = args.data or (DEMO_DATA.get(args.method) if args.model == "demo" else None)
-    guard_outputs(args, [args.output], data_input("data", data_spec))
-    model = load_from_args(args)
-    cannot_run = model.why_not(RUN) if args.method != "datafree" else None
-    if cannot_run is not None:
-        raise SlimscopeError(f"the {args.method} method cannot run {model.path.name}: "
-                             f"{cannot_run}; use --method datafree")
-    if args.method != "datafree" and data_spec is None:
-        raise SlimscopeError(f"the {args.method} method needs --data (or use --method datafree)")
-    data = None
-    if args.method != "datafree":
-        data = open_data(data_spec, model.inputs)
-        if args.samples:
-            data = data.head(args.samples)
+    guard_outputs(args, [args.output], data_input("data", args.data))
     if args.granularity == "group" and not args.group_size:
         raise SlimscopeError("--granularity group needs --group-size")
+    model = load_from_args(args)
     settings = SweepSettings(
         sparsities=args.sparsities, bits=args.bits, ranks=args.ranks,
         quantization=Quantization(8, not args.asymmetric, args.granularity,
                                   args.group_size if args.granularity == "group" else None,
                                   args.range_method),
         collapse_fraction=args.collapse, activations=args.activations)
-    result = sweep(model, data, args.method, settings, progress=print_progress)
+    result = workflows.sweep(model, DataSpec(args.data, limit=args.samples or 0, shapes=named_shapes(args)), args.method,
+                             settings, progress=print_progress)
     if args.output != "-":
         result.save(args.output)  # first: a failed write must be the only stderr line
     if sys.stderr.isatty():

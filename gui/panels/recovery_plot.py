@@ -17,12 +17,13 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import Qt, QTimer
+from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
 
 from engine.errors import PlanError
-from engine.finetune import RecoveryConfig, StepReport
+from engine.finetune import RecoveryConfig
+from engine.workflows import RecoveryStep
 
 #: Shortest time between two redraws while steps stream in.
 REDRAW_MS = 100
@@ -48,8 +49,13 @@ def planned_rates(config: RecoveryConfig | None, total_steps: int | None) -> tup
 class RecoveryPlot(QWidget):
     """See the module docstring. Feed it with :meth:`start`, :meth:`add_step`, :meth:`show_history`."""
 
+    #: The curves of a run in progress were redrawn (at most every REDRAW_MS): for a live headline.
+    live_updated = Signal()
+
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
+        #: True while steps of a running job stream in (from start() until show_history/clear).
+        self.live = False
         self.steps: list[int] = []
         self.losses: list[float] = []
         self.smoothed: list[float] = []
@@ -132,9 +138,17 @@ class RecoveryPlot(QWidget):
         if self.total_steps:
             self.loss_plot.setXRange(0, self.total_steps, padding=0.02)
         self.header.setText(f"Recovery: 0 / {self.total_steps or '?'} steps")
+        self.live = True
 
-    def add_step(self, report: StepReport) -> None:
-        """Take one step report; the plots catch up within :data:`REDRAW_MS`."""
+    def add_step(self, report: Any) -> None:
+        """Take one :class:`engine.workflows.RecoveryStep` (or engine.finetune.StepReport); the
+        plots catch up within :data:`REDRAW_MS`. Other events a job publishes are ignored."""
+        if not isinstance(report, RecoveryStep) and not hasattr(report, "loss"):
+            return
+        total = getattr(report, "total", 0)
+        if total and total != self.total_steps:  # e.g. epochs: only the run knows its steps
+            self.total_steps = total
+            self.loss_plot.setXRange(0, total, padding=0.02)
         self.steps.append(report.step)
         self.losses.append(report.loss)
         # bias-corrected moving average, so the first steps are not dragged towards zero
@@ -147,10 +161,11 @@ class RecoveryPlot(QWidget):
         if not self._redraw_timer.isActive():
             self._redraw_timer.start()
 
-    def show_history(self, history: Iterable[StepReport], recovery: Mapping[str, Any] | None,
+    def show_history(self, history: Iterable[RecoveryStep], recovery: Mapping[str, Any] | None,
                      kept: tuple[int, float | None] | None = None, metric_name: str = "metric") -> None:
         """Draw a finished run at once; `kept` is (step, metric) of the state that was kept."""
         self.start(recovery, metric_name)
+        self.live = False
         for report in history:
             self.add_step(report)
         if kept is not None:
@@ -162,6 +177,7 @@ class RecoveryPlot(QWidget):
         self._redraw()
 
     def clear(self) -> None:
+        self.live = False
         self._redraw_timer.stop()
         self.steps, self.losses, self.smoothed, self.rates, self.metrics = [], [], [], [], []
         self._ema = 0.0
@@ -182,16 +198,28 @@ class RecoveryPlot(QWidget):
             self.metric_curve.setData(np.asarray(metric_steps), np.asarray(values))
             low, high = min(values), max(values)
             margin = max((high - low) * 0.15, 0.005)
-            self.metric_plot.setYRange(low - margin, high + margin, padding=0)
+            top = high + margin
+            if self.metric_name in ("accuracy", "agreement"):  # fractions: no ticks above 1
+                top = min(top, 1.0 + margin / 5)
+            self.metric_plot.setYRange(low - margin, top, padding=0)
         if self.rates:
             rate_steps, rates = zip(*self.rates)
             self.lr_curve.setData(np.asarray(rate_steps), np.asarray(rates))
         if self.steps:
             text = f"Recovery: {self.steps[-1]:,} / {self.total_steps or '?'} steps · loss {self.smoothed[-1]:.4f}"
             if self.metrics:
-                best_step, best = max(self.metrics, key=lambda item: item[1])
+                # the latest of equal scores, as recovery keeps it
+                best_step, best = max(self.metrics, key=lambda item: (item[1], item[0]))
                 text += f" · best {self.metric_name} {best:.4f} at step {best_step:,}"
             self.header.setText(text)
+        if self.live:
+            self.live_updated.emit()
+
+    def latest(self) -> tuple[int, float, float | None, tuple[int, float] | None]:
+        """(step, smoothed loss, learning rate, (step, metric) of the newest evaluation) of the
+        run so far; call only once a step arrived."""
+        rate = self.rates[-1][1] if self.rates else None
+        return self.steps[-1], self.smoothed[-1], rate, (self.metrics[-1] if self.metrics else None)
 
     def _show_metric_row(self, on: bool) -> None:
         """One point is no curve: the metric row joins once evaluations arrive during training.
@@ -219,8 +247,10 @@ def _main(argv: list[str]) -> int:
     from pathlib import Path
 
 
-    from gui.preview import demo_model_path, ensure_app, open_preview_model, run_job_and_show
-    from gui.session import CompressionData
+    from engine.data import DataSpec
+    from engine.workflows import is_demo
+
+    from gui.preview import ensure_app, open_preview_model, run_job_and_show
     from gui.workers import compression_job
 
     parser = argparse.ArgumentParser(description="Plot a recovery run of the demo (or MODEL)")
@@ -232,7 +262,6 @@ def _main(argv: list[str]) -> int:
     model = open_preview_model(args.model)
     if model is None:
         return 2
-    is_demo = model.path == demo_model_path()
     plan = {"defaults": {"pruning": {"method": "magnitude", "amount": 0.7}},
             "recovery": {"steps": args.steps, "eval_every": max(args.steps // 10, 1)}}
     plot = RecoveryPlot()
@@ -240,7 +269,7 @@ def _main(argv: list[str]) -> int:
     plot.resize(800, 560)
     plot.show()
     plot.start(plan["recovery"], "accuracy")
-    job = compression_job(model, plan, CompressionData().effective(is_demo))
+    job = compression_job(model, plan, DataSpec().effective(is_demo(model)))
     job.partial.connect(plot.add_step)
     return run_job_and_show(app, job, plot, args.screenshot, before_grab=plot._redraw)
 

@@ -6,6 +6,10 @@ fine-tuned, and the per-layer report as a table. Everything shown comes from the
 :class:`~engine.compress.CompressionReport`; nothing is recomputed here. When the plan has
 changed since, a line says so: the numbers describe the plan that was run, not the one on screen.
 
+While a compression fine-tunes, the panel is live: the loss, learning-rate and metric curves
+grow with every :class:`engine.workflows.RecoveryStep` the job publishes, under a headline with
+the step, loss, rate and latest metric (:meth:`ResultsPanel.follow` connects a job).
+
 Run alone: ``python -m gui.panels.results [MODEL] [--screenshot PNG]`` compresses the model
 (default: the demo) with a small plan and shows the outcome.
 """
@@ -40,6 +44,7 @@ from engine.plan import Plan
 from gui.panels.recovery_plot import RecoveryPlot
 from gui.panels.row_labels import RowLabels
 from gui.session import CompressionOutcome, PlanState, Session
+from gui.workers import Job
 from gui.text import grouped, human_bytes, human_count, percent
 
 #: Bars drawn at most; the largest layers by original size (a chart of 500 bars reads as noise).
@@ -189,7 +194,9 @@ class ResultsPanel(QWidget):
         self.metric_card = StatCard("Accuracy")
         self.latency_card = StatCard("Latency")
         self.recovery_card = StatCard("Recovery")
-        cards = QHBoxLayout()
+        self.cards = QWidget()
+        cards = QHBoxLayout(self.cards)
+        cards.setContentsMargins(0, 0, 0, 0)
         cards.setSpacing(8)
         for card in (self.size_card, self.metric_card, self.latency_card, self.recovery_card):
             cards.addWidget(card, 1)
@@ -228,7 +235,7 @@ class ResultsPanel(QWidget):
         self.content = QWidget()
         content_layout = QVBoxLayout(self.content)
         content_layout.setContentsMargins(0, 0, 0, 0)
-        content_layout.addLayout(cards)
+        content_layout.addWidget(self.cards)
         content_layout.addWidget(body, 1)
         content_layout.addWidget(self.notes_label)
 
@@ -239,6 +246,8 @@ class ResultsPanel(QWidget):
 
         session.result_changed.connect(self.show_outcome)
         session.plan_state_changed.connect(self._on_plan_state)
+        self.recovery_plot.live_updated.connect(self._show_live)
+        self.live_job: Job | None = None
         self.show_outcome(session.result)
 
     @staticmethod
@@ -255,9 +264,62 @@ class ResultsPanel(QWidget):
         layout.addWidget(widget, 1)
         return box
 
+    # -- following a running compression -------------------------------------------------------
+    def follow(self, job: Job, plan: dict[str, Any], metric_name: str = "metric") -> None:
+        """Show `job`'s recovery live: its RecoveryStep events feed the curves from the first
+        step; however it ends, the panel then shows the session's result again.
+
+        Connect before ``job.start()``."""
+        self.live_job = job
+        self.recovery_plot.start(plan.get("recovery"), metric_name)
+        job.partial.connect(self.recovery_plot.add_step)
+        job.failed.connect(self._on_followed_end)
+        job.cancelled.connect(self._on_followed_end)
+
+    def _on_followed_end(self, *_args: object) -> None:
+        if self.sender() is self.live_job:
+            self.live_job = None
+            self.recovery_plot.clear()
+            self.show_outcome(self.session.result)
+
+    def _show_live(self) -> None:
+        """The headline and the curves of the recovery running now (the plot redraws at most
+        every REDRAW_MS, and calls this after each redraw)."""
+        plot = self.recovery_plot
+        if not plot.step_count:
+            return
+        if not self.is_live:
+            self.content.show()
+            self.cards.hide()  # the figures describe the last result, not this run
+            self.layer_tabs.hide()
+            self.notes_label.hide()
+            self.stale_label.hide()
+            self.recovery_box.show()
+            self.export_button.setEnabled(False)
+            self.run_button.hide()
+        step, loss, rate, metric = plot.latest()
+        model = self.session.model
+        name = f"{model.path.name}: " if model is not None else ""
+        total = f"{plot.total_steps:,}" if plot.total_steps else "?"
+        self.title.setText(f"{name}recovery fine-tuning, step {step:,} of {total}")
+        parts = [f"loss {loss:.4f}"]
+        if rate is not None:
+            parts.append(f"learning rate {rate:.3g}")
+        if metric is not None:
+            parts.append(f"{plot.metric_name} {metric[1]:.4f} at step {metric[0]:,}")
+        self.subtitle.setText(" · ".join(parts) + " · results when it ends")
+
+    @property
+    def is_live(self) -> bool:
+        """Whether the panel shows a recovery in progress rather than a result."""
+        return not self.content.isHidden() and self.cards.isHidden()
+
     # -- showing ------------------------------------------------------------------------------
     def show_outcome(self, outcome: CompressionOutcome | None) -> None:
         self.outcome = outcome
+        self.recovery_plot.live = False
+        self.cards.show()
+        self.layer_tabs.show()
         has = outcome is not None
         self.content.setVisible(has)
         self.export_button.setEnabled(has)

@@ -126,7 +126,7 @@ def test_cancel_keeps_the_previous_results(qtbot, state, panel, model, monkeypat
             time.sleep(0.01)
         cancel.check()
 
-    monkeypatch.setattr("gui.analysis.sweep", sweep_until_cancelled)
+    monkeypatch.setattr("engine.sensitivity.sweep", sweep_until_cancelled)
     previous = datafree_results(model)
     state.set_sensitivity(previous)
     job = state.run(DataChoice(spec="synthetic:8", method="exact", limit=0))
