@@ -1,11 +1,18 @@
-"""Choose how to measure sensitivity: the method, and the data it runs on.
+"""Choose how to measure sensitivity: the method, and data that fits the model.
+
+The dialog starts from the model's own input specs: it lists each input (name, type, shape, what
+synthetic data would put there), asks for the sizes the file leaves open (a sequence length, a
+scalar setting such as a sample rate), and offers only sources that can feed the model: the demo
+digits where the model takes 1×8×8 images, an image folder where it takes one image input, an
+``.npz`` with one array per input name, or synthetic inputs. Every choice is checked against the
+inputs by the engine (:func:`engine.data.check_data_fits`: names, dtypes, shapes, from array
+headers only) before Run is enabled; the reason it is not is one line under the form.
 
 The dialog only builds a :class:`~gui.project.DataChoice` (a data spec string as
-:func:`engine.data.open_data` reads it, a method, a sample limit); opening the data happens on the
-worker, so a big folder never freezes the window, and a spec that does not fit the model comes
-back as one line in the log. Paths are checked here, at once, because a typo is the common case.
+:func:`engine.data.open_data` reads it, sizes included, a method, a sample limit); opening the
+data happens on the worker, so a big folder never freezes the window.
 
-Run alone: ``python -m gui.data_dialog`` prints the choice.
+Run alone: ``python -m gui.data_dialog [MODEL]`` prints the choice.
 """
 
 from __future__ import annotations
@@ -14,8 +21,9 @@ import sys
 from pathlib import Path
 
 from PySide6.QtCore import Qt
-from PySide6.QtGui import QPalette
+from PySide6.QtGui import QDoubleValidator, QPalette
 from PySide6.QtWidgets import (
+    QAbstractItemView,
     QButtonGroup,
     QCheckBox,
     QDialog,
@@ -25,17 +33,32 @@ from PySide6.QtWidgets import (
     QGridLayout,
     QGroupBox,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QLineEdit,
     QPushButton,
     QRadioButton,
     QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
 
-from engine.data import DEFAULT_SYNTHETIC_COUNT
-from engine.model import Model
+from engine.data import (
+    DEFAULT_SYNTHETIC_COUNT,
+    check_data_fits,
+    digits_fit,
+    image_folder_fit,
+    missing_sizes,
+    parse_synthetic_spec,
+    shape_text,
+    spec_sample_axis,
+    synthetic_spec,
+    synthetic_values_text,
+)
+from engine.errors import SlimscopeError
+from engine.model import Model, TensorSpec
 
 from gui import capabilities
 from gui.project import DataChoice
@@ -58,6 +81,10 @@ FAST_WITHOUT_GRADIENTS = (
 DEMO, FOLDER, ARRAYS, SYNTHETIC = "demo", "folder", "arrays", "synthetic"
 ARRAY_FILTER = "NumPy arrays (*.npy *.npz);;All files (*)"
 MAX_SAMPLES = 1_000_000
+#: Largest size the dialog offers for an open axis (a sequence length, an image side).
+MAX_SIZE = 1_000_000
+#: Why Run is off: a red that reads on both the light and the dark theme.
+PROBLEM_COLOR = "#e53935"
 
 
 def source_kind(spec: str | None) -> str:
@@ -126,22 +153,51 @@ class DataDialog(QDialog):
         method_grid.addWidget(self.ranks_box, len(METHODS), 0, 1, 2)
 
         # -- data --
+        #: The model's inputs; empty when there is no model or the file records none.
+        self.inputs: list[TensorSpec] = list(model.inputs) if model is not None else []
+        self.model = model
         self.source_group = QButtonGroup(self)
         self.data_box = QGroupBox("Data")
-        data_grid = QGridLayout(self.data_box)
+        data_layout = QVBoxLayout(self.data_box)
+        self.inputs_table = self._inputs_table()
+        self.size_edits: dict[str, QWidget] = {}
+        #: size key -> [(input name, axis)] it fills; axis -1 for a scalar input's value.
+        self._size_targets: dict[str, list[tuple[str, int]]] = {}
+        sizes_form = self._sizes_form()
+        if self.inputs:
+            data_layout.addWidget(self.inputs_table)
+        if sizes_form is not None:
+            data_layout.addLayout(sizes_form)
+        data_grid = QGridLayout()
         data_grid.setColumnStretch(1, 1)
+        data_layout.addLayout(data_grid)
+        several = len(self.inputs) > 1
         self.source_buttons = {
             DEMO: QRadioButton("Bundled demo data (8×8 digits, labelled test split)"),
             FOLDER: QRadioButton("Image folder"),
-            ARRAYS: QRadioButton("Arrays file (.npy / .npz)"),
+            ARRAYS: QRadioButton("Arrays file (.npz)" if several else "Arrays file (.npy / .npz)"),
             SYNTHETIC: QRadioButton("Synthetic inputs"),
         }
-        for button in self.source_buttons.values():
+        #: Source -> the engine's one line why it cannot feed this model (the button is off).
+        self.source_blocked: dict[str, str] = {}
+        if model is not None:
+            for kind, reason in ((DEMO, digits_fit(self.inputs)),
+                                 (FOLDER, image_folder_fit(self.inputs) if self.inputs else None)):
+                if reason is not None:
+                    self.source_blocked[kind] = reason
+        for kind, button in self.source_buttons.items():
             self.source_group.addButton(button)
+            if kind in self.source_blocked:
+                capabilities.gate(button, self.source_blocked[kind], "")
         self.folder_edit = QLineEdit(placeholderText="folder of images")
-        self.arrays_edit = QLineEdit(placeholderText="inputs (and labels) as .npy or .npz")
-        folder_browse = QPushButton("Browse…")
-        folder_browse.clicked.connect(self._browse_folder)
+        self.arrays_edit = QLineEdit(placeholderText=(
+            "one array per input name (" + ", ".join(spec.name for spec in self.inputs) + ")"
+            if several else "inputs (and labels) as .npy or .npz"))
+        self.arrays_edit.setToolTip("An .npz holds one array per input name, labels (if any) as "
+                                    "'y'; a model with one input also takes 'x' or a .npy")
+        self.folder_browse = QPushButton("Browse…")
+        self.folder_browse.clicked.connect(self._browse_folder)
+        self.folder_browse.setEnabled(FOLDER not in self.source_blocked)
         arrays_browse = QPushButton("Browse…")
         arrays_browse.clicked.connect(self._browse_arrays)
         self.synthetic_count = QSpinBox(minimum=1, maximum=MAX_SAMPLES, value=DEFAULT_SYNTHETIC_COUNT,
@@ -151,7 +207,7 @@ class DataDialog(QDialog):
         data_grid.addWidget(self.source_buttons[DEMO], 0, 0, 1, 3)
         data_grid.addWidget(self.source_buttons[FOLDER], 1, 0)
         data_grid.addWidget(self.folder_edit, 1, 1)
-        data_grid.addWidget(folder_browse, 1, 2)
+        data_grid.addWidget(self.folder_browse, 1, 2)
         data_grid.addWidget(self.source_buttons[ARRAYS], 2, 0)
         data_grid.addWidget(self.arrays_edit, 2, 1)
         data_grid.addWidget(arrays_browse, 2, 2)
@@ -169,7 +225,9 @@ class DataDialog(QDialog):
         data_grid.addLayout(limit_form, 4, 0, 1, 3)
 
         self.problem_label = QLabel()
-        self.problem_label.setForegroundRole(QPalette.ColorRole.BrightText)
+        self.problem_label.setObjectName("data-problem")
+        self.problem_label.setWordWrap(True)  # one line of text; wrapped only on screen
+        self.problem_label.setStyleSheet(f"color: {PROBLEM_COLOR};")  # read on light and dark
         self.buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Cancel)
         self.run_button = self.buttons.addButton("Run", QDialogButtonBox.ButtonRole.AcceptRole)
         self.run_button.setDefault(True)
@@ -188,8 +246,67 @@ class DataDialog(QDialog):
             signal.connect(self._update)
         for edit in (self.folder_edit, self.arrays_edit):
             edit.textChanged.connect(self._update)
+        self.synthetic_count.valueChanged.connect(self._update)
+        for widget in self.size_edits.values():
+            signal = widget.valueChanged if isinstance(widget, QSpinBox) else widget.textChanged  # type: ignore[attr-defined]
+            signal.connect(self._update)
         self._update()
         self.resize(620, self.sizeHint().height())
+
+    def _inputs_table(self) -> QTableWidget:
+        """One read-only row per model input: name, type, shape, what synthetic data holds."""
+        table = QTableWidget(len(self.inputs), 4)
+        table.setObjectName("model-inputs")
+        table.setHorizontalHeaderLabels(["Input", "Type", "Shape", "Synthetic values"])
+        table.verticalHeader().hide()
+        table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        table.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
+        table.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        for row, spec in enumerate(self.inputs):
+            for column, text in enumerate((spec.name, spec.dtype, shape_text(spec.shape),
+                                           synthetic_values_text(spec))):
+                item = QTableWidgetItem(text)
+                item.setToolTip(text)
+                table.setItem(row, column, item)
+        header = table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setStretchLastSection(True)
+        rows = min(len(self.inputs), 5)
+        table.setFixedHeight(header.sizeHint().height() + rows * table.verticalHeader().defaultSectionSize()
+                             + 2 * table.frameWidth())
+        return table
+
+    def _sizes_form(self) -> QFormLayout | None:
+        """A field for every size the file leaves open (named sizes shared by several inputs
+        are asked once), and for every scalar input's value; None when nothing is open."""
+        for name, axis, size_name in missing_sizes(self.inputs):
+            key = f"{name}:value" if axis < 0 else (size_name or f"{name}[{axis}]")
+            self._size_targets.setdefault(key, []).append((name, axis))
+        if not self._size_targets:
+            return None
+        form = QFormLayout()
+        form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.FieldsStayAtSizeHint)
+        note = QLabel("Sizes this model leaves open, for synthetic inputs:")
+        note.setForegroundRole(QPalette.ColorRole.PlaceholderText)
+        form.addRow(note)
+        dtypes = {spec.name: spec.dtype for spec in self.inputs}
+        for key, targets in self._size_targets.items():
+            users = ", ".join(dict.fromkeys(name for name, _ in targets))
+            if targets[0][1] < 0:  # a scalar input: its value
+                name = targets[0][0]
+                edit = QLineEdit(placeholderText=f"value ({dtypes[name]})")
+                edit.setValidator(QDoubleValidator(edit))
+                edit.setToolTip(f"Input {name!r} is a single {dtypes[name]} value (a setting such "
+                                "as a sample rate); synthetic data cannot guess it")
+                self.size_edits[key] = edit
+                form.addRow(f"{name}:", edit)
+                continue
+            spin = QSpinBox(minimum=0, maximum=MAX_SIZE, specialValueText="?")
+            spin.setMinimumWidth(120)
+            spin.setToolTip(f"The size of {key!r} in {users}; the file leaves it open")
+            self.size_edits[key] = spin
+            form.addRow(f"{key} ({users}):", spin)
+        return form
 
     def _set_initial(self, initial: DataChoice) -> None:
         method = initial.method if initial.method in self.method_buttons else "exact"
@@ -197,14 +314,72 @@ class DataDialog(QDialog):
             method = next(key for key, _label, _help in METHODS if key not in self.blocked)
         self.method_buttons[method].setChecked(True)
         kind = source_kind(initial.spec)
-        self.source_buttons[kind].setChecked(True)
         spec = initial.spec or DEMO
+        if kind in self.source_blocked:  # e.g. the digits offered to a text model: synthetic
+            kind, spec = SYNTHETIC, SYNTHETIC
+        self.source_buttons[kind].setChecked(True)
         if kind == FOLDER:
             self.folder_edit.setText(spec)
         elif kind == ARRAYS:
             self.arrays_edit.setText(spec)
-        elif kind == SYNTHETIC and spec.partition(":")[2].isdigit():
-            self.synthetic_count.setValue(int(spec.partition(":")[2]))
+        elif kind == SYNTHETIC:
+            try:
+                count, shapes = parse_synthetic_spec(spec)
+            except SlimscopeError:
+                return
+            self.synthetic_count.setValue(count)
+            self._show_sizes(shapes)
+
+    def _show_sizes(self, shapes: dict[str, tuple[int | float, ...]]) -> None:
+        """Fill the size fields from a synthetic spec's sizes (a project's, a previous run's)."""
+        for key, targets in self._size_targets.items():
+            for name, axis in targets:
+                given = shapes.get(name)
+                if not given:
+                    continue
+                widget = self.size_edits[key]
+                if axis < 0 and isinstance(widget, QLineEdit):
+                    widget.setText(f"{given[0]:g}")
+                elif isinstance(widget, QSpinBox) and axis < len(given) and int(given[axis]) > 0:
+                    widget.setValue(int(given[axis]))
+                break
+
+    def sizes(self) -> dict[str, list[int | float]]:
+        """Input name -> whole shape (the sample axis 1) for every input with an open size the
+        user gave, or [value] for a scalar input; what synthetic data needs to be made."""
+        batch_axes = {spec.name: spec_sample_axis(spec) for spec in self.inputs}
+        specs = {spec.name: spec for spec in self.inputs}
+        shapes: dict[str, list[int | float]] = {}
+        for key, targets in self._size_targets.items():
+            widget = self.size_edits[key]
+            for name, axis in targets:
+                if axis < 0:
+                    text = widget.text().strip() if isinstance(widget, QLineEdit) else ""
+                    if text:
+                        value = float(text.replace(",", "."))
+                        shapes[name] = [int(value) if value.is_integer() else value]
+                    continue
+                size = widget.value() if isinstance(widget, QSpinBox) else 0
+                if not size:
+                    continue
+                shape = shapes.setdefault(name, [
+                    1 if index == batch_axes[name] else (dim if isinstance(dim, int) and dim > 0 else 0)
+                    for index, dim in enumerate(specs[name].shape)])
+                shape[axis] = size
+        scalars = {name for targets in self._size_targets.values() for name, axis in targets if axis < 0}
+        return {name: shape for name, shape in shapes.items() if name in scalars or all(shape)}
+
+    def missing_size(self) -> str | None:
+        """The first open size synthetic data still needs, as a prompt; None when all are given."""
+        given = self.sizes()
+        for key, targets in self._size_targets.items():
+            names = [name for name, _ in targets if name not in given]
+            if names:
+                if targets[0][1] < 0:
+                    return f"Give the value of the scalar input {names[0]!r} for synthetic inputs."
+                return (f"Give the size {key!r} of {', '.join(repr(n) for n in names)} "
+                        "for synthetic inputs.")
+        return None
 
     # -- reading the answer -------------------------------------------------------------------
     def method(self) -> str:
@@ -223,7 +398,13 @@ class DataDialog(QDialog):
         if kind == ARRAYS:
             return self.arrays_edit.text().strip()
         if kind == SYNTHETIC:
-            return f"{SYNTHETIC}:{self.synthetic_count.value()}"
+            shapes = self.sizes()
+            if not shapes:
+                return f"{SYNTHETIC}:{self.synthetic_count.value()}"
+            try:
+                return synthetic_spec(self.synthetic_count.value(), shapes)
+            except SlimscopeError:  # a name the spec cannot carry; problem() says so
+                return f"{SYNTHETIC}:{self.synthetic_count.value()}"
         return DEMO
 
     def choice(self) -> DataChoice:
@@ -243,7 +424,19 @@ class DataDialog(QDialog):
             return f"No folder {path}."
         if kind == ARRAYS and not path.is_file():
             return f"No file {path}."
-        return ""
+        if kind in self.source_blocked:
+            return _sentence(self.source_blocked[kind])
+        if kind == SYNTHETIC and self.missing_size() is not None:
+            return self.missing_size() or ""
+        if self.model is None:
+            return ""
+        if kind == SYNTHETIC:
+            try:
+                synthetic_spec(self.synthetic_count.value(), self.sizes())
+            except SlimscopeError as exc:
+                return _sentence(str(exc))
+        reason = check_data_fits(self.inputs, spec)  # names, dtypes, shapes; headers only
+        return _sentence(reason) if reason else ""
 
     # -- reacting -----------------------------------------------------------------------------
     def _update(self, *_args: object) -> None:
@@ -252,6 +445,8 @@ class DataDialog(QDialog):
         self.folder_edit.setEnabled(self.source() == FOLDER)
         self.arrays_edit.setEnabled(self.source() == ARRAYS)
         self.synthetic_count.setEnabled(self.source() == SYNTHETIC)
+        for widget in self.size_edits.values():
+            widget.setEnabled(self.source() == SYNTHETIC)
         problem = self.problem()
         self.problem_label.setText(problem)
         self.problem_label.setVisible(bool(problem))
@@ -270,6 +465,15 @@ class DataDialog(QDialog):
             self.source_buttons[ARRAYS].setChecked(True)
 
 
+def _sentence(reason: str) -> str:
+    """The engine's one line as the dialog shows it, with a full stop (not capitalised: it
+    often starts with a file name)."""
+    reason = " ".join(reason.split())
+    if not reason:
+        return reason
+    return reason if reason.endswith((".", "?", "!", ")")) else reason + "."
+
+
 def ask_data_choice(parent: QWidget | None, initial: DataChoice | None = None,
                     model_name: str = "", model: Model | None = None) -> DataChoice | None:
     """Show the dialog modally; the choice, or None when cancelled. Methods `model` cannot run
@@ -282,7 +486,12 @@ def _main(argv: list[str]) -> int:
     from gui.preview import ensure_app
 
     ensure_app()
-    choice = ask_data_choice(None, DataChoice(), argv[0] if argv else "")
+    model = None
+    if argv:
+        from engine.formats import load_model
+
+        model = load_model(Path(argv[0]))
+    choice = ask_data_choice(None, DataChoice(), model.path.name if model else "", model)
     print(choice)
     return 0 if choice is not None else 1
 
