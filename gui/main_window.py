@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable
 import sys
 import traceback
 
-from PySide6.QtCore import QByteArray, QSettings, Qt, QTimer, QUrl
+from PySide6.QtCore import QByteArray, QEvent, QSettings, Qt, QTimer, QUrl
 from PySide6.QtGui import (
     QAction,
     QCloseEvent,
@@ -47,6 +47,7 @@ from PySide6.QtWidgets import (
     QSplitter,
     QStackedWidget,
     QStyle,
+    QTabBar,
     QTabWidget,
     QToolBar,
     QUndoView,
@@ -62,14 +63,16 @@ from engine.model import Model
 from engine.plan import Plan
 
 from gui import capabilities, dialogs
+from gui.icons import arrow_icon
 from gui.panels.histogram import HistogramPanel
-from gui.panels.layer_table import Column, LayerTable
+from gui.panels.layer_table import MIN_VISIBLE_ROWS, Column, LayerTable
 from gui.panels.log_panel import LogPanel
 from gui.panels.plan_editor import PlanEditor
 from gui.panels.results import ResultsPanel
 from gui.panels.summary import ModelSummary
 from gui.preview import demo_model_path
 from gui.session import CompressionOutcome, MetricPrediction, PlanState, Session
+from gui.theme import theme_signals
 from gui.workers import Job, compression_job
 
 if TYPE_CHECKING:
@@ -86,6 +89,13 @@ PLAN_FILTER = "Plan files (*.yaml *.yml *.json);;All files (*)"
 LAYERS_TAB, RESULTS_TAB = 0, 1
 RUN_TIP = "Compress the model with the current plan (Ctrl+R)"
 DATA_TIP = "Evaluation, calibration and training data for compression"
+#: How long a newly shown dock waits before it is fitted: the panels above re-arrange (the
+#: histogram's statistics, and so its minimum height) only after their own resize.
+DOCK_FIT_DELAY_MS = 200
+#: Widest the layer filter starts beside the tabs.
+FILTER_MAX_WIDTH = 320
+#: Share of the window's height an analysis dock asks for when it first opens along the bottom.
+BOTTOM_DOCK_SHARE = 0.45
 #: Shortest time between two updates of the progress bar and status line while a task runs.
 PROGRESS_REDRAW_MS = 100
 MODEL_FILTER = (
@@ -151,6 +161,10 @@ class MainWindow(QMainWindow):
         self.ask_save_changes = ask_save_changes or dialogs.ask_save_changes
         self.session = Session(self)
         self.document = self.session.plan_document
+        #: Docks already given their first height (see _on_dock_shown), and whether a saved
+        #: layout placed them instead.
+        self._docks_sized: set[QDockWidget] = set()
+        self._layout_restored = False
         self.load_job: Job | None = None
         #: The running compression or export, if any: one at a time.
         self.task: Job | None = None
@@ -172,10 +186,11 @@ class MainWindow(QMainWindow):
         self.tabs.setDocumentMode(True)
         self.tabs.addTab(self.splitter, "Layers")
         self.tabs.addTab(self.results, "Results")
+        self._filter_in_tab_bar()
 
         content = QWidget()
         content_layout = QVBoxLayout(content)
-        content_layout.setContentsMargins(10, 8, 10, 4)
+        content_layout.setContentsMargins(10, 6, 10, 2)
         content_layout.addWidget(self.summary)
         content_layout.addWidget(self.tabs, 1)
         self.stack = QStackedWidget()
@@ -238,6 +253,22 @@ class MainWindow(QMainWindow):
         layout.addStretch(2)
         return page
 
+    def _filter_in_tab_bar(self) -> None:
+        """The layer filter sits beside the Layers and Results tabs rather than on a row of its
+        own: at 1280×800 those pixels are what lets eight table rows and a docked analysis panel
+        share the window. It shows with the Layers tab, the one it filters."""
+        edit = self.layer_table.filter_edit
+        metrics = edit.fontMetrics()
+        edit.setMinimumWidth(min(FILTER_MAX_WIDTH, metrics.horizontalAdvance(edit.placeholderText()) * 2))
+        # In a layout of its own: the tab widget sizes a corner widget by its size hint alone
+        # (some 17 characters, which cut the hint text), a layout honours the minimum width.
+        corner = QWidget()
+        corner_layout = QHBoxLayout(corner)
+        corner_layout.setContentsMargins(0, 0, 0, 2)
+        corner_layout.addWidget(edit)
+        self.tabs.setCornerWidget(corner, Qt.Corner.TopRightCorner)
+        self.tabs.currentChanged.connect(lambda index: corner.setVisible(index == LAYERS_TAB))
+
     def _dock(self, title: str, name: str, widget: QWidget, area: Qt.DockWidgetArea) -> QDockWidget:
         dock = QDockWidget(title, self)
         dock.setObjectName(f"{name}-dock")  # saveState needs names
@@ -283,10 +314,21 @@ class MainWindow(QMainWindow):
         stack = self.document.undo_stack
         self.undo_action = stack.createUndoAction(self, "&Undo")
         self.undo_action.setShortcut(QKeySequence.StandardKey.Undo)
-        self.undo_action.setIcon(self.style().standardIcon(pixmap.SP_ArrowBack))
         self.redo_action = stack.createRedoAction(self, "&Redo")
         self.redo_action.setShortcuts([QKeySequence("Ctrl+Shift+Z"), QKeySequence.StandardKey.Redo])
-        self.redo_action.setIcon(self.style().standardIcon(pixmap.SP_ArrowForward))
+        self._restyle_icons()
+        theme_signals.changed.connect(self._restyle_icons)
+
+    def _restyle_icons(self, *_args: object) -> None:
+        """Undo and redo arrows in the look's text colour (the style's own stayed dark on dark)."""
+        color = self.palette().color(QPalette.ColorRole.ButtonText)
+        self.undo_action.setIcon(arrow_icon("back", color))
+        self.redo_action.setIcon(arrow_icon("forward", color))
+
+    def changeEvent(self, event: QEvent) -> None:
+        super().changeEvent(event)
+        if event.type() == QEvent.Type.PaletteChange and hasattr(self, "redo_action"):
+            self._restyle_icons()
 
     def _build_menus(self) -> None:
         file_menu = self.menuBar().addMenu("&File")
@@ -402,6 +444,12 @@ class MainWindow(QMainWindow):
         state = getattr(getattr(self, "analysis", None), "state", None)
         if state is not None and hasattr(state, "sensitivity_changed"):
             state.sensitivity_changed.connect(self._on_sensitivity)
+        graph = getattr(getattr(self, "analysis", None), "graph_view", None)
+        if graph is not None and hasattr(graph, "log_line"):  # "opened … in the browser" goes to the log
+            graph.log_line.connect(self.log.add)
+        for dock in self.findChildren(QDockWidget):
+            if dock not in (self.plan_dock, self.log_dock, self.history_dock):
+                dock.visibilityChanged.connect(lambda visible, dock=dock: self._on_dock_shown(dock, visible))
 
     def _on_sensitivity(self, result: object) -> None:
         """Sensitivity results predict the plan's metric as it is edited (engine.allocate's
@@ -585,14 +633,22 @@ class MainWindow(QMainWindow):
         self.plan_editor.show_error(message)
         self.statusBar().showMessage(message, 8000)
 
+    def _plan_problem(self) -> str | None:
+        """Why the plan cannot be run on the loaded model now, in one line, or None."""
+        if self.session.model is None:
+            return "open a model first"
+        if self.session.plan_state.error:
+            return self.session.plan_state.error
+        problems = self.plan_editor.plan_problems()
+        return problems[0] if problems else None
+
     def _update_actions(self, *_args: object) -> None:
         """Every action enabled exactly when the model's backend can do it; a disabled one says
         why (the engine's line) as its tooltip and status tip."""
         model = self.session.model
         busy = self.task is not None
-        problems = self.plan_editor.plan_problems() if model is not None else []
         capabilities.gate(self.run_action, capabilities.NO_MODEL if model is None else
-                          (problems[0] if problems else None), RUN_TIP)
+                          self._plan_problem(), RUN_TIP)
         if busy:
             self.run_action.setEnabled(False)
         self.cancel_action.setEnabled(busy)
@@ -664,26 +720,15 @@ class MainWindow(QMainWindow):
     def run_compression(self) -> Job | None:
         """Compress the loaded model with a snapshot of the plan, on a worker."""
         model = self.session.model
-        problem = self._busy_reason()
-        if problem is None and model is None:
-            problem = "open a model first"
-        if problem is None:
-            problem = self.session.plan_state.error
-        if problem is None and model is not None:
-            problems = self.plan_editor.plan_problems()
-            problem = problems[0] if problems else None
+        problem = self._busy_reason() or self._plan_problem()
         if problem is not None or model is None:
             self.show_error(self, problem or "nothing to compress", "")
             return None
         data = self.session.effective_data()
         plan = self.document.to_dict()
         job = compression_job(model, plan, data)
-        job.partial.connect(self.results.recovery_plot.add_step)
         job.succeeded.connect(self._on_compressed)
-        metric = "accuracy" if data.evaluation else "metric"
-        self.results.recovery_plot.start(plan.get("recovery"), metric)
-        if plan.get("recovery"):
-            self.results.recovery_box.show()
+        self.results.follow(job, plan, "accuracy" if data.evaluation else "metric")
         self.log.add(f"compressing {model.path.name}: "
                      f"{sum(1 for lp in self.session.plan_state.layers.values() if not lp.keep)} layers change; "
                      f"data: {data.evaluation or 'none (sizes only)'}")
@@ -774,8 +819,6 @@ class MainWindow(QMainWindow):
             return
         self.log.add(f"{self.task.name} cancelled; the model and the plan are unchanged", "warning")
         self.statusBar().showMessage("Cancelled; nothing changed", 8000)
-        self.results.recovery_plot.clear()
-        self.results.show_outcome(self.session.result)
 
     def _on_task_done(self) -> None:
         if self.sender() is not self.task:
@@ -842,6 +885,7 @@ class MainWindow(QMainWindow):
 
     # -- misc -------------------------------------------------------------------------------------------
     def _focus_filter(self) -> None:
+        self.tabs.setCurrentIndex(LAYERS_TAB)  # the filter shows with the tab it filters
         self.layer_table.filter_edit.setFocus()
         self.layer_table.filter_edit.selectAll()
 
@@ -849,6 +893,61 @@ class MainWindow(QMainWindow):
         from gui.about import AboutDialog
 
         AboutDialog(self).exec()
+
+    # -- layout --------------------------------------------------------------------------------------
+    def _on_dock_shown(self, dock: QDockWidget, visible: bool) -> None:
+        """The first time an analysis dock opens along the bottom (and no saved layout placed
+        it), give it the height its plots ask for, as far as the central area's minimum allows.
+
+        Later shows keep whatever height the user gave the dock area."""
+        if not visible or dock in self._docks_sized or dock.isFloating():
+            return
+        self._docks_sized.add(dock)
+
+        def fit() -> None:  # once the dock is laid out; restoreState shows docks before it returns
+            if not self._layout_restored and self.dockWidgetArea(dock) == Qt.DockWidgetArea.BottomDockWidgetArea:
+                self.fit_bottom_dock(dock)
+
+        QTimer.singleShot(DOCK_FIT_DELAY_MS, fit)
+
+    def fit_bottom_dock(self, dock: QDockWidget) -> int:
+        """Give the bottom dock area holding `dock` up to BOTTOM_DOCK_SHARE of the window's
+        height, as far as the central area keeps MIN_VISIBLE_ROWS table rows (and the summary
+        and histogram their minimum); the dock's own minimum wins over both. Returns the dock's
+        new height as asked for."""
+        central, table = self.centralWidget(), self.layer_table
+        rows_wanted = max(0, table.rows_height(MIN_VISIBLE_ROWS) - table.view.minimumHeight())
+        central_least = central.minimumSizeHint().height() + rows_wanted
+        tab_bar = self._dock_tab_bar_height(dock)
+        room = dock.height() + central.height() - central_least
+        height = max(dock.minimumSizeHint().height(), min(room, int(BOTTOM_DOCK_SHARE * self.height()) - tab_bar))
+        # A tab group takes its size from whichever of its docks Qt holds as the group's item,
+        # so all of them are asked (asking only `dock` was ignored when it was not that one);
+        # the size asked for is the group's, tab bar included.
+        group = [dock, *self.tabifiedDockWidgets(dock)]
+        self.resizeDocks(group, [height + tab_bar] * len(group), Qt.Orientation.Vertical)
+        QTimer.singleShot(0, self._keep_table_rows)
+        return height
+
+    def _dock_tab_bar_height(self, dock: QDockWidget) -> int:
+        """Height of the tab bar under `dock`'s tab group (0 when it is not tabbed)."""
+        for bar in self.findChildren(QTabBar):
+            if bar.parent() is self and bar.isVisible() and any(
+                    bar.tabText(i) == dock.windowTitle() for i in range(bar.count())):
+                return bar.height()
+        return 0
+
+    def _keep_table_rows(self) -> None:
+        """Within the central area, the table's MIN_VISIBLE_ROWS rows come before the
+        histogram's height above its minimum (a shrinking splitter takes from both)."""
+        table, histogram = self.layer_table, self.histogram
+        sizes = self.splitter.sizes()
+        wanted = table.rows_height(MIN_VISIBLE_ROWS) + table.height() - table.view.height()
+        if len(sizes) != 2 or sizes[0] >= wanted:
+            return
+        total = sum(sizes)
+        rest = max(histogram.minimumSizeHint().height(), total - wanted)
+        self.splitter.setSizes([total - rest, rest])
 
     # -- persistence ---------------------------------------------------------------------------------
     def _restore_layout(self) -> None:
@@ -858,8 +957,9 @@ class MainWindow(QMainWindow):
         else:
             self.resize(1280, 780)
         state = self.settings.value("main_window/state")
-        if not (isinstance(state, QByteArray) and self.restoreState(state)):
-            self.resizeDocks([self.plan_dock], [340], Qt.Orientation.Horizontal)
+        self._layout_restored = isinstance(state, QByteArray) and self.restoreState(state)
+        if not self._layout_restored:
+            self.resizeDocks([self.plan_dock], [self.plan_editor.preferred_width()], Qt.Orientation.Horizontal)
             self.resizeDocks([self.log_dock], [130], Qt.Orientation.Vertical)
         hidden = self.settings.value("main_window/hidden_columns")
         if hidden is not None:

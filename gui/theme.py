@@ -66,6 +66,43 @@ LOOKS: dict[str, Colors] = {
 }
 
 
+#: Colours that carry a meaning, each readable on its look's base colour: ``good`` only for a
+#: change for the better, ``bad`` for worse, ``warning`` for "look at this", ``neutral`` for a
+#: change that is neither (a small loss of accuracy is not good news, so it is never green).
+GOOD, BAD, WARNING, NEUTRAL = "good", "bad", "warning", "neutral"
+STATUS_COLORS: dict[str, dict[str, str]] = {
+    LIGHT: {GOOD: "#2e7d32", BAD: "#c62828", WARNING: "#a15c00", NEUTRAL: "#57606a"},
+    DARK: {GOOD: "#7bd88f", BAD: "#ff7b72", WARNING: "#f0b35a", NEUTRAL: "#a8afb8"},
+}
+#: Badge text and background per meaning, for light and dark windows.
+BADGE_COLORS: dict[str, dict[str, tuple[str, str]]] = {
+    LIGHT: {GOOD: ("#1b5e20", "#dcedc8"), WARNING: ("#7a4f01", "#ffe9b3")},
+    DARK: {GOOD: ("#c8f0cf", "#24452b"), WARNING: ("#ffe2ad", "#55401a")},
+}
+
+
+def look_of(palette: QPalette | None = None) -> str:
+    """LIGHT or DARK: which set of meaning colours suits `palette` (default: the app's)."""
+    if palette is None:
+        app = QApplication.instance()
+        palette = app.palette() if isinstance(app, QApplication) else QPalette()
+    return DARK if is_dark(palette) else LIGHT
+
+
+def status_color(meaning: str, palette: QPalette | None = None) -> str:
+    """The colour of GOOD, BAD, WARNING or NEUTRAL on `palette` (default: the app's), as #rrggbb."""
+    return STATUS_COLORS[look_of(palette)][meaning]
+
+
+def change_meaning(change: float, higher_is_better: bool = True, tolerance: float = 0.0) -> str:
+    """GOOD for a change for the better, BAD for one for the worse beyond `tolerance`, NEUTRAL
+    otherwise: what colour a before/after difference deserves."""
+    better = change if higher_is_better else -change
+    if better > 0:
+        return GOOD
+    return BAD if -better > tolerance else NEUTRAL
+
+
 def make_palette(colors: Colors) -> QPalette:
     """A complete palette (all groups and the roles Fusion reads) from a look's colours."""
     palette = QPalette()

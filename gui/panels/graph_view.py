@@ -5,6 +5,15 @@ and a ``QWebEngineView`` shows its page. QtWebEngine is an optional extra
 (``pip install slimscope[graph]``, about 180 MB of wheels); without it the panel says so and offers
 to open the same page in the system browser. The server starts the first time the panel is
 shown for a model, and stops when the model changes, the panel is shut down or the app quits.
+Opening the browser shows the page's address in the panel (to copy, should no browser come up)
+and says what happened in one log line (:attr:`GraphView.log_line`).
+
+Both looks reach Netron, in its own dark style: its style sheets keep that style in
+``@media (prefers-color-scheme: dark)`` rules, which Chromium decides once per process (a Chromium
+flag, :func:`_prefer_color_scheme`, sets it for the first page). So that a theme switched later
+reaches the page too, :data:`COLOR_SCHEME_SCRIPT` turns those rules on or off in the loaded page,
+after each load and on every switch. The page's background before Netron paints, and the
+placeholder without QtWebEngine, take the palette's colours.
 
 Netron asks for cookie consent on first use; offline it cannot find out that no consent is
 needed, so the page would sit behind that screen. The view's own profile gets the ``consent``
@@ -36,6 +45,7 @@ from PySide6.QtWidgets import QHBoxLayout, QLabel, QPushButton, QStackedWidget, 
 from engine.model import Model
 
 from gui.session import Session
+from gui.theme import theme_signals
 
 #: Netron's own formats that draw no graph: for these a same-named .onnx beside the file is shown.
 WEIGHTS_ONLY_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -68,6 +78,32 @@ SELECT_SCRIPT = """
   if (!node) { return 'missing'; }
   target.scrollTo(target.select([node], 'sidebar'));
   return 'selected';
+})(%s)
+"""
+
+
+#: Forces Netron's dark (true) or light (false) style, or gives the choice back to Chromium (null),
+#: by rewriting the media text of its ``prefers-color-scheme`` rules; answers how many it found.
+COLOR_SCHEME_SCRIPT = """
+(function (dark) {
+  let found = 0;
+  for (const sheet of document.styleSheets) {
+    let rules;
+    try { rules = sheet.cssRules; } catch (error) { continue; }
+    for (const rule of rules) {
+      if (!rule.media) { continue; }
+      if (rule.__slimscopeScheme === undefined) {
+        const match = /prefers-color-scheme:\\s*(dark|light)/.exec(rule.media.mediaText);
+        if (!match) { continue; }
+        rule.__slimscopeScheme = match[1];
+      }
+      found += 1;
+      const scheme = rule.__slimscopeScheme;
+      rule.media.mediaText = dark === null ? '(prefers-color-scheme: ' + scheme + ')'
+        : ((scheme === 'dark') === dark ? 'all' : 'not all');
+    }
+  }
+  return found;
 })(%s)
 """
 
@@ -156,6 +192,8 @@ class GraphView(QWidget):
 
     #: The page answered a selection request: layer name, "selected" / "missing" / "unsupported".
     node_selected = Signal(str, str)
+    #: One line for the window's log and its level ("info", "warning"): what the panel did.
+    log_line = Signal(str, str)
 
     def __init__(self, session: Session, parent: QWidget | None = None, *, embed: bool | None = None,
                  open_url: Callable[[QUrl], bool] = QDesktopServices.openUrl) -> None:
@@ -166,6 +204,8 @@ class GraphView(QWidget):
         self.embedded = webengine_available() if embed is None else embed
         self.model: Model | None = None
         self.page_ready = False
+        #: Colour-scheme rules found in Netron's page at the last theme sync (None before one).
+        self.scheme_rules: object = None
         self._pending_layer = ""
         self._pending_since = 0.0
         self._retry = QTimer(self, singleShot=True, interval=SELECT_RETRY_MS)
@@ -178,6 +218,13 @@ class GraphView(QWidget):
         header = QHBoxLayout()
         header.addWidget(self.title, 1)
         header.addWidget(self.browser_button)
+        #: The address Netron serves the graph at, once it is served: selectable, to copy.
+        self.url_label = QLabel()
+        self.url_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse
+                                               | Qt.TextInteractionFlag.LinksAccessibleByMouse)
+        self.url_label.setOpenExternalLinks(False)
+        self.url_label.linkActivated.connect(lambda _link: self.open_in_browser())
+        self.url_label.hide()
 
         self.message = QLabel()
         self.message.setAlignment(Qt.AlignmentFlag.AlignCenter)
@@ -191,7 +238,11 @@ class GraphView(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(6, 6, 6, 6)
         layout.addLayout(header)
+        layout.addWidget(self.url_label)
         layout.addWidget(self.stack, 1)
+        self.stack.setAutoFillBackground(True)  # the placeholder sits on the look's base colour
+        self.stack.setBackgroundRole(QPalette.ColorRole.Base)
+        theme_signals.changed.connect(self._on_theme)
 
         session.model_changed.connect(self.set_model)
         session.layer_selected.connect(self.select_layer)
@@ -216,6 +267,7 @@ class GraphView(QWidget):
         view.setPage(page)
         view.loadFinished.connect(self._on_load_finished)
         view.setContextMenuPolicy(Qt.ContextMenuPolicy.NoContextMenu)
+        page.setBackgroundColor(self.palette().color(QPalette.ColorRole.Base))  # no white flash in the dark
         return view
 
     def _allow_without_consent_screen(self, url: str) -> None:
@@ -230,6 +282,7 @@ class GraphView(QWidget):
     def set_model(self, model: Model | None) -> None:
         """Forget the old model's server; the new one starts when the panel is shown."""
         self.server.stop()
+        self.url_label.hide()
         self.model = model
         self.page_ready = False
         self._pending_layer = ""
@@ -273,8 +326,52 @@ class GraphView(QWidget):
         return self.server.url
 
     def open_in_browser(self) -> bool:
-        url = self.ensure_started()
-        return bool(url) and bool(self.open_url(QUrl(url)))
+        """Serve the graph and ask the system to open it; the address shows in the panel and the
+        outcome goes to the log, so the click is never silent. True if a browser was asked."""
+        if self.model is None:
+            return False
+        try:
+            url = self.ensure_started()
+        except Exception as exc:  # noqa: BLE001 - netron failing to serve must be a line, not a crash
+            self.log_line.emit(f"graph: Netron could not serve {Path(self.model.path).name}: {exc}", "error")
+            return False
+        if not url:
+            return False
+        self.url_label.setText(f"Netron serves the graph at <a href=\"{url}\">{url}</a>")
+        self.url_label.show()
+        name = self.server.path.name if self.server.path is not None else Path(self.model.path).name
+        opened = bool(self.open_url(QUrl(url)))
+        if opened:
+            self.log_line.emit(f"graph: opened {url} in the system browser (Netron drawing {name})", "info")
+            if not self.embedded:
+                self._show_message(f"The graph of {name} is open in your web browser at\n{url}\n\n"
+                                   "The embedded graph needs QtWebEngine: pip install pyside6-webengine")
+        else:
+            self.log_line.emit(f"graph: no browser could be opened; open {url} yourself "
+                               f"(Netron drawing {name})", "warning")
+            if not self.embedded:
+                self._show_message(f"No web browser could be opened. Open this address yourself:\n{url}")
+        return opened
+
+    def _on_theme(self, *_args: object) -> None:
+        """Netron's page in the new look, without reloading it (see the module docstring)."""
+        _prefer_color_scheme()
+        if self.web is not None:
+            self.web.page().setBackgroundColor(self.palette().color(QPalette.ColorRole.Base))
+            self._apply_color_scheme()
+
+    def _apply_color_scheme(self) -> None:
+        from gui.theme import DARK, LIGHT, current_theme
+
+        if self.web is None or not self.page_ready:
+            return
+        dark = {DARK: "true", LIGHT: "false"}.get(current_theme(), "null")
+        self.web.page().runJavaScript(COLOR_SCHEME_SCRIPT % dark, 0, self._on_scheme_applied)
+
+    def _on_scheme_applied(self, found: object) -> None:
+        """Netron's answer: how many colour-scheme rules it has (for tests; 0 means a Netron
+        release that styles itself otherwise, and only the look's sync is lost)."""
+        self.scheme_rules = found
 
     def showEvent(self, event: QEvent) -> None:  # type: ignore[override]
         super().showEvent(event)
@@ -294,6 +391,7 @@ class GraphView(QWidget):
         if not ok:
             self._show_message("Netron's page did not load.")
             return
+        self._apply_color_scheme()
         if self._pending_layer:
             self._select_pending()
 

@@ -46,6 +46,9 @@ from gui.text import grouped, percent, shape_text, short_float
 COMPUTING_HINT_DELAY_MS = 150
 #: From this width on, the statistics sit beside the plot instead of under it.
 SIDE_BY_SIDE_WIDTH = 620
+#: From this width the statistics take three pairs a row (four rows, not six): the panel's
+#: minimum height is theirs, and at 1280×800 it is shared with eight table rows and the docks.
+THREE_PAIRS_WIDTH = 880
 #: Layers compared at once; more would be an unreadable tangle.
 MAX_COMPARED = 8
 #: Distinct values up to which the compressed layer's code levels are drawn as ticks.
@@ -165,7 +168,7 @@ class HistogramPanel(QWidget):
         self.compared: list[str] = []
 
         self.plot_widget = pg.PlotWidget()
-        self.plot_widget.setMinimumHeight(100)
+        self.plot_widget.setMinimumHeight(80)
         self.plot_widget.setFrameShape(QFrame.Shape.StyledPanel)  # framed like the table beside it
         self.plot = self.plot_widget.getPlotItem()
         self._style_plot()
@@ -207,9 +210,11 @@ class HistogramPanel(QWidget):
         self.stats_frame = QFrame()
         self.stats_frame.setFrameShape(QFrame.Shape.StyledPanel)
         self.stats_grid = QGridLayout(self.stats_frame)
-        self.stats_grid.setContentsMargins(10, 6, 10, 6)
+        # tight rows: this grid sets the panel's minimum height, which the layer table above and
+        # the docks below share at 800 pixels
+        self.stats_grid.setContentsMargins(10, 4, 10, 4)
         self.stats_grid.setHorizontalSpacing(12)
-        self.stats_grid.setVerticalSpacing(3)
+        self.stats_grid.setVerticalSpacing(1)
         value_font = QFont(self.font())
         value_font.setStyleHint(QFont.StyleHint.Monospace)
         value_font.setFamilies(["DejaVu Sans Mono", "Menlo", "Consolas", "monospace"])
@@ -256,17 +261,20 @@ class HistogramPanel(QWidget):
             return
         self._stat_columns = columns
         grid = self.stats_grid
+        for widget in (*self._stat_names, *self.stat_values.values()):
+            grid.removeWidget(widget)
         for i, (key, _label, _tip) in enumerate(STAT_FIELDS):
             row, pair = divmod(i, columns)
             grid.addWidget(self._stat_names[i], row, pair * 3)
             grid.addWidget(self.stat_values[key], row, pair * 3 + 1)
-        for column in range(6):
+        for column in range(9):
             grid.setColumnStretch(column, 1 if column % 3 == 1 and column // 3 < columns else 0)
             grid.setColumnMinimumWidth(column, 24 if column % 3 == 2 and column // 3 < columns - 1 else 0)
         self.stats_frame.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Fixed)
 
     def resizeEvent(self, event: QResizeEvent) -> None:
         wide = event.size().width() >= SIDE_BY_SIDE_WIDTH
+        self._arrange_stats(3 if event.size().width() >= THREE_PAIRS_WIDTH else 2)
         self.body.setDirection(QBoxLayout.Direction.LeftToRight if wide else QBoxLayout.Direction.TopToBottom)
         self.body.setAlignment(self.stats_frame, Qt.AlignmentFlag.AlignTop if wide else Qt.AlignmentFlag(0))
         super().resizeEvent(event)

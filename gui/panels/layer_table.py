@@ -35,6 +35,7 @@ from PySide6.QtWidgets import (
     QHeaderView,
     QLineEdit,
     QMenu,
+    QStyle,
     QStyledItemDelegate,
     QStyleOptionViewItem,
     QTableView,
@@ -110,6 +111,11 @@ FIT_SAMPLE_ROWS = 2000
 MAX_FIT_WIDTH = 260
 #: The name column is never squeezed below its widest name, up to this many pixels.
 MAX_NAME_WIDTH = 320
+#: Rows the window keeps in view when it gives a dock its height (they fell to two when the
+#: Sensitivity dock opened); only the user dragging a separator shows fewer.
+MIN_VISIBLE_ROWS = 8
+#: Rows the table shows whatever happens: its hard minimum, small enough for an 800×600 screen.
+HARD_MIN_ROWS = 3
 
 
 class LayerTableModel(QAbstractTableModel):
@@ -423,7 +429,8 @@ class LayerTable(QWidget):
         self.proxy = LayerFilterProxy()
         self.proxy.setSourceModel(self.source)
 
-        self.filter_edit = QLineEdit(placeholderText="Filter layers by name, kind or planned action  (Ctrl+F)")
+        self.filter_edit = QLineEdit(placeholderText="Filter layers  (Ctrl+F)")
+        self.filter_edit.setToolTip("Keep the layers whose name, kind or planned action contains this text")
         self.filter_edit.setClearButtonEnabled(True)
         self.filter_edit.textChanged.connect(self._set_filter)
 
@@ -442,6 +449,7 @@ class LayerTable(QWidget):
         self.view.setTextElideMode(Qt.TextElideMode.ElideMiddle)  # keeps a name's both ends
         self.view.verticalHeader().hide()
         self.view.verticalHeader().setDefaultSectionSize(self.view.fontMetrics().height() + 8)
+        self.view.setMinimumHeight(self.rows_height(HARD_MIN_ROWS))
         self._size_columns()
         self.set_hidden_columns(HIDDEN_BY_DEFAULT)
         header = self.view.horizontalHeader()
@@ -458,6 +466,18 @@ class LayerTable(QWidget):
         layout.setSpacing(4)
         layout.addWidget(self.filter_edit)
         layout.addWidget(self.view)
+
+    def rows_height(self, rows: int) -> int:
+        """The view's height that shows `rows` whole rows under the header, with room for a
+        horizontal scroll bar."""
+        frame = 2 * self.view.frameWidth()
+        header = self.view.horizontalHeader().sizeHint().height()
+        scroll_bar = self.view.style().pixelMetric(QStyle.PixelMetric.PM_ScrollBarExtent)
+        return frame + header + rows * self.view.verticalHeader().defaultSectionSize() + scroll_bar
+
+    def visible_rows(self) -> float:
+        """How many rows fit in the view as it is now (for tests and layout checks)."""
+        return self.view.viewport().height() / self.view.verticalHeader().defaultSectionSize()
 
     def _size_columns(self) -> None:
         header = self.view.horizontalHeader()

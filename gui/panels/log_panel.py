@@ -2,7 +2,9 @@
 
 Progress callbacks can fire hundreds of times a second; :meth:`LogPanel.progress` keeps a line
 only when the stage changes (the message up to its first digit) or when a few seconds have
-passed, so the log reads like a story, not a flood. Errors are kept whole and in red.
+passed, so the log reads like a story, not a flood. Errors are kept whole and in red (the red, green
+and amber of the current look: switching the theme recolours the lines already there). The view
+follows its newest line.
 
 Run alone: ``python -m gui.panels.log_panel`` shows a sample.
 """
@@ -15,13 +17,17 @@ import sys
 import time
 from datetime import datetime
 
-from PySide6.QtGui import QFont, QTextCursor
+from PySide6.QtCore import QEvent
+from PySide6.QtGui import QFont
 from PySide6.QtWidgets import QPlainTextEdit, QVBoxLayout, QWidget
+
+from gui.theme import BAD, GOOD, WARNING, status_color
 
 #: A progress line is repeated at most this often while its stage stays the same.
 PROGRESS_EVERY_S = 3.0
 MAX_LINES = 5000
-LEVEL_COLORS = {"info": None, "ok": "#2e7d32", "warning": "#b26a00", "error": "#c62828"}
+#: Each level's meaning in gui.theme (its colour depends on the look); info is plain text.
+LEVEL_MEANINGS = {"info": None, "ok": GOOD, "warning": WARNING, "error": BAD}
 
 
 def _stage(message: str) -> str:
@@ -48,6 +54,8 @@ class LogPanel(QWidget):
         self._last_time = 0.0
         #: Plain text of every line, for tests and copying.
         self.lines: list[str] = []
+        #: Each line's level, to recolour the log when the look changes.
+        self.levels: list[str] = []
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.view)
@@ -58,11 +66,31 @@ class LogPanel(QWidget):
         for i, part in enumerate(message.splitlines() or [""]):
             text = f"{stamp}  {part}" if i == 0 else f"{' ' * len(stamp)}  {part}"
             self.lines.append(text)
-            color = LEVEL_COLORS.get(level)
-            escaped = html.escape(text).replace(" ", "&nbsp;")
-            self.view.appendHtml(f"<span style='color:{color}'>{escaped}</span>" if color else escaped)
-        self.view.moveCursor(QTextCursor.MoveOperation.End)
+            self.levels.append(level)
+            self.view.appendHtml(self._html(text, level))
+        if len(self.lines) > MAX_LINES:
+            del self.lines[:-MAX_LINES], self.levels[:-MAX_LINES]
+        self.follow_tail()
         self._last_stage = ""
+
+    def _html(self, text: str, level: str) -> str:
+        meaning = LEVEL_MEANINGS.get(level)
+        escaped = html.escape(text).replace(" ", "&nbsp;")
+        return f"<span style='color:{status_color(meaning, self.palette())}'>{escaped}</span>" if meaning else escaped
+
+    def follow_tail(self) -> None:
+        """Scroll to the newest line (Qt follows the tail only while the view is on screen and
+        already at its end)."""
+        bar = self.view.verticalScrollBar()
+        bar.setValue(bar.maximum())
+
+    def changeEvent(self, event: QEvent) -> None:
+        super().changeEvent(event)
+        if event.type() == QEvent.Type.PaletteChange and self.lines:
+            self.view.clear()
+            for text, level in zip(self.lines, self.levels):
+                self.view.appendHtml(self._html(text, level))
+            self.follow_tail()
 
     def progress(self, fraction: float, message: str) -> None:
         """A progress report: logged when its stage is new, or every few seconds."""
@@ -77,6 +105,7 @@ class LogPanel(QWidget):
     def clear(self) -> None:
         self.view.clear()
         self.lines.clear()
+        self.levels.clear()
 
 
 def _main(argv: list[str]) -> int:

@@ -2,8 +2,9 @@
 
 The target is a size (a fraction of the model such as ``0.25`` or ``1/8``, or bytes such as
 ``180KiB``, read by :func:`engine.allocate.parse_size`) or a largest drop of the metric.
-*Allocate* runs :func:`engine.allocate.allocate` on a worker and hands the plan to
-:meth:`PlanDocument.replace`, so the whole allocation is one undo step. With *Check by
+*Allocate* runs :func:`engine.workflows.allocate_plan` (what ``slimscope plan`` runs) on a
+worker and hands the plan to :meth:`PlanDocument.replace`, so the whole allocation is one undo
+step. With *Check by
 measuring*, candidate plans are compressed and evaluated on the data the sensitivity was
 measured on (:mod:`engine.plan_check`): a largest drop is searched until the measured drop fits,
 and the plan's measured metric is drawn beside its prediction. The plot shows the
@@ -42,7 +43,6 @@ from engine.allocate import (
     Allocation,
     CurvePrediction,
     FrontPoint,
-    allocate,
     pareto_front,
     parse_size,
     predict_plan,
@@ -51,15 +51,12 @@ from engine.backends.base import RUN
 from engine.errors import PlanError, SlimscopeError
 from engine.jobs import CancelToken, Progress
 from engine.model import Model
-from engine.plan_check import (
-    MEASURABLE,
-    CheckedAllocation,
-    allocate_within_measured_drop,
-    check_allocation,
-)
+from engine.data import DataSpec
+from engine.plan_check import MEASURABLE
 from engine.sensitivity import Sensitivity
+from engine.workflows import PlanOutcome, Target, allocate_plan
 
-from gui.analysis import AnalysisState, cap_worker_threads, open_choice_data
+from gui.analysis import AnalysisState, cap_worker_threads
 from gui.panels.sensitivity import delta_text, in_points, metric_text
 from gui.plan_document import PlanDocument
 from gui.text import human_bytes, percent
@@ -72,6 +69,18 @@ DEFAULT_SIZE_TEXT = "0.25"
 ADDITIVE_NOTE = ("Predicted from the sensitivity curves, assuming the layers' drops add up; "
                  "compress and evaluate to know for sure.")
 STAR_COLOR = "#e0663d"
+#: The plot's least height: the dock shares 800 pixels with eight layer-table rows.
+PLOT_MIN_HEIGHT = 100
+#: Plot labels closer than this (pixels, across and up-down) to each other are stacked.
+LABEL_NEAR_PX = (140, 30)
+
+
+class LineWhenSet(QLabel):
+    """A label that takes no room while it has nothing to say (the allocation's outcome)."""
+
+    def setText(self, text: str) -> None:  # type: ignore[override]
+        super().setText(text)
+        self.setVisible(bool(text))
 
 
 class ParetoPanel(QWidget):
@@ -90,6 +99,8 @@ class ParetoPanel(QWidget):
         self.front: list[FrontPoint] = []
         self.prediction: CurvePrediction | None = None
         self.last_allocation: Allocation | None = None
+        #: The last allocation with what checking it measured (the report `slimscope plan` writes).
+        self.last_outcome: PlanOutcome | None = None
         self.front_job: Job | None = None
         self.allocate_job: Job | None = None
 
@@ -120,7 +131,7 @@ class ParetoPanel(QWidget):
         target_row.addWidget(self.check_box)
         target_row.addStretch(1)
 
-        self.allocation_label = QLabel()
+        self.allocation_label = LineWhenSet()
         self.allocation_label.setWordWrap(True)
         self.plan_label = QLabel()
         self.plan_label.setTextFormat(Qt.TextFormat.RichText)
@@ -131,7 +142,7 @@ class ParetoPanel(QWidget):
 
         # -- plot, built once --
         self.plot_widget = pg.PlotWidget()
-        self.plot_widget.setMinimumHeight(220)
+        self.plot_widget.setMinimumHeight(PLOT_MIN_HEIGHT)
         self.plot = self.plot_widget.getPlotItem()
         self.plot.setMenuEnabled(False)
         self.plot.hideButtons()
@@ -145,8 +156,10 @@ class ParetoPanel(QWidget):
         self.plan_point = pg.PlotDataItem(pen=None, symbol="star", symbolSize=20,
                                           symbolBrush=pg.mkBrush(STAR_COLOR))
         self.measured_point = pg.PlotDataItem(pen=None, symbol="o", symbolSize=15, symbolBrush=None)
-        self.plan_text = pg.TextItem(anchor=(0.5, -0.35))
-        self.original_text = pg.TextItem("uncompressed", anchor=(0.85, -0.35))
+        # Placed by _place_labels: never over each other ("uncompresscurrent pla" was drawn
+        # where the plan is the uncompressed model) and never off the plot.
+        self.plan_text = pg.TextItem(anchor=(0.5, -0.3))
+        self.original_text = pg.TextItem("uncompressed", anchor=(1.1, 0.0))
         self.target_line = pg.InfiniteLine(angle=90, movable=False)
         for item in (self.front_tail, self.front_curve, self.original_point, self.original_text,
                      self.target_line, self.plan_point, self.plan_text, self.measured_point):
@@ -172,7 +185,8 @@ class ParetoPanel(QWidget):
         self.stack.addWidget(plot_page)
 
         layout = QVBoxLayout(self)
-        layout.setContentsMargins(6, 6, 6, 6)
+        layout.setContentsMargins(6, 4, 6, 4)
+        layout.setSpacing(4)
         layout.addLayout(target_row)
         layout.addWidget(self.allocation_label)
         layout.addWidget(self.plan_label)
@@ -180,6 +194,7 @@ class ParetoPanel(QWidget):
 
         self._restyle()
         self.plot_widget.scene().sigMouseMoved.connect(self._on_mouse_moved)
+        self.plot.vb.sigResized.connect(self._place_labels)  # "near" is measured in pixels
         state.sensitivity_changed.connect(self.show_results)
         document.changed.connect(self.update_plan_point)
         self.session.model_changed.connect(self.update_plan_point)
@@ -253,7 +268,7 @@ class ParetoPanel(QWidget):
     def show_results(self, result: Sensitivity | None) -> None:
         self.sensitivity = result
         self.front = []
-        self.last_allocation = None
+        self.last_allocation = self.last_outcome = None
         self.allocation_label.setText("")
         self._update_drop_units()
         if self.front_job is not None:
@@ -270,9 +285,11 @@ class ParetoPanel(QWidget):
             return
         self.stack.setCurrentIndex(1)
         metric_unit = " (%)" if in_points(result) else ""
-        self.plot.setLabel("left", f"predicted {result.metric}{metric_unit}")
+        # the metric alone: "predicted accuracy (%)" was cut to "predicted accurac" by a plot as
+        # short as a 1280×800 window leaves it (the header line says the values are predicted)
+        self.plot.setLabel("left", f"{result.metric}{metric_unit}")
         self.original_point.setData([100.0], [self._display(result.baseline)])
-        self.original_text.setPos(2.0, self._display(result.baseline))
+        self.original_text.setPos(2.0, self._display(result.baseline))  # log10(100 %)
         job = Job(_front_body(result), "Pareto front", result)
         self.front_job = job
         job.succeeded.connect(self._on_front)
@@ -324,6 +341,7 @@ class ParetoPanel(QWidget):
         self.plot.setXRange(low_x, high_x, padding=0)
         self.plot.getAxis("bottom").setTicks([percent_ticks(low_x, high_x), []])
         self.update_plan_point()
+        self._place_labels()
 
     def _update_enabled(self) -> None:
         busy = self.allocate_job is not None
@@ -384,7 +402,28 @@ class ParetoPanel(QWidget):
         self.plan_point.setData([x], [y])
         self.plan_text.setText("current plan")
         self.plan_text.setPos(math.log10(max(x, 1e-6)), y)  # text items live in view (log) coordinates
+        self._place_labels()
         self.plan_label.setText(self.prediction_text(prediction))
+
+    def _place_labels(self, *_args: object) -> None:
+        """Each label on the side of its point that faces the middle of the plot (so it stays
+        inside), the uncompressed model's left of its square; when the star sits near the square
+        its label is stacked one line further out, so the two never overprint."""
+        view = self.plot.vb
+        (low_x, high_x), (low_y, high_y) = view.viewRange()
+        middle_y = (low_y + high_y) / 2
+        original = self.original_text.pos()
+        up = original.y() < middle_y  # in the lower half: labels go up, into the plot
+        self.original_text.setAnchor((1.1, 1.0 if up else 0.0))
+        if not self.plan_text.toPlainText():
+            return
+        plan = self.plan_text.pos()
+        across = 1.0 if plan.x() > (low_x + high_x) / 2 else 0.5  # ends at the star near the right edge
+        gap = view.mapViewToScene(plan) - view.mapViewToScene(original)
+        if abs(gap.x()) < LABEL_NEAR_PX[0] and abs(gap.y()) < LABEL_NEAR_PX[1]:
+            self.plan_text.setAnchor((across, 2.1 if up else -1.1))
+        else:
+            self.plan_text.setAnchor((across, 1.3 if plan.y() < middle_y else -0.3))
 
     def prediction_text(self, prediction: CurvePrediction) -> str:
         """The current plan's predicted size and metric, as one line."""
@@ -413,13 +452,12 @@ class ParetoPanel(QWidget):
             return None
         model = self.session.model
         self.measured_point.setData([], [])
+        check = None
         if self.check_box.isChecked() and not self.why_no_check() and model is not None:
             data = self.state.results_data
             assert data is not None and data.spec
-            body = _checked_allocate_body(result, target, model, data.spec, data.limit)
-        else:
-            body = _allocate_body(result, target)
-        job = Job(body, "allocate", (result, target))
+            check = data.data_spec()  # what the results were measured on
+        job = Job(_allocate_body(result, model, Target(**target), check), "allocate", (result, target))
         self.allocate_job = job
         job.succeeded.connect(self._on_allocated)
         job.failed.connect(self._on_job_failed)
@@ -440,16 +478,15 @@ class ParetoPanel(QWidget):
             self.target_line.setValue(math.log10(max(ratio * 100, 1e-6)))
         self.target_line.show()
 
-    def _on_allocated(self, outcome: Allocation | CheckedAllocation) -> None:
+    def _on_allocated(self, outcome: PlanOutcome) -> None:
         job = self.sender()
         context = getattr(job, "context", None)
         result = self.sensitivity
         if job is not self.allocate_job or context is None or context[0] is not result:
             return
-        checked = outcome if isinstance(outcome, CheckedAllocation) else None
-        allocation = checked.chosen.allocation if checked is not None else outcome
-        assert isinstance(allocation, Allocation) and result is not None
-        self.last_allocation = allocation
+        checked, allocation = outcome.checked, outcome.allocation
+        assert result is not None
+        self.last_allocation, self.last_outcome = allocation, outcome
         target = _target_text(context[1], context[0])
         self.document.replace(allocation.plan, f"Allocate for {target}")
         text = (f"Allocated for {target}: {len(allocation.plan.layers)} layers compressed, "
@@ -521,24 +558,14 @@ def _front_body(result: Sensitivity):  # type: ignore[no-untyped-def]
     return body
 
 
-def _allocate_body(result: Sensitivity, target: dict[str, Any]):  # type: ignore[no-untyped-def]
-    def body(progress: Progress, cancel: CancelToken) -> Allocation:
-        return allocate(result, **target)
-
-    return body
-
-
-def _checked_allocate_body(result: Sensitivity, target: dict[str, Any], model: Model, spec: str,
-                           limit: int | None):  # type: ignore[no-untyped-def]
-    """Allocate, then measure on the sensitivity's data (opened on the worker: it can be big)."""
-    def body(progress: Progress, cancel: CancelToken) -> CheckedAllocation:
-        cap_worker_threads()
-        data = open_choice_data(model, spec, limit, progress)
-        if "max_drop" in target:
-            return allocate_within_measured_drop(result, model, data, target["max_drop"],
-                                                 progress=progress, cancel=cancel)
-        return check_allocation(result, model, data, allocate(result, **target),
-                                progress=progress, cancel=cancel)
+def _allocate_body(result: Sensitivity, model: Model | None, target: Target,
+                   check: DataSpec | None):  # type: ignore[no-untyped-def]
+    """engine.workflows.allocate_plan, as `slimscope plan` runs it; with `check`, the data is
+    opened on the worker (it can be big)."""
+    def body(progress: Progress, cancel: CancelToken) -> PlanOutcome:
+        if check is not None:
+            cap_worker_threads()
+        return allocate_plan(result, model, target, check=check, progress=progress, cancel=cancel)
 
     return body
 

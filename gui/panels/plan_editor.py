@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Mapping
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import QEvent, Qt, Signal
 from PySide6.QtGui import QFont, QPalette
 from PySide6.QtWidgets import (
     QCheckBox,
@@ -29,6 +29,7 @@ from PySide6.QtWidgets import (
     QPushButton,
     QScrollArea,
     QSpinBox,
+    QStyle,
     QTabWidget,
     QVBoxLayout,
     QWidget,
@@ -43,6 +44,7 @@ from engine.schedules import OPTIONS as SCHEDULES
 from gui import capabilities
 from gui.plan_view import action_text, section_applies
 from gui.session import PlanState, Session
+from gui.theme import BAD, WARNING, status_color
 from gui.text import human_bytes
 
 SectionData = dict[str, Any] | None
@@ -158,9 +160,9 @@ class SectionsForm(QWidget):
             form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
         for combo in (self.method_combo, self.pattern_combo, self.bits_combo, self.granularity_combo,
                       self.range_combo, self.rank_mode):
-            # a narrow dock must not be held wide by its longest item
-            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-            combo.setMinimumContentsLength(8)
+            # Every item readable: the dock is held as wide as the longest one ("Magnitude (per
+            # layer)" was cut to "Magnitude" when the combos could shrink to 8 characters).
+            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToContents)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         for box in (self.prune_box, self.quant_box, self.rank_box):
@@ -512,7 +514,6 @@ class PlanEditor(QWidget):
                             (recovery_page, "Recovery")):
             scroll = QScrollArea()
             scroll.setWidgetResizable(True)
-            scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
             scroll.setFrameShape(QFrame.Shape.NoFrame)
             scroll.setWidget(page)
             self.tabs.addTab(scroll, title)
@@ -521,7 +522,6 @@ class PlanEditor(QWidget):
         self.error_label.setObjectName("plan-error")
         self.error_label.setWordWrap(True)
         self.error_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.error_label.setStyleSheet("color: #c62828;")
         self.error_label.hide()
 
         # Parts of the plan the model's backend cannot carry out, one engine line each; Run is
@@ -530,8 +530,8 @@ class PlanEditor(QWidget):
         self.capability_label.setObjectName("plan-capabilities")
         self.capability_label.setWordWrap(True)
         self.capability_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.capability_label.setStyleSheet("color: #a15c00;")
         self.capability_label.hide()
+        self._restyle()
 
         # Asked, without a modal box, when a newly opened model does not fit the plan.
         self.mismatch_bar = QFrame()
@@ -578,6 +578,26 @@ class PlanEditor(QWidget):
         session.plan_state_changed.connect(self._on_plan_state)
         self._on_model_changed(session.model)
         self._on_plan_state(session.plan_state)
+
+    def _restyle(self) -> None:
+        """The error and capability lines in the look's red and amber."""
+        self.error_label.setStyleSheet(f"color: {status_color(BAD, self.palette())};")
+        self.capability_label.setStyleSheet(f"color: {status_color(WARNING, self.palette())};")
+
+    def changeEvent(self, event: QEvent) -> None:
+        super().changeEvent(event)
+        if event.type() == QEvent.Type.PaletteChange and hasattr(self, "capability_label"):
+            self._restyle()
+
+    def preferred_width(self) -> int:
+        """The width that shows every tab's page whole (longest combo box item, "Symmetric
+        (zero point 0)") beside a vertical scroll bar: the dock's width on a first start. A
+        narrower dock scrolls sideways rather than clipping them, as it once did."""
+        bar = self.style().pixelMetric(QStyle.PixelMetric.PM_ScrollBarExtent)
+        pages = [self.tabs.widget(index) for index in range(self.tabs.count())]
+        widest = max(scroll.widget().minimumSizeHint().width() for scroll in pages if isinstance(scroll, QScrollArea))
+        margins = self.layout().contentsMargins()
+        return widest + bar + margins.left() + margins.right() + 4
 
     # -- the model's capabilities and a plan that does not fit ------------------------------------
     def _on_model_changed(self, model: Model | None) -> None:

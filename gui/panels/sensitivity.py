@@ -22,14 +22,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QEvent, QPointF, Qt, Signal
-from PySide6.QtGui import QColor, QFontMetrics, QPalette
+from PySide6.QtCore import QEvent, QObject, QPointF, Qt, Signal
+from PySide6.QtGui import QColor, QFontMetrics, QPainter, QPaintEvent, QPalette
 from PySide6.QtWidgets import (
+    QFrame,
     QHBoxLayout,
     QLabel,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
+    QScrollArea,
+    QSizePolicy,
     QSplitter,
     QStackedWidget,
     QVBoxLayout,
@@ -59,6 +62,16 @@ POINTS_FLOOR = 0.1
 #: Heat map height beyond its rows (title, level axis), and the most it asks for.
 HEAT_CHROME, MAX_HEAT_HEIGHT = 64, 340
 CURVES_MIN_HEIGHT = 130
+#: The plots scroll inside the dock below this height, so the dock never squeezes the layer
+#: table above it (the plots' own minimum, heat maps plus curves, is taller).
+PLOTS_SCROLL_MIN_HEIGHT = 80
+#: The least a curve plot's y axis spans, in points of an accuracy-like metric: auto-zoom drew
+#: a 0.2-point dip as a cliff; on 5 points it is a 4 % dip of the plot's height.
+MIN_SPAN_POINTS = 5.0
+#: The same for metrics on a log axis (loss, noise/signal), in decades.
+MIN_SPAN_DECADES = 1.0
+#: Room left above and below the curves, as a share of the span.
+CURVE_PADDING = 0.06
 CURVE_COLORS = ("#3d7ae0", "#e0663d", "#2ca25f", "#a05ad2", "#d4a017", "#17a2b8")
 HEAT_STOPS_LIGHT = ("#fbfcfd", "#fff3c4", "#fdc46c", "#f4763e", "#d7301f", "#7f0000")
 HEAT_STOPS_DARK = ("#1c2a3a", "#264d6b", "#6a6a8a", "#c8594a", "#f3904f", "#fde4a5")
@@ -157,6 +170,61 @@ def _tick_number(value: float) -> str:
     return f"{value:.0e}".replace("e-0", "e-").replace("e+0", "e")
 
 
+def curve_y_range(values: list[float], *, log: bool, points: bool) -> tuple[float, float]:
+    """The y range (axis coordinates: log10 on a log axis) that shows every finite value,
+    spanning at least MIN_SPAN_POINTS or MIN_SPAN_DECADES so that tiny changes look tiny.
+
+    The good end stays put and the range grows towards worse: down for accuracy-like metrics
+    (higher is better), up for the losses and noise drawn on a log axis."""
+    finite = [v for v in values if math.isfinite(v) and (v > 0 or not log)]
+    if not finite:
+        return (0.0, 1.0)
+    low, high = min(finite), max(finite)
+    if log:
+        low, high = math.log10(low), math.log10(high)
+        high = max(high, low + MIN_SPAN_DECADES)
+    elif points:
+        low = min(low, high - MIN_SPAN_POINTS)
+    else:
+        span = max(high - low, abs(high) * 1e-3, 1e-9)
+        low = min(low, high - span)
+    pad = CURVE_PADDING * (high - low)
+    return (low - pad, high + pad)
+
+
+def log_ticks(low: float, high: float) -> list[tuple[float, str]]:
+    """Labelled ticks for a log axis between 10**low and 10**high: decades, plus 2 and 5 when
+    fewer than three decades show (pyqtgraph labels none inside a single decade)."""
+    steps = (1, 2, 5) if high - low < 3 else (1,)
+    ticks = []
+    for decade in range(math.floor(low), math.ceil(high) + 1):
+        for step in steps:
+            value = step * 10.0 ** decade
+            if low <= math.log10(value) <= high:
+                ticks.append((math.log10(value), _tick_number(value)))
+    return ticks
+
+
+class ElidedLabel(QLabel):
+    """A one-line label that ends in "…" when narrow instead of holding its dock wide; the
+    whole text stays in ``text()`` and the tooltip."""
+
+    def __init__(self, text: str = "", parent: QWidget | None = None) -> None:
+        super().__init__(text, parent)
+        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+
+    def setText(self, text: str) -> None:  # type: ignore[override]
+        super().setText(text)
+        self.setToolTip(text)
+
+    def paintEvent(self, _event: QPaintEvent) -> None:
+        painter = QPainter(self)
+        rect = self.contentsRect()
+        elided = self.fontMetrics().elidedText(self.text(), Qt.TextElideMode.ElideRight, rect.width())
+        painter.setPen(self.palette().color(self.foregroundRole()))
+        painter.drawText(rect, int(Qt.AlignmentFlag.AlignVCenter | Qt.AlignmentFlag.AlignLeft), elided)
+
+
 def heat_colormap(dark: bool) -> pg.ColorMap:
     stops = HEAT_STOPS_DARK if dark else HEAT_STOPS_LIGHT
     return pg.ColorMap(np.linspace(0.0, 1.0, len(stops)), [QColor(c) for c in stops])
@@ -192,10 +260,9 @@ class SensitivityPanel(QWidget):
         self.progress_bar.setRange(0, 1000)
         self.progress_bar.setTextVisible(False)
         self.progress_bar.setMaximumWidth(240)
-        self.progress_label = QLabel()
+        self.progress_label = ElidedLabel()
         self.progress_label.setForegroundRole(QPalette.ColorRole.PlaceholderText)
-        self.summary_label = QLabel()
-        self.summary_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.summary_label = ElidedLabel()
         self.save_button = QPushButton("Save…")
         self.save_button.setToolTip("Save the results as the engine's sensitivity JSON")
         self.save_button.clicked.connect(self.save_requested)
@@ -206,14 +273,18 @@ class SensitivityPanel(QWidget):
         tools.addWidget(self.run_button)
         tools.addWidget(self.cancel_button)
         tools.addWidget(self.progress_bar)
+        # What the pointer is over replaces the summary while it is over a cell or a column:
+        # the tool row's room, not a row of its own, which a short dock cannot spare.
+        self.hover_label = QLabel()
+        self.hover_label.setTextFormat(Qt.TextFormat.RichText)
+        # a long hover line must not widen the dock: it is cut at the panel's edge
+        self.hover_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.hover_label.hide()
         tools.addWidget(self.progress_label, 1)
         tools.addWidget(self.summary_label, 1)
+        tools.addWidget(self.hover_label, 1)
         tools.addWidget(self.load_button)
         tools.addWidget(self.save_button)
-
-        self.hover_label = QLabel(" ")
-        self.hover_label.setTextFormat(Qt.TextFormat.RichText)
-        self.hover_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
 
         # -- plots, built once --
         self.plots = pg.GraphicsLayoutWidget()
@@ -243,6 +314,7 @@ class SensitivityPanel(QWidget):
             curve_plot.setMouseEnabled(x=False, y=False)
             curve_plot.showGrid(x=True, y=True, alpha=0.15)
             curve_plot.setLabel("bottom", AXIS_LABELS[axis])
+            curve_plot.getAxis("left").enableAutoSIPrefix(False)  # "loss (x0.001)" read badly
             baseline = pg.InfiniteLine(angle=0, movable=False)
             curve_plot.addItem(baseline)
             self.curves[axis] = []
@@ -278,21 +350,25 @@ class SensitivityPanel(QWidget):
         self.log_view.setMaximumBlockCount(2000)
         self.log_view.setPlaceholderText("The analysis log appears here.")
         self.log_view.setLineWrapMode(QPlainTextEdit.LineWrapMode.NoWrap)
+        self.log_view.setMinimumHeight(self.log_view.fontMetrics().lineSpacing() + 12)  # one line
 
-        results = QWidget()
-        results_layout = QVBoxLayout(results)
-        results_layout.setContentsMargins(0, 0, 0, 0)
-        results_layout.setSpacing(2)
-        results_layout.addWidget(self.hover_label)
-        results_layout.addWidget(self.plots, 1)
+        # The plots keep their readable minimum and scroll when the dock is shorter than that.
+        self.plots_scroll = QScrollArea()
+        self.plots_scroll.setWidgetResizable(True)
+        self.plots_scroll.setFrameShape(QFrame.Shape.NoFrame)
+        self.plots_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.plots_scroll.setMinimumHeight(PLOTS_SCROLL_MIN_HEIGHT)
+        self.plots_scroll.setWidget(self.plots)
+        self.plots.installEventFilter(self)  # leaving the plots gives the summary back
         self.empty_label = QLabel()
         self.empty_label.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.empty_label.setWordWrap(True)
         self.empty_label.setForegroundRole(QPalette.ColorRole.PlaceholderText)
         self.stack = QStackedWidget()
         self.stack.addWidget(self.empty_label)
-        self.stack.addWidget(results)
+        self.stack.addWidget(self.plots_scroll)
         self.splitter = QSplitter(Qt.Orientation.Vertical)
+        self.splitter.setChildrenCollapsible(False)
         self.splitter.addWidget(self.stack)
         self.splitter.addWidget(self.log_view)
         self.splitter.setStretchFactor(0, 5)
@@ -310,7 +386,7 @@ class SensitivityPanel(QWidget):
         state.sensitivity_changed.connect(self.show_results)
         state.running_changed.connect(self._on_running)
         state.progress.connect(self._on_progress)
-        state.log_line.connect(self.log_view.appendPlainText)
+        state.log_line.connect(self.append_log)
         self.session.layer_selected.connect(self._on_layer_selected)
         self.session.model_changed.connect(self._update_buttons)
         theme_signals.changed.connect(self._restyle)
@@ -339,6 +415,13 @@ class SensitivityPanel(QWidget):
             self.color_bar.getAxis("left").setLabel(drop_label(self.sensitivity), color=text.name())
 
     # -- state events ------------------------------------------------------------------------------
+    def append_log(self, line: str) -> None:
+        """Add a line and show it: the log follows its newest line (Qt follows only a view that
+        is scrolled to the end and on screen, so a hidden or freshly sized log stayed behind)."""
+        self.log_view.appendPlainText(line)
+        bar = self.log_view.verticalScrollBar()
+        bar.setValue(bar.maximum())
+
     def _update_buttons(self, *_args: object) -> None:
         problem = self.state.can_run()
         self.run_button.setEnabled(not problem)
@@ -542,22 +625,26 @@ class SensitivityPanel(QWidget):
             self._fit_curves(log_y)
 
     def _fit_curves(self, log_y: bool) -> None:
-        """One metric range for both curve plots (their Y axes are linked), baseline included."""
-        assert self.sensitivity is not None
-        values = [self._display_metric(self.sensitivity.baseline)]
-        for items in self.curves.values():
-            for item in items:
-                _x, y = item.getData()
-                if item.isVisible() and y is not None:
-                    values.extend(float(v) for v in y if np.isfinite(v))
-        values = [v for v in values if v > 0] if log_y else values
-        if not values:
-            return
-        low, high = min(values), max(values)
-        if log_y:
-            low, high = math.log10(low), math.log10(high)
-        span = max(high - low, 1e-6 if not log_y else 0.1)
-        self.curve_plots[AXES[0][0]].setYRange(low - 0.06 * span, high + 0.06 * span, padding=0)
+        """One metric range for all curve plots (their Y axes are linked), baseline included,
+        from the curves' own values (a log axis' items hold log10 values, which were once mixed
+        with plain ones here and sent the fast estimate's curve off the plot)."""
+        result = self.sensitivity
+        assert result is not None
+        values = [self._display_metric(result.baseline)]
+        for axis, _title in AXES:
+            for name in self.curve_layers:
+                if axis in result.layer(name).curves:
+                    values.extend(float(v) for v in self.curve_data(axis, name)[1])
+        low, high = curve_y_range(values, log=log_y, points=in_points(result))
+        first = self.curve_plots[AXES[0][0]]
+        first.setYRange(low, high, padding=0)
+        # pyqtgraph labels no tick inside a single decade: the log axis gets its own numbers
+        first.getAxis("left").setTicks([log_ticks(low, high), []] if log_y else None)
+
+    def shown_y_range(self) -> tuple[float, float]:
+        """The curve plots' y range as shown (axis coordinates), for tests and reviews."""
+        low, high = self.curve_plots[AXES[0][0]].vb.viewRange()[1]
+        return float(low), float(high)
 
     def _display_metric(self, value: float) -> float:
         assert self.sensitivity is not None
@@ -607,7 +694,7 @@ class SensitivityPanel(QWidget):
             return
         cell = self.cell_at(scene_pos)
         if cell is not None:
-            self.hover_label.setText(self.cell_text(*cell))
+            self.show_hover(self.cell_text(*cell))
             self.plots.setToolTip(self.cell_text(*cell))
             return
         self.plots.setToolTip("")
@@ -616,8 +703,21 @@ class SensitivityPanel(QWidget):
             if plot.vb.sceneBoundingRect().contains(scene_pos) and self.curve_layers:
                 col = int(math.floor(plot.vb.mapSceneToView(scene_pos).x()))
                 if 0 <= col < len(self._levels.get(axis, [])):
-                    self.hover_label.setText(self._column_text(axis, col))
-                return
+                    self.show_hover(self._column_text(axis, col))
+                    return
+        self.show_hover("")
+
+    def show_hover(self, text: str) -> None:
+        """Show `text` in the tool row in place of the summary; "" gives the summary back."""
+        if text:
+            self.hover_label.setText(text)
+        self.hover_label.setVisible(bool(text))
+        self.summary_label.setVisible(not text and not self.state.running)
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:
+        if watched is self.plots and event.type() == QEvent.Type.Leave:
+            self.show_hover("")
+        return super().eventFilter(watched, event)
 
     def _column_text(self, axis: str, col: int) -> str:
         result = self.sensitivity

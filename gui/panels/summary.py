@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 import sys
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QEvent, Qt
 from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
@@ -16,6 +16,7 @@ from engine.model import Model, TensorSpec
 from gui.capabilities import backend_summary
 from gui.session import PlanState, Session
 from gui.text import human_bytes, human_count
+from gui.theme import BAD, BADGE_COLORS, GOOD, WARNING, look_of, status_color
 
 
 def _spec_text(spec: TensorSpec) -> str:
@@ -98,10 +99,18 @@ class ModelSummary(QWidget):
             f"color: {palette.color(QPalette.ColorRole.HighlightedText).name()};"
             f" background: {palette.color(QPalette.ColorRole.Highlight).name()}; {badge}"
         )
-        self._badge_css = {
-            True: f"color: #1b5e20; background: #dcedc8; {badge}",
-            False: f"color: #7a4f01; background: #ffe9b3; {badge}",
-        }
+        colors = BADGE_COLORS[look_of(palette)]
+        self._badge_css = {runs: f"color: {colors[meaning][0]}; background: {colors[meaning][1]}; {badge}"
+                           for runs, meaning in ((True, GOOD), (False, WARNING))}
+        model = self.session.model if hasattr(self, "session") else None
+        if model is not None:
+            self.capability_badge.setStyleSheet(self._badge_css[model.can(RUN)])
+
+    def changeEvent(self, event: QEvent) -> None:
+        super().changeEvent(event)
+        if event.type() == QEvent.Type.PaletteChange and hasattr(self, "capability_badge"):
+            self._style_badge()  # the badges' colours follow the look
+            self.show_plan(self.session.plan_state)
 
     def show_model(self, model: Model | None) -> None:
         if model is None:
@@ -131,7 +140,7 @@ class ModelSummary(QWidget):
             self.plan_label.hide()
             return
         if state.error:
-            self.plan_label.setText(f"<span style='color:#c62828'>Plan does not fit: "
+            self.plan_label.setText(f"<span style='color:{status_color(BAD, self.palette())}'>Plan does not fit: "
                                     f"{html.escape(state.error)}</span>")
         elif state.prediction is not None:
             prediction = state.prediction
