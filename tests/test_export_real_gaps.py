@@ -175,3 +175,70 @@ def test_int8_choice_weighs_speed_against_a_few_bytes(candidates, expected):
                         candidates=candidates)
     _choose(report, min_cosine=0.99)
     assert report.chosen.name == expected
+
+
+# -- score outputs (one probability per sample) ----------------------------------------------
+def _score_metrics(reference: np.ndarray, produced: np.ndarray):
+    from engine.evaluate import MetricTotals
+
+    totals = MetricTotals()
+    totals.add_reference(produced, reference)
+    totals.samples += len(reference)
+    return totals.metrics(False, True)
+
+
+def test_score_outputs_are_held_to_score_fidelity_not_to_decision_agreement():
+    """Silero VAD int8: 2 of 32 decisions flip at |dp| 0.03, a harmless file; the old rule
+    (agreement >= 0.95) refused it. A file whose scores are far off still fails, and class
+    scores keep their rules."""
+    from engine.export.verify import MIN_AGREEMENT, MIN_SCORE_FIDELITY, judge
+
+    rng = np.random.default_rng(0)
+    reference = rng.uniform(0.0, 1.0, (32, 1)).astype(np.float32)
+    reference[:2] = 0.49
+    near = reference + np.float32(0.005)
+    near[:2] = 0.52  # across the 0.5 threshold
+    metrics = _score_metrics(reference, near)
+    assert metrics.agreement == pytest.approx(30 / 32) and metrics.agreement < MIN_AGREEMENT
+    passed, rule = judge(metrics, exact=False, features=False, output_scale=1.0)
+    assert passed and "score fidelity" in rule and metrics.score_fidelity >= MIN_SCORE_FIDELITY
+    far = np.clip(reference + rng.choice([-0.1, 0.1], reference.shape), 0, 1).astype(np.float32)
+    assert not judge(_score_metrics(reference, far), False, False, 1.0)[0]
+    # class scores: 30 of 32 top-1 agreeing still fails, however close the logits are
+    logits = rng.standard_normal((32, 4)).astype(np.float32)
+    swapped = logits.copy()
+    for row in range(2):
+        top = logits[row].argmax()
+        swapped[row, top] = logits[row].min() - 0.01
+    passed, rule = judge(_score_metrics(logits, swapped), False, False, 1.0)
+    assert not passed and "agreement" in rule
+
+
+class _Scorer(torch.nn.Module):
+    """A conv net with one probability per sample, like a voice-activity detector."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(1, 32, 9)
+        self.head = torch.nn.Linear(32, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.head(self.conv(x.unsqueeze(1)).relu().mean(dim=2)))
+
+
+def test_an_int8_file_of_a_score_model_is_verified_by_score_fidelity(tmp_path):
+    from engine import onnx_tools
+
+    torch.manual_seed(0)
+    fp32 = onnx_tools.export_onnx(_Scorer().eval(), torch.randn(2, 64), input_names=("x",),
+                                  output_names=("probability",))
+    onnx.save(fp32, tmp_path / "scorer.onnx")
+    model = load_model(tmp_path / "scorer.onnx")
+    data = SyntheticData(model.inputs, count=32, seed=2)
+    result = export(compressed_like_compress(model, quantize={
+        layer.weight_key: dict(bits=8, granularity="per-channel") for layer in model.layers}),
+        model, tmp_path / "scorer8.onnx", format="onnx-int8", data=data, measure=False)
+    verification = result.verification
+    assert verification.passed, verification.summary()
+    assert verification.criterion.startswith("score fidelity")
+    assert "score fidelity" in verification.summary()

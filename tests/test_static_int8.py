@@ -330,3 +330,79 @@ def test_a_fixed_batch_graph_is_calibrated_in_its_own_batch_size() -> None:
     model = helper.make_model(graph)
     feeds = calibration_feeds(model, [np.zeros((8, 4), np.float32), np.ones((3, 4), np.float32)])
     assert len(feeds) == 11 and all(feed["x"].shape == (1, 4) for feed in feeds)
+
+
+def _two_input_fixed_batch_graph() -> onnx.ModelProto:
+    """Silero's shape after .pt2 -> ONNX: `x` [1, 8] and a recurrent `state` [2, 1, 4] whose
+    batch sits on axis 1, a Gemm of x, and the state's sum added to it."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["xw"], name="mm"),
+        helper.make_node("ReduceSum", ["state", "axes"], ["summed"], keepdims=0, name="sum"),
+        helper.make_node("Add", ["xw", "summed"], ["y"], name="add"),
+    ]
+    graph = helper.make_graph(
+        nodes, "two_inputs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
+         helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, 1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        initializer=[weight, numpy_helper.from_array(np.array([0], np.int64), "axes")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_a_fixed_batch_graph_with_several_inputs_is_cut_along_each_inputs_axis() -> None:
+    """Every input is cut to the graph's batch on its own sample axis (state on axis 1), as
+    data sources (NamedInputs) or as plain dicts replayed from earlier feeds; the last, short
+    piece is padded."""
+    from engine.data import NamedInputs
+    from engine.methods.static_int8 import calibration_feeds
+
+    model = _two_input_fixed_batch_graph()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5, 8)).astype(np.float32)
+    state = rng.standard_normal((2, 5, 4)).astype(np.float32)
+    feeds = calibration_feeds(model, [(NamedInputs({"x": x, "state": state},
+                                                   {"x": 0, "state": 1}), None)])
+    assert len(feeds) == 5
+    assert all(feed["x"].shape == (1, 8) and feed["state"].shape == (2, 1, 4) for feed in feeds)
+    np.testing.assert_array_equal(feeds[3]["state"][:, 0], state[:, 3])
+    # a plain dict has no axes of its own: the graph's shapes say state's batch is on axis 1
+    again = calibration_feeds(model, [{"x": x[:3], "state": state[:, :3]}])
+    assert [feed["state"].shape for feed in again] == [(2, 1, 4)] * 3
+    np.testing.assert_array_equal(again[2]["x"][0], x[2])
+
+
+def test_static_int8_calibrates_a_two_input_fixed_batch_graph() -> None:
+    """ORT's calibrator used to get the data's whole batch ("Got: 32 Expected: 1")."""
+    from engine.data import NamedInputs
+
+    model = _two_input_fixed_batch_graph()
+    rng = np.random.default_rng(2)
+    batch = NamedInputs({"x": rng.standard_normal((32, 8)).astype(np.float32),
+                         "state": rng.standard_normal((2, 32, 4)).astype(np.float32)},
+                        {"x": 0, "state": 1})
+    quantized, report = quantize_int8_best(model, [batch], repeats=2)
+    assert report.chosen.output_cosine > 0.99
+    feed = {"x": batch["x"][:1], "state": batch["state"][:, :1]}
+    expected = onnx_tools.session(model).run(None, feed)[0]
+    produced = onnx_tools.session(quantized).run(None, feed)[0]
+    assert np.allclose(produced, expected, atol=0.1)
+
+
+def test_weights_int8_everywhere_twice_leaves_the_first_scales_float() -> None:
+    """quantize_int8_best runs it over every candidate, the weight-only one built by it too:
+    a per-row scale of 258 values (silero's STFT conv) must not become codes of its own."""
+    from engine.methods.static_int8 import weights_int8_everywhere
+
+    rng = np.random.default_rng(4)
+    weight = numpy_helper.from_array(rng.standard_normal((258, 1, 4)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 258, 13])], [weight])
+    once, first = weights_int8_everywhere(helper.make_model(graph))
+    twice, second = weights_int8_everywhere(once)
+    assert (first, second) == (1, 0)
+    assert onnx_tools.serialized_size(twice) == onnx_tools.serialized_size(once)
+    assert [n.op_type for n in twice.graph.node].count("Cast") == 1

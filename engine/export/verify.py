@@ -3,7 +3,9 @@
 The file is run on the evaluation data next to the in-memory compressed model. Formats that
 store exactly what is in memory must match it to float rounding (ONNX Runtime and PyTorch
 kernels sum in different orders); formats that quantize activations or re-quantize weights are
-held to what int8 can promise: outputs pointing the same way (cosine) and the same top-1.
+held to what int8 can promise: outputs pointing the same way (cosine) and the same top-1; a
+score output (one probability or logit per sample) is held to its score fidelity instead, as
+top-1 of one value means nothing and a cosine of one value is its sign.
 
 The in-memory reference is the compressed torch module, or, for a model without one, the
 compressed backend's runner (ONNX Runtime on the compressed graph). Weights without a graph
@@ -41,6 +43,11 @@ EXACT_RELATIVE_TOLERANCE = 1e-3
 #: Approximate formats: mean cosine similarity of outputs and top-1 agreement with memory.
 MIN_COSINE = 0.99
 MIN_AGREEMENT = 0.95
+#: Approximate formats, score outputs (one probability or logit per sample, see
+#: engine.evaluate.is_score_output): 1 - mean |difference| over the original's scale. A
+#: decision flips wherever a score sits near its threshold, so agreement is reported, not
+#: required (Silero VAD int8: 2 of 32 flips at |dp| 0.03, score fidelity 0.995).
+MIN_SCORE_FIDELITY = 0.98
 
 
 @dataclass
@@ -69,6 +76,8 @@ class Verification:
         parts = [f"max |diff| {m.get('max_abs_diff', float('nan')):.3g}"]
         if m.get("cosine_similarity") is not None:
             parts.append(f"cosine {m['cosine_similarity']:.4f}")
+        if m.get("score_fidelity") is not None:
+            parts.append(f"score fidelity {m['score_fidelity']:.4f}")
         if m.get("agreement") is not None:
             parts.append(f"agreement {m['agreement']:.4f}")
         if m.get("accuracy") is not None:
@@ -162,9 +171,12 @@ def outputs_are_features(model: Model) -> bool:
     return any(part in first for part in _FEATURE_NAMES)
 
 
-def criterion(exact: bool, features: bool = False) -> str:
+def criterion(exact: bool, features: bool = False, scores: bool = False) -> str:
     if exact:
         return f"max |diff| <= {EXACT_RELATIVE_TOLERANCE:g} x the largest output"
+    if scores:
+        return (f"score fidelity >= {MIN_SCORE_FIDELITY} (one score per sample: decision "
+                "agreement reported, not required)")
     if features:
         return (f"cosine >= {MIN_COSINE} per output position (features: no class axis for "
                 "agreement)")
@@ -224,10 +236,24 @@ def verify(exporter: Exporter, path: Path, job: ExportJob, data: DataSource) -> 
         found.data += " (padding positions, attention_mask 0, not compared)"
     found.metrics = metrics.to_dict()
     found.output_scale = reference.scale
-    if exporter.exact:
-        found.passed = metrics.max_abs_diff is not None and \
-            metrics.max_abs_diff <= EXACT_RELATIVE_TOLERANCE * max(reference.scale, 1e-6)
-    else:
-        found.passed = (metrics.cosine_similarity or 0.0) >= MIN_COSINE and (
-            features or metrics.agreement is None or metrics.agreement >= MIN_AGREEMENT)
+    found.passed, found.criterion = judge(metrics, exporter.exact, features, reference.scale)
     return found
+
+
+def judge(metrics: Metrics, exact: bool, features: bool, output_scale: float
+          ) -> tuple[bool, str]:
+    """Whether the file's `metrics` against memory pass, and the criterion they were held to.
+
+    Exact formats: the largest difference within float rounding of `output_scale`. Otherwise
+    class scores need cosine and top-1 agreement, features cosine only, and score outputs
+    (metrics with a score fidelity) their score fidelity only: a cosine of one value per
+    sample is its sign, and a decision flips wherever a score sits near its threshold.
+    """
+    if exact:
+        return (metrics.max_abs_diff is not None and metrics.max_abs_diff
+                <= EXACT_RELATIVE_TOLERANCE * max(output_scale, 1e-6)), criterion(True)
+    if metrics.score_fidelity is not None:
+        return metrics.score_fidelity >= MIN_SCORE_FIDELITY, criterion(False, scores=True)
+    passed = (metrics.cosine_similarity or 0.0) >= MIN_COSINE and (
+        features or metrics.agreement is None or metrics.agreement >= MIN_AGREEMENT)
+    return passed, criterion(False, features)

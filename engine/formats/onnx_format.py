@@ -476,6 +476,9 @@ class Dequantization:
     #: The axis a scale with several values runs along (may be negative).
     axis: int
     block_size: int = 0
+    #: The float weight's own name where the graph gives it one: the output of the Mul in
+    #: ``Mul(Cast(codes), scale)``, which keeps the name of the weight it replaced.
+    decoded_name: str = ""
 
     def _spread(self, values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """A scale or zero point broadcastable against codes of `shape`."""
@@ -569,18 +572,24 @@ def _decodable(found: dict[str, Dequantization], sources: dict[str, _Source]
 def _dequantizations(graph: onnx.GraphProto, sites: dict[str, WeightSite]
                      ) -> dict[str, Dequantization]:
     """Every constant fed as codes to a DequantizeLinear / QLinearConv / QLinearMatMul together
-    with a constant scale, in the main graph and its subgraphs (first use wins)."""
+    with a constant scale, in the main graph and its subgraphs (first use wins); and every
+    constant decoded as ``Mul(Cast(codes), scale)``, the form Slimscope's own int8 files use
+    (engine.methods.static_int8.weights_int8_everywhere: ONNX Runtime folds it at load), with
+    no zero point and the scale along its one dimension that is not 1."""
     by_graph: dict[tuple[GraphStep, ...], dict[str, str]] = {}
     for key, site in sites.items():
         by_graph.setdefault(site.graph_path, {})[site.name] = key
     found: dict[str, Dequantization] = {}
 
     def visit(graph: onnx.GraphProto, graph_path: tuple[GraphStep, ...],
-              outer: dict[str, str]) -> None:
+              outer: dict[str, str], outer_casts: dict[str, str]) -> None:
         scope = dict(outer)
         scope.update(by_graph.get(graph_path, {}))
+        # value name -> weight key, for Casts of constants (codes on their way to a Mul)
+        casts = dict(outer_casts)
         for index, node in enumerate(graph.node):
-            spot = _CODE_INPUTS.get(node.op_type)
+            op_type = node.op_type
+            spot = _CODE_INPUTS.get(op_type)
             if spot is not None:
                 codes, scale, zero, default_axis = spot
                 inputs = node.input
@@ -593,11 +602,39 @@ def _dequantizations(graph: onnx.GraphProto, sites: dict[str, WeightSite]
                         scope[inputs[scale]], zero_key,
                         int(attributes.get("axis", default_axis)),
                         max(0, int(attributes.get("block_size", 0)))))
+            elif op_type == "Cast" and node.input and node.output and node.input[0] in scope:
+                casts[node.output[0]] = scope[node.input[0]]
+            elif op_type == "Mul" and len(node.input) == 2 and node.output:
+                decoded = _cast_times_scale(node, casts, scope, sites)
+                if decoded is not None:
+                    found.setdefault(decoded[0], decoded[1])
             for step, _, subgraph in _subgraphs(node, index):
-                visit(subgraph, (*graph_path, step), scope)
+                visit(subgraph, (*graph_path, step), scope, casts)
 
-    visit(graph, (), {})
+    visit(graph, (), {}, {})
     return found
+
+
+def _cast_times_scale(node: onnx.NodeProto, casts: dict[str, str], scope: dict[str, str],
+                      sites: dict[str, WeightSite]) -> tuple[str, Dequantization] | None:
+    """(codes key, how they decode) for a Mul of a Cast constant and a constant scale that
+    broadcasts along at most one axis of the codes; None for any other Mul."""
+    for codes_slot in (0, 1):
+        codes_name, scale_name = node.input[codes_slot], node.input[1 - codes_slot]
+        if codes_name not in casts or scale_name not in scope:
+            continue
+        codes_dims = tuple(sites[casts[codes_name]].tensor.dims)
+        scale_dims = tuple(sites[scope[scale_name]].tensor.dims)
+        wide = [index for index, size in enumerate(scale_dims) if size != 1]
+        if len(scale_dims) > len(codes_dims) or len(wide) > 1:
+            return None
+        # right-aligned, as Mul broadcasts: a negative axis fits codes of any rank
+        axis = wide[0] - len(scale_dims) if wide else 0
+        if wide and scale_dims[wide[0]] != codes_dims[axis]:
+            return None
+        return casts[codes_name], Dequantization(scope[scale_name], None, axis,
+                                                 decoded_name=node.output[0])
+    return None
 
 
 # -- layers -------------------------------------------------------------------------------
@@ -634,6 +671,10 @@ def _layers(graph: onnx.GraphProto, store: TensorStore, sites: dict[str, WeightS
                 scope[node.output[0]] = scope[node.input[0]]
                 if node.input[0] in reshaped:
                     reshaped.add(node.output[0])
+            elif op_type == "Mul" and len(node.input) == 2 and node.output:
+                weight = _decoded_by_mul(node, scope, decoders)
+                if weight is not None:
+                    scope[node.output[0]] = weight
             elif op_type in _RESHAPERS and node.output:
                 weight = _rearranged_weight(node, scope)
                 if weight is not None:
@@ -667,7 +708,8 @@ def _layers(graph: onnx.GraphProto, store: TensorStore, sites: dict[str, WeightS
         if weight not in found:
             source = sites[weight].name
             if weight in decoders:  # the float weight's name, not its codes' (`..._quantized`)
-                source = source.removesuffix(_QUANTIZED_SUFFIX) or source
+                source = (decoders[weight].decoded_name
+                          or source.removesuffix(_QUANTIZED_SUFFIX) or source)
             name = _layer_name(source, node)
             if suffix_name and _GENERATED_NAME.match(sites[weight].name):
                 name = f"{name}.{suffix_name}"  # named after the node: tell W and R apart
@@ -765,6 +807,20 @@ def _module_path(node: onnx.NodeProto) -> str | None:
     return ".".join(path)
 
 
+def _decoded_by_mul(node: onnx.NodeProto, scope: dict[str, str],
+                    decoders: dict[str, Dequantization]) -> str | None:
+    """The codes' weight key when `node` is the Mul of ``Mul(Cast(codes), scale)`` that
+    decodes them (see :func:`_cast_times_scale`), else None. The Cast's output already maps
+    to the codes' key (Cast is a decoder); the Mul's other input must be their scale."""
+    for slot in (0, 1):
+        key = scope.get(node.input[slot])
+        decoder = decoders.get(key) if key is not None else None
+        if (decoder is not None and decoder.decoded_name == node.output[0]
+                and scope.get(node.input[1 - slot]) == decoder.scale):
+            return key
+    return None
+
+
 def _rearranged_weight(node: onnx.NodeProto, scope: dict[str, str]) -> str | None:
     """The weight key a :data:`_RESHAPERS` node's output rearranges, or None: its data input
     (every input, for Concat, all the one weight) is a weight and its other inputs constants."""
@@ -780,11 +836,14 @@ def _rearranged_weight(node: onnx.NodeProto, scope: dict[str, str]) -> str | Non
 
 
 def _plausible_weight(op_type: str, store: TensorStore, key: str, reshaped: bool = False) -> bool:
-    """Gather only looks up embeddings in 2-D float tables; matrix products need 2-D or more,
-    which a weight reached through a reshaping node may be only after it (a 1-D store)."""
+    """Gather only looks up embeddings in 2-D float tables (or int8 codes of one); matrix
+    products need 2-D or more, which a weight reached through a reshaping node may be only
+    after it (a 1-D store)."""
     rank = len(store.shapes[key])
-    if op_type == "Gather":
-        return not reshaped and rank == 2 and store.dtypes[key].startswith(("float", "bfloat"))
+    if op_type == "Gather":  # a table stored as int8 codes decodes to floats
+        decoded = isinstance(store, OnnxTensorStore) and key in store.decoders
+        return not reshaped and rank == 2 and (
+            decoded or store.dtypes[key].startswith(("float", "bfloat")))
     if op_type in ("MatMul", "Gemm"):
         return rank >= (1 if reshaped else 2)
     return rank >= 1

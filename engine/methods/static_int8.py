@@ -34,8 +34,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from engine import onnx_tools
+from engine.data import NamedInputs, batch_length, pad_samples, spec_sample_axis, take_samples
 from engine.errors import SlimscopeError, one_line
 from engine.jobs import NEVER_CANCELLED, Cancelled, CancelToken, Progress, no_progress, sub_progress
+from engine.model import TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -134,27 +136,79 @@ class _BatchReader:
 
 def calibration_feeds(model: onnx.ModelProto,
                       batches: Iterable[onnx_tools.Batch]) -> list[dict[str, np.ndarray]]:
-    """The batches as input feeds for `model`, kept in memory so they can be replayed."""
+    """The batches as input feeds for `model`, kept in memory so they can be replayed.
+
+    A graph exported for a fixed batch takes no other, so every batch is cut into pieces of
+    exactly that many samples, each input along its own sample axis (silero's ``state
+    [2, 1, 128]`` holds its batch on axis 1); a short last piece is padded with copies of its
+    last sample. The axes are the batch's own where it carries them (engine.data.NamedInputs),
+    else the graph's (engine.data.spec_sample_axis): feeds replayed as plain dicts keep them.
+    """
     name, dtype = onnx_tools.graph_input(model)
-    feeds = [onnx_tools.as_feed(batch, name, dtype) for batch in batches]
-    fixed = _fixed_batch(model, name)
-    if fixed:  # a graph exported for exactly this many samples takes no other batch
-        feeds = [{name: feed[name][start:start + fixed]} for feed in feeds if name in feed
-                 and len(feed) == 1
-                 for start in range(0, len(feed[name]) - fixed + 1, fixed)] or feeds
+    specs = _input_specs(model)
+    graph_axes = _graph_sample_axes(specs)
+    sizes = {spec.name: _size_on(spec, graph_axes.get(spec.name)) for spec in specs}
+    feeds: list[dict[str, np.ndarray]] = []
+    for batch in batches:
+        inputs = batch[0] if isinstance(batch, tuple) else batch
+        feed = onnx_tools.as_feed(inputs, name, dtype)
+        axes = (dict(inputs.axes) if isinstance(inputs, NamedInputs)
+                else {key: graph_axes.get(key, 0 if np.ndim(array) else None)
+                      for key, array in feed.items()})
+        fixed = _fixed_batch(feed, axes, sizes)
+        if not fixed:
+            feeds.append(feed)
+            continue
+        named = NamedInputs(feed, axes)
+        total = batch_length(named)
+        for start in range(0, total, fixed):
+            piece = pad_samples(take_samples(named, start, min(start + fixed, total)), fixed)
+            feeds.append({key: np.ascontiguousarray(array) for key, array in piece.items()})
     if not feeds:
         raise SlimscopeError("static int8 quantization needs at least one calibration batch")
     return feeds
 
 
-def _fixed_batch(model: onnx.ModelProto, name: str) -> int | None:
-    """The static first dimension of input `name` when the graph fixes it, else None."""
+def _input_specs(model: onnx.ModelProto) -> list[TensorSpec]:
+    """The graph's real inputs (initializers are not) with their static sizes (None: dynamic)."""
+    weights = {tensor.name for tensor in model.graph.initializer}
+    specs = []
     for value in model.graph.input:
-        if value.name == name:
-            dims = value.type.tensor_type.shape.dim
-            if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-                return int(dims[0].dim_value)
-    return None
+        if value.name in weights:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        specs.append(TensorSpec(value.name, tuple(
+            dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None
+            for dim in dims)))
+    return specs
+
+
+def _graph_sample_axes(specs: Sequence[TensorSpec]) -> dict[str, int | None]:
+    """Each input's sample axis as the graph's shapes tell it (see spec_sample_axis): where
+    every input is static, the batch is the first input's first size."""
+    shaped = [spec for spec in specs if spec.shape]
+    batch = (int(shaped[0].shape[0])  # type: ignore[arg-type]
+             if shaped and all(spec.is_static for spec in shaped) else None)
+    return {spec.name: spec_sample_axis(spec, batch) for spec in specs}
+
+
+def _size_on(spec: TensorSpec, axis: int | None) -> int | None:
+    """The static size of `spec` on its sample `axis`, or None (dynamic, or no sample axis)."""
+    if axis is None or axis >= len(spec.shape):
+        return None
+    size = spec.shape[axis]
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def _fixed_batch(feed: Mapping[str, np.ndarray], axes: Mapping[str, int | None],
+                 sizes: Mapping[str, int | None]) -> int | None:
+    """The batch the graph fixes for the fed inputs that have a sample axis, or None when one
+    of them takes any batch (or they disagree, which no cut could satisfy)."""
+    fixed = {sizes.get(key) for key in feed if axes.get(key) is not None}
+    if len(fixed) != 1:
+        return None
+    size = fixed.pop()
+    return size if size else None
 
 
 class _DropOnnxRuntimeAdvice(logging.Filter):
@@ -528,8 +582,34 @@ def weights_int8_everywhere(model: onnx.ModelProto, *, per_channel: bool = True,
     taken = _all_names(result.graph, set())
     axes: dict[str, int | None] = {}
     _channel_axes(result.graph, axes)
-    count = _int8_in_graph(result.graph, axes, per_channel, min_elements, taken, set(skip))
+    # the scales of weights already stored as codes stay float: run twice (every candidate of
+    # quantize_int8_best is, and the weight-only one is built this way), a [258, 1, 1] scale
+    # was itself stored as int8 codes and a scale, larger and no longer foldable as one step
+    kept = set(skip) | _scales_of_codes(result.graph, set())
+    count = _int8_in_graph(result.graph, axes, per_channel, min_elements, taken, kept)
     return result, count
+
+
+def _scales_of_codes(graph: onnx.GraphProto, found: set[str],
+                     outer_constants: frozenset[str] = frozenset()) -> set[str]:
+    """Names of the scales that decode integer codes in `graph` and its subgraphs: a
+    DequantizeLinear's scale, and the other input of a Mul reading a Cast of a constant (our
+    ``Mul(Cast(codes), scale)``, see _int8_decoded_at_load)."""
+    constants = outer_constants | {tensor.name for tensor in graph.initializer} | {
+        node.output[0] for node in graph.node if node.op_type == "Constant" and node.output}
+    casts = {node.output[0] for node in graph.node
+             if node.op_type == "Cast" and node.output and node.input
+             and node.input[0] in constants}
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and len(node.input) > 1:
+            found.add(node.input[1])
+        elif node.op_type == "Mul" and len(node.input) == 2:
+            for slot in (0, 1):
+                if node.input[slot] in casts:
+                    found.add(node.input[1 - slot])
+        for sub in _subgraphs(node):
+            _scales_of_codes(sub, found, constants)
+    return found
 
 
 def _int8_axis(name: str, weight: np.ndarray, axes: Mapping[str, int | None],
