@@ -417,11 +417,13 @@ def _allocation(sens: Sensitivity, chosen: Sequence[Option], secondary: bool,
 
 
 def plan_from_choices(sens: Sensitivity, choices: dict[str, Option]) -> Plan:
-    """A plan giving each named layer its option (magnitude pruning and the sweep's quantizer,
-    as the curves were measured); layers left uncompressed are not mentioned."""
+    """A plan giving each named layer its option (the sweep's pruning method and quantizer,
+    GPTQ/OBS included, as the curves were measured); layers left uncompressed are not
+    mentioned."""
     layers: dict[str, Sections] = {}
     for name, option in choices.items():
-        sections = dict(level_sections("sparsity", option.sparsity, sens.quantization))
+        sections = dict(level_sections("sparsity", option.sparsity, sens.quantization,
+                                       prune_method=sens.pruning_method))
         if option.rank is not None:
             sections["low_rank"] = LowRank(rank=option.rank)
         if option.quantized:
@@ -495,8 +497,11 @@ def _option_for(sens: Sensitivity, layer: LayerSensitivity, settings: LayerPlan 
             rank = settings.low_rank.rank  # None (an energy-chosen rank): not on any curve
             exact = rank is not None and settings.pruning is None
         pruning = settings.pruning
+        measured_pruning = (sens.pruning_method,) if sens.pruning_method != "magnitude" \
+            else MAGNITUDE_METHODS
         if pruning is not None:
-            if pruning.method in MAGNITUDE_METHODS and pruning.amount is not None:
+            if pruning.method in measured_pruning and pruning.amount is not None \
+                    and not pruning.is_nm:
                 sparsity = float(pruning.amount)
             else:
                 exact = False
@@ -511,6 +516,8 @@ def _option_for(sens: Sensitivity, layer: LayerSensitivity, settings: LayerPlan 
                 exact = False
             else:
                 bits = int(quant.bits)
+                if quant.method != sens.quantization.method:
+                    exact = False  # the curves measured another quantizer
     options = layer_options(sens, layer)
     if not options:
         raise PlanError(f"layer {layer.name!r}: no options in the sensitivity results")

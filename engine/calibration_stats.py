@@ -23,7 +23,7 @@ accumulators of the requested layers are held, never the activations.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,23 @@ from torch import nn
 from engine.errors import PlanError
 from engine.formats.guard import quote
 from engine.jobs import NEVER_CANCELLED, CancelToken, Progress, no_progress
-from engine.methods.base import Batch, layer_kind, submodule
+
+if TYPE_CHECKING:
+    from engine.methods.base import Batch
+
+
+def _submodule(module: nn.Module, name: str) -> nn.Module:
+    # deferred: engine.methods imports the methods, which import this module
+    from engine.methods.base import submodule
+
+    return submodule(module, name)
+
+
+def _layer_kind(layer: nn.Module) -> str:
+    from engine.methods.base import layer_kind
+
+    return layer_kind(layer)
+
 
 #: Layer types whose input statistics can be collected (and GPTQ/OBS can compensate).
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -158,9 +174,9 @@ def check_supported(module: nn.Module, names: Iterable[str], what: str) -> None:
         raise PlanError(f"{what} needs forward hooks on an eager torch module; TorchScript has "
                         "none (open the model as a state_dict or pickled module)")
     for name in names:
-        layer = submodule(module, name)
+        layer = _submodule(module, name)
         if not isinstance(layer, SUPPORTED):
-            raise PlanError(f"layer {quote(name)} ({layer_kind(layer)}): {what} works on Linear, "
+            raise PlanError(f"layer {quote(name)} ({_layer_kind(layer)}): {what} works on Linear, "
                             "Conv1d and Conv2d layers only")
 
 
@@ -221,7 +237,7 @@ def collect_input_stats(
                 budget_bytes=budget_bytes, cancel=cancel,
                 progress=lambda f, m, i=i: progress((i + f) / len(passes_needed), m)))
         return collected
-    accumulators = {name: _Accumulator(name, submodule(module, name), second_moments)
+    accumulators = {name: _Accumulator(name, _submodule(module, name), second_moments)
                     for name in names}
     calls_per_pass: dict[str, int] | None = None
     handles = []
@@ -271,7 +287,7 @@ def _by_budget(module: nn.Module, names: Sequence[str], budget_bytes: int | None
     groups: list[list[str]] = [[]]
     used = 0
     for name in names:
-        layer = submodule(module, name)
+        layer = _submodule(module, name)
         size = getattr(layer, "groups", 1) * layer.weight[0].numel() ** 2 * 8
         if groups[-1] and used + size > budget_bytes:
             groups.append([])
@@ -289,7 +305,7 @@ def forward_order(module: nn.Module, names: Sequence[str], batches: Iterable[Bat
     for name in names:
         def hook(_layer: nn.Module, _args: Any, name: str = name) -> None:
             first.setdefault(name, len(first))
-        handles.append(submodule(module, name).register_forward_pre_hook(hook))
+        handles.append(_submodule(module, name).register_forward_pre_hook(hook))
     was_training = module.training
     module.eval()
     try:

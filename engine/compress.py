@@ -210,8 +210,8 @@ def compress(
     compressed through its backend (:func:`compress_tensors`).
     """
     if model.module is None or not model.can(TORCH_MODULE):
-        return compress_tensors(model, plan, data, measure=measure, progress=progress,
-                                cancel=cancel)
+        return compress_tensors(model, plan, data, calibration=calibration, measure=measure,
+                                progress=progress, cancel=cancel)
     original = model.require_module("compression")
     recovery = RecoveryConfig.from_dict(plan.recovery) if plan.recovery else None
     if recovery is not None and train_data is None:
@@ -224,7 +224,7 @@ def compress(
     surgery_end = RECOVERY_START if recovery else (0.6 if measuring else 1.0)
     recovery_end = RECOVERY_END if measuring else 1.0
     compressed = apply_plan(
-        original, plan, calibration=batches, example_inputs=example,
+        original, plan, calibration=batches, example_inputs=example, why_not=model.why_not,
         progress=sub_progress(progress, 0.0, surgery_end), cancel=cancel,
     )
     one_shot: Metrics | None = None
@@ -263,6 +263,7 @@ def compress_tensors(
     plan: Plan,
     data: DataSource | None = None,
     *,
+    calibration: DataSource | None = None,
     measure: bool = True,
     progress: Progress = no_progress,
     cancel: CancelToken = NEVER_CANCELLED,
@@ -270,14 +271,15 @@ def compress_tensors(
     """compress() for a model without a torch module: weights changed through its backend.
 
     The metric and latency come from the backend's runners, when the model can run; a file of
-    weights alone has no metric, and its report says so.
+    weights alone has no metric, and its report says so. GPTQ and OBS collect their layer-input
+    statistics from `calibration` (default: `data`).
     """
     assert model.backend is not None
     model.require_finite("compression")
     measuring = measure and data is not None and model.can(RUN)
     compressed, factors = apply_tensor_plan(
-        model, plan, progress=sub_progress(progress, 0.0, 0.5 if measuring else 0.9),
-        cancel=cancel)
+        model, plan, calibration=calibration or data,
+        progress=sub_progress(progress, 0.0, 0.5 if measuring else 0.9), cancel=cancel)
     report = build_tensor_report(model, compressed, factors)
     check_planned_changes(model, compressed, factors)
     if not model.can(RUN):

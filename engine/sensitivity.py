@@ -9,6 +9,14 @@ level being the uncompressed layer (the baseline):
   level, labelled 32, is the weight in its own float format);
 * ``rank`` (optional): fraction of full rank kept by truncated SVD (1.0 = full rank).
 
+With ``SweepSettings.quantization.method`` "gptq" and/or ``prune_method`` "obs" (exact method,
+Linear/Conv layers of a torch module), the bits and sparsity levels are made by those
+error-compensating methods instead (:func:`engine.methods.gptq.quantize_layer`,
+:func:`engine.methods.obs.prune_layer`), from each layer's input statistics collected once per
+sweep on the data's first samples (the calibration batches compress() would use); the result
+records them (``quantization.method``, ``pruning_method``), and :mod:`engine.allocate` writes
+plans that use them. Defaults stay round-to-nearest and magnitude, and their JSON unchanged.
+
 Three methods answer the same question at different costs:
 
 ``exact``
@@ -102,7 +110,10 @@ from engine.evaluate import (
 from engine.jobs import NEVER_CANCELLED, CancelToken, Progress, no_progress, sub_progress
 from engine.methods.apply import apply_plan, module_layers
 from engine.methods.base import is_recurrent_weight, submodule, weight_key, weight_of
+from engine.calibration_stats import SUPPORTED, InputStats, collect_input_stats
+from engine.methods.gptq import quantize_layer
 from engine.methods.lowrank import factorize
+from engine.methods.obs import batchnorm_gains, prune_layer
 from engine.methods.quantize import quantize_tensor
 from engine.model import PRUNABLE_KINDS, QUANTIZABLE_KINDS, Model
 from engine.plan import LayerInfo, LowRank, Plan, Pruning, Quantization, Sections
@@ -131,6 +142,10 @@ DEFAULT_MAX_BATCH = 512
 DEFAULT_CACHE_BYTES = 4 * 2**30
 #: Samples per whole-model forward that cannot be interrupted (reference outputs, trace check).
 PIECE = 32
+#: Quantization methods a sweep can measure the bits axis with (Quantization.method).
+QUANT_METHODS = ("rtn", "gptq")
+#: Pruning methods a sweep can measure the sparsity axis with.
+PRUNE_METHODS = ("magnitude", "obs")
 
 
 @dataclass(frozen=True)
@@ -153,6 +168,23 @@ class SweepSettings:
     fisher_batch: int = 16
     #: Exact sweeps of ONNX graphs: also measure each node with its activations in int8.
     activations: bool = True
+    #: How the sparsity axis prunes: "magnitude", or "obs" (compensated with each layer's
+    #: input statistics, like the bits axis when ``quantization.method`` is "gptq").
+    prune_method: str = "magnitude"
+
+    @property
+    def compensated(self) -> bool:
+        """Whether a level needs layer-input statistics (GPTQ bits or OBS sparsity)."""
+        return self.quantization.method != "rtn" or self.prune_method != "magnitude"
+
+    def check_methods(self) -> None:
+        if self.quantization.method not in QUANT_METHODS:
+            raise SlimscopeError(f"unknown sweep quantization method "
+                                 f"{quote(self.quantization.method, 24)} (choose "
+                                 f"{', '.join(QUANT_METHODS)})")
+        if self.prune_method not in PRUNE_METHODS:
+            raise SlimscopeError(f"unknown sweep pruning method {quote(self.prune_method, 24)} "
+                                 f"(choose {', '.join(PRUNE_METHODS)})")
 
     def levels(self, axis: str) -> list[float]:
         """The axis' levels in order of increasing compression, baseline first."""
@@ -306,6 +338,9 @@ class Sensitivity:
     notes: list[str] = field(default_factory=list)
     #: Per-node activation int8 results (ONNX exact sweeps), in the primary metric's units.
     activations: list[NodeSensitivity] = field(default_factory=list)
+    #: How the sparsity curves pruned (a plan built from them must prune the same way); the
+    #: bits curves' method is ``quantization.method``.
+    pruning_method: str = "magnitude"
 
     def activation_drops(self) -> dict[str, float]:
         """Node name -> how much worse the metric is with that node's inputs in int8."""
@@ -367,6 +402,9 @@ class Sensitivity:
             # only when measured: results without it stay byte-identical to earlier ones
             **({"activations": [node.to_dict() for node in self.activations]}
                if self.activations else {}),
+            # likewise only when not the default magnitude pruning
+            **({"pruning_method": self.pruning_method}
+               if self.pruning_method != "magnitude" else {}),
         }
 
     @classmethod
@@ -395,6 +433,10 @@ class Sensitivity:
                 raise SlimscopeError(f"{where}.activations: node {quote(node.name, 48)} is "
                                      "listed twice")
             seen.add(node.name)
+        pruning_method = typed_field(data, "pruning_method", "str", where, default="magnitude")
+        if pruning_method not in PRUNE_METHODS:
+            raise SlimscopeError(f"{where}.pruning_method: {quote(pruning_method, 24)} is not "
+                                 f"one of {', '.join(PRUNE_METHODS)}")
         return cls(
             method=typed_field(data, "method", "str", where),
             metric=typed_field(data, "metric", "str", where),
@@ -417,6 +459,7 @@ class Sensitivity:
             notes=list_of(typed_field(data, "notes", "list", where, default=[]), "str",
                           f"{where}.notes"),
             activations=activations,
+            pruning_method=pruning_method,
         )
 
     def save(self, path: str | Path) -> None:
@@ -438,13 +481,13 @@ def _count(data: dict[str, Any], key: str, where: str, default: Any = REQUIRED) 
 
 # -- levels: compressed weights made by the methods' own functions ---------------------------
 def level_sections(axis: str, level: float, quantization: Quantization,
-                   shape: Sequence[int] = ()) -> Sections:
+                   shape: Sequence[int] = (), prune_method: str = "magnitude") -> Sections:
     """The plan sections that compress one layer to `level` on `axis` (empty at the baseline);
     the rank axis needs the weight's `shape` to turn a fraction into a rank."""
     if level == BASELINE_LEVEL[axis]:
         return {}
     if axis == "sparsity":
-        return {"pruning": Pruning("magnitude", amount=float(level))}
+        return {"pruning": Pruning(prune_method, amount=float(level))}
     if axis == "bits":
         return {"quantization": replace(quantization, bits=int(level))}
     return {"low_rank": LowRank(rank=rank_for_fraction(shape, level))}
@@ -496,12 +539,23 @@ class Level:
 
 class LayerLevels:
     """One layer's weight at any level, made by the compression methods' own functions
-    (keep_top's ranking, quantize_tensor, factorize); magnitude order is sorted only once."""
+    (keep_top's ranking, quantize_tensor, factorize; with input statistics, GPTQ's
+    quantize_layer and OBS's prune_layer); magnitude order is sorted only once."""
 
-    def __init__(self, layer: nn.Module, quantization: Quantization) -> None:
+    def __init__(self, layer: nn.Module, quantization: Quantization, *,
+                 stats: InputStats | None = None, prune_method: str = "magnitude",
+                 row_weight: torch.Tensor | None = None, name: str = "the layer") -> None:
         self.layer = layer
         self.weight = layer.weight.detach()
         self.quantization = quantization
+        #: The layer's input statistics, for GPTQ bits and OBS sparsity levels.
+        self.stats = stats
+        self.prune_method = prune_method
+        #: Per output row, the gain of a following BatchNorm (OBS weighs rows by it).
+        self.row_weight = row_weight
+        self.where = f"layer {quote(name)}"
+        if (quantization.method != "rtn" or prune_method != "magnitude") and stats is None:
+            raise SlimscopeError(f"{self.where}: GPTQ and OBS levels need its input statistics")
         self.float_bits = self.weight.element_size() * 8
         self.nonzero = int(torch.count_nonzero(self.weight))
         self._masks: dict[float, torch.Tensor] = {}
@@ -509,7 +563,7 @@ class LayerLevels:
     def prepare_sparsity(self, amounts: Sequence[float]) -> None:
         """Masks for all these amounts from one sort."""
         missing = [a for a in amounts if a not in self._masks]
-        if missing:
+        if missing and self.prune_method == "magnitude":
             self._masks.update(zip(missing, keep_masks(self.weight.abs(), missing)))
 
     def level(self, axis: str, value: float, dense: bool = True) -> Level:
@@ -522,14 +576,26 @@ class LayerLevels:
             # magnitude pruning removes zeros first, so the count needs no pass over the weight
             nonzero = min(self.nonzero, numel - int(round(value * numel)))
             pruned = None
-            if dense:
+            if dense and self.prune_method == "obs":
+                assert self.stats is not None
+                # zero weights cost nothing to remove, so OBS too removes them first
+                new, keep = prune_layer(weight, self.stats, Pruning("obs", amount=float(value)),
+                                        self.row_weight, where=self.where)
+                pruned = new.to(weight.dtype) * keep
+                nonzero = int(torch.count_nonzero(pruned))
+            elif dense:
                 self.prepare_sparsity([value])
                 pruned = weight * self._masks[value]
             return Level(pruned, storage_bytes(numel, nonzero, self.float_bits), nonzero)
         if axis == "bits":
             q = self.quantization
-            codes = quantize_tensor(weight, int(value), q.symmetric, q.granularity,
-                                    q.group_size, q.range)
+            if q.method == "gptq":
+                assert self.stats is not None
+                codes = quantize_layer(weight, self.stats, replace(q, bits=int(value)),
+                                       where=self.where)
+            else:
+                codes = quantize_tensor(weight, int(value), q.symmetric, q.granularity,
+                                        q.group_size, q.range)
             deq = codes.dequantize().to(weight.dtype)
             nonzero = int(torch.count_nonzero(deq))
             return Level(deq, storage_bytes(numel, nonzero, int(value), codes.overhead_bytes),
@@ -1049,6 +1115,11 @@ def sweep(
     if model.module is None or not model.can(TORCH_MODULE):
         from engine.sensitivity_backends import sweep_backend
 
+        if settings is not None and settings.compensated:
+            raise SlimscopeError(f"sweeping with GPTQ or OBS levels needs a PyTorch module; "
+                                 f"{model.path.name} has none (use --quant-method rtn "
+                                 "--prune-method magnitude)")
+
         return sweep_backend(model, data, method, settings, layers=layers, progress=progress,
                              cancel=cancel)
     module = model.require_module("sensitivity analysis")
@@ -1079,14 +1150,28 @@ def sweep_module(
         raise SlimscopeError(f"unknown sensitivity method {method!r} (choose {', '.join(METHODS)})")
     if method != "datafree" and data is None:
         raise SlimscopeError(f"the {method} method needs data; give some, or use 'datafree'")
+    settings.check_methods()
+    if settings.compensated and method not in ("exact", "naive"):
+        raise SlimscopeError(f"GPTQ and OBS levels are measured by the exact method only, not "
+                             f"{method}")
     infos = layer_infos(module, kinds)
     names = list(layers) if layers is not None else sweepable_layers(module, kinds)
+    uncompensated: list[str] = []
+    if settings.compensated and layers is None:
+        # GPTQ/OBS need a layer's input statistics: sweep only layers whose can be collected
+        uncompensated = [n for n in names if not isinstance(submodule(module, n), SUPPORTED)]
+        names = [n for n in names if n not in uncompensated]
     if not names:
-        raise SlimscopeError("the model has no layers that can be pruned and quantized")
+        raise SlimscopeError("the model has no layers that can be pruned and quantized"
+                             + (" with GPTQ or OBS" if uncompensated else ""))
     _check_settings(infos, names, settings)
     started = time.perf_counter()
     result = runners[method](module, names, data, settings, progress, cancel,
                              {info.name: info.kind for info in infos})
+    result.pruning_method = settings.prune_method
+    if uncompensated:
+        result.notes.append("not swept (GPTQ and OBS work on Linear, Conv1d and Conv2d "
+                            f"layers only): {', '.join(uncompensated)}")
     result.seconds = time.perf_counter() - started
     result.model_bytes, result.fixed_bytes = model_sizes(module, names)
     if data is not None and method != "datafree":
@@ -1161,6 +1246,7 @@ def _exact(module: nn.Module, names: list[str], data: DataSource, settings: Swee
             result.notes.append("layers not called exactly once as a module (full forward "
                                 f"passes instead): {', '.join(fallback)}")
         floor = chance + settings.collapse_fraction * (baseline - chance)
+        stats, gains = _compensation_inputs(module, names, data, settings, progress, cancel)
         curves_by_layer = {}
         for i, name in enumerate(ordered):
             if graph and graph.supports(name):
@@ -1173,9 +1259,12 @@ def _exact(module: nn.Module, names: list[str], data: DataSource, settings: Swee
                     wholes[kind] = kind(module, inputs, scorer, cancel)
                 evaluator = wholes[kind]
             layer_progress = sub_progress(progress, i / len(ordered), (i + 1) / len(ordered))
+            levels_of = LayerLevels(submodule(module, name), settings.quantization,
+                                    stats=stats.get(name), prune_method=settings.prune_method,
+                                    row_weight=gains.get(name), name=name)
             curves_by_layer[name] = _exact_layer(
                 module, name, evaluator, settings, (baseline, secondary_baseline), floor,
-                layer_progress, cancel)
+                layer_progress, cancel, levels_of)
     result.layers = [_layer_result(module, n, curves_by_layer[n], kinds) for n in names]
     return result
 
@@ -1183,8 +1272,8 @@ def _exact(module: nn.Module, names: list[str], data: DataSource, settings: Swee
 def _exact_layer(module: nn.Module, name: str,
                  evaluator: _GraphEvaluator | _HookEvaluator | _SwapEvaluator,
                  settings: SweepSettings, baselines: tuple[float, float], floor: float,
-                 progress: Progress, cancel: CancelToken) -> dict[str, Curve]:
-    levels_of = LayerLevels(submodule(module, name), settings.quantization)
+                 progress: Progress, cancel: CancelToken, levels_of: LayerLevels
+                 ) -> dict[str, Curve]:
     group = evaluator.group_size(name)
     axes = _layer_axes(module, name, settings)
     curves = {}
@@ -1216,6 +1305,24 @@ def _exact_layer(module: nn.Module, name: str,
     return curves
 
 
+def _compensation_inputs(module: nn.Module, names: list[str], data: DataSource,
+                         settings: SweepSettings, progress: Progress, cancel: CancelToken
+                         ) -> tuple[dict[str, InputStats], dict[str, torch.Tensor]]:
+    """Each layer's input statistics (and, for OBS, a following BatchNorm's per-channel gain),
+    collected once for the whole sweep on the calibration batches compress() would use (the
+    data's first samples): with only one layer compressed at a time, every layer's inputs are
+    the original model's, so these are exactly the statistics GPTQ/OBS see for it there."""
+    if not settings.compensated:
+        return {}, {}
+    from engine.compress import calibration_batches  # deferred: compress pulls in every backend
+
+    batches = calibration_batches(data, module=module)
+    progress(0.0, "layer-input statistics for GPTQ/OBS levels")
+    stats = collect_input_stats(module, names, batches, cancel=cancel)
+    gains = batchnorm_gains(module, names, batches) if settings.prune_method == "obs" else {}
+    return stats, gains
+
+
 def _append(curve: Curve, level: float, metric: float, delta: float, stored: int, nonzero: int,
             status: str, secondary: float | None = None) -> None:
     curve.levels.append(level)
@@ -1240,6 +1347,11 @@ def _naive(module: nn.Module, names: list[str], data: DataSource, settings: Swee
     secondary_baseline = getattr(base_metrics, secondary_name)
     result = _new_result("naive", primary_name, True, baseline, settings,
                          secondary_metric=secondary_name, secondary_baseline=secondary_baseline)
+    batches = None
+    if settings.compensated:
+        from engine.compress import calibration_batches
+
+        batches = calibration_batches(data, module=module)
     for i, name in enumerate(names):
         shape = weight_of(module, name).shape
         curves = {}
@@ -1248,8 +1360,10 @@ def _naive(module: nn.Module, names: list[str], data: DataSource, settings: Swee
             for level in settings.levels(axis):
                 cancel.check()
                 progress(i / len(names), f"{name}: {axis} {level}")
-                sections = level_sections(axis, level, settings.quantization, shape)
-                compressed = apply_plan(module, Plan(layers={name: sections}), cancel=cancel)
+                sections = level_sections(axis, level, settings.quantization, shape,
+                                          settings.prune_method)
+                compressed = apply_plan(module, Plan(layers={name: sections}),
+                                        calibration=batches, cancel=cancel)
                 metrics = evaluate(TorchRunner(compressed.module), data,
                                    reference=None if data.has_labels else original, cancel=cancel)
                 primary = getattr(metrics, primary_name)

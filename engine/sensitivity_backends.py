@@ -606,6 +606,17 @@ def _tensor_types(proto: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
+def input_forms(model: Model, keys: Sequence[str]) -> dict[str, tuple[str, bool]]:
+    """Per weight key multiplied directly by an activation in the main graph, the form of its
+    moments in :func:`collect_input_moments` ("right", "left", "gemm", "conv1x1", "patch" or
+    "conv") and whether a Gemm transposes it (transB): what a method needs to lay the weight
+    out as ``[out, in]`` against those moments. Other weights are absent."""
+    if model.onnx_model is None:
+        return {}
+    uses = _weight_uses(_main_proto(model), keys)
+    return {key: (found[0].form, found[0].trans_b) for key, found in uses.items()}
+
+
 def collect_input_moments(
     model: Model,
     data: DataSource | Iterable[Any],

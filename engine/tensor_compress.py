@@ -8,22 +8,32 @@ into torch tensors, and handed to the very same registered methods the torch pat
 The result is a new backend copy (``Backend.with_weights``): masks applied, codes dequantized,
 casts rounded; the original backend is never changed.
 
+GPTQ and OBS pruning need each layer's input statistics ``XᵀX``: for an ONNX graph they are
+collected once, on the original model, by ONNX Runtime
+(:func:`engine.sensitivity_backends.collect_input_moments`), and the weight is handed to the
+same maths as the torch path (:func:`engine.methods.gptq.quantize_layer`,
+:func:`engine.methods.obs.prune_layer`) laid out as ``[out, in]`` (a MatMul's ``[in, out]``
+transposed) against them. Unlike the torch path, later layers' statistics are not re-collected
+on the already-compressed earlier layers.
+
 Methods that need more than the weight ask the backend first, before any work, and refuse in
 one line naming the layer: gradient and Taylor pruning need gradients, structured pruning graph
-surgery, low-rank a backend that can factorize (see :class:`Factorizing`), recovery training.
+surgery, low-rank a backend that can factorize (see :class:`Factorizing`), recovery training,
+GPTQ and OBS an ONNX graph whose layer multiplies an activation directly.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import replace
-from typing import TYPE_CHECKING, Mapping, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
 from torch import nn
 
-from engine.backends.base import GRADIENTS, GRAPH_SURGERY, LOW_RANK, TRAIN, Backend
+from engine.backends.base import (
+    BIAS_CORRECTION, GRADIENTS, GRAPH_SURGERY, LOW_RANK, RUN, TRAIN, Backend)
 from engine.compressed import CompressedModel, QuantizedWeight
 from engine.errors import PlanError, SlimscopeError
 from engine.formats.guard import quote
@@ -34,10 +44,19 @@ from engine.methods.base import RECURRENT_KINDS
 from engine.plan import LayerPlan, LowRank, Plan
 
 if TYPE_CHECKING:
+    from engine.data import DataSource
+
+if TYPE_CHECKING:
     from engine.model import Layer, Model
 
 #: Registered methods that work on a weight alone, so on every backend.
 WEIGHT_ONLY_METHODS = frozenset({"magnitude", "magnitude-global", "nm", "uniform", "cast"})
+#: Registered methods that compensate with layer-input statistics (ONNX graphs only here).
+STATISTICS_METHODS = {"gptq": "GPTQ", "obs": "OBS pruning"}
+#: Moment forms (engine.sensitivity_backends.input_forms) that hold the full XᵀX.
+FULL_FORMS = ("right", "left", "gemm", "conv1x1", "patch")
+#: Calibration samples statistics are collected on (as engine.compress's default).
+CALIBRATION_SAMPLES = 128
 #: Pruning method -> the capability it needs beyond the weight, and what it is called.
 _PRUNING_NEEDS = {"gradient": (GRADIENTS, "gradient pruning"),
                   "taylor": (GRADIENTS, "Taylor pruning"),
@@ -74,7 +93,15 @@ def check_tensor_plan(model: "Model", plan: Plan, resolved: Mapping[str, LayerPl
     if plan.recovery and not model.can(TRAIN):
         raise SlimscopeError(f"the plan's recovery section cannot run on {model.path.name}: "
                              f"{model.why_not(TRAIN)}")
+    compensated = {name: [m for m in method_names(p) if m in STATISTICS_METHODS]
+                   for name, p in resolved.items()}
+    forms = _forms(model, [model.layer(n).weight_key for n, found in compensated.items() if found])
     for name, layer_plan in resolved.items():
+        if layer_plan.bias_correction and not layer_plan.keep and not model.can(BIAS_CORRECTION):
+            raise PlanError(f"layer {quote(name)}: bias correction is not available for "
+                            f"{model.path.name}: {model.why_not(BIAS_CORRECTION)}")
+        for method_name in compensated[name]:
+            _check_compensated(model, name, layer_plan, method_name, forms)
         pruning = layer_plan.pruning
         if pruning is not None and pruning.method in _PRUNING_NEEDS:
             capability, what = _PRUNING_NEEDS[pruning.method]
@@ -100,15 +127,50 @@ def check_tensor_plan(model: "Model", plan: Plan, resolved: Mapping[str, LayerPl
                                 "plan one of them for this layer")
 
 
+def _forms(model: "Model", keys: list[str]) -> dict[str, tuple[str, bool]]:
+    if not keys or model.onnx_model is None:
+        return {}
+    from engine.sensitivity_backends import input_forms  # deferred: it imports the sweep
+
+    return input_forms(model, keys)
+
+
+def _check_compensated(model: "Model", name: str, layer_plan: LayerPlan, method_name: str,
+                       forms: Mapping[str, tuple[str, bool]]) -> None:
+    """Refuse GPTQ/OBS where this backend cannot collect the layer's full input statistics."""
+    what = STATISTICS_METHODS[method_name]
+    if model.onnx_model is None or not model.can(RUN):
+        raise PlanError(f"layer {quote(name)}: {what} needs layer-input statistics from running "
+                        f"the model; {model.path.name} cannot run here (open a PyTorch module "
+                        "or an ONNX graph of it)")
+    form = forms.get(model.layer(name).weight_key, ("", False))
+    if form[0] not in FULL_FORMS:
+        raise PlanError(f"layer {quote(name)}: {what} needs its input statistics, which are "
+                        "collected for MatMul, Gemm and 1-D/2-D Conv weights (explicit padding) "
+                        "that multiply an activation directly; plan rtn/magnitude for it")
+    quant = layer_plan.quantization
+    if method_name == "gptq" and quant is not None and quant.granularity == "group" \
+            and _transposed(form):
+        raise PlanError(f"layer {quote(name)}: GPTQ with groups on a weight stored [in, out] "
+                        "is not built yet; use per-channel granularity for it")
+
+
+def _transposed(form: tuple[str, bool]) -> bool:
+    """Whether the stored weight is ``[in, out]`` (MatMul X@W, Gemm without transB)."""
+    return form[0] == "right" or (form[0] == "gemm" and not form[1])
+
+
 def apply_tensor_plan(
     model: "Model",
     plan: Plan,
     *,
+    calibration: "DataSource | None" = None,
     progress: Progress = no_progress,
     cancel: CancelToken = NEVER_CANCELLED,
 ) -> tuple[CompressedModel, dict[str, tuple[str, ...]]]:
     """Compress a copy of `model`'s weights as `plan` says; see the module docstring.
 
+    `calibration` feeds GPTQ and OBS (their first :data:`CALIBRATION_SAMPLES` samples).
     Also answers, per weight key a backend factorized, the keys of the factors' weights.
     """
     assert model.backend is not None
@@ -135,10 +197,13 @@ def apply_tensor_plan(
                 result.notes.append(f"{layer.name}: the requested rank would not reduce "
                                     "parameters; layer kept whole")
     work = [(layer, layer_plan) for layer, layer_plan in owners
-            if any(m in WEIGHT_ONLY_METHODS for m in method_names(layer_plan))]
+            if any(m in WEIGHT_ONLY_METHODS or m in STATISTICS_METHODS
+                   for m in method_names(layer_plan))]
+    stats = _statistics(model, work, calibration, sub_progress(progress, 0.0, 0.5), cancel)
     if work:
-        replacements = _run_methods(model, work, result, sub_progress(progress, 0.1, 0.95),
-                                    cancel)
+        replacements = _run_methods(model, work, result,
+                                    sub_progress(progress, 0.5 if stats else 0.1, 0.95), cancel,
+                                    stats)
         backend = backend.with_weights(replacements)
     result.backend = backend
     progress(1.0, "compression done")
@@ -161,9 +226,81 @@ def _weight_owners(model: "Model", resolved: Mapping[str, LayerPlan]
     return [(layer, layer_plan) for layer, layer_plan in first.values() if not layer_plan.keep]
 
 
+def _statistics(model: "Model", work: list[tuple["Layer", LayerPlan]],
+                calibration: "DataSource | None", progress: Progress, cancel: CancelToken
+                ) -> dict[str, tuple[Any, bool]]:
+    """Per weight key GPTQ/OBS will change, its input statistics (an InputStats) and whether
+    the stored weight is ``[in, out]``: one ONNX Runtime pass over the calibration data."""
+    keys = [layer.weight_key for layer, layer_plan in work
+            if any(m in STATISTICS_METHODS for m in method_names(layer_plan))]
+    if not keys:
+        return {}
+    if calibration is None:
+        raise PlanError("GPTQ and OBS pruning of this model need calibration data (--data or "
+                        "--calibration)")
+    from engine.calibration_stats import InputStats
+    from engine.sensitivity_backends import collect_input_moments
+
+    forms = _forms(model, keys)
+    moments = collect_input_moments(model, calibration.head(CALIBRATION_SAMPLES), keys,
+                                    progress=progress, cancel=cancel)
+    stats = {}
+    for key in keys:
+        xtx = torch.from_numpy(np.asarray(moments[key], dtype=np.float64))
+        xtx = xtx if xtx.dim() == 3 else xtx[None]  # [groups, d, d]; MatMul/Gemm/1x1: one group
+        # GPTQ and OBS are invariant to H's scale: rows = samples keeps H = 2·XᵀX per sample
+        stats[key] = (InputStats(xtx=xtx, mean=torch.zeros(xtx.shape[0], xtx.shape[1],
+                                                           dtype=torch.float64),
+                                 channel_mean_abs=torch.zeros(0, dtype=torch.float64),
+                                 rows=1, samples=1), _transposed(forms[key]))
+    return stats
+
+
+def _compensate(method_name: str, holder: nn.Module, layers: Mapping[str, LayerPlan],
+                scratch: CompressedModel, stats: Mapping[str, tuple[Any, bool]],
+                alias_of: Mapping[str, "Layer"], progress: Progress, cancel: CancelToken
+                ) -> None:
+    """GPTQ or OBS on the stand-ins, each weight seen as ``[out, in]`` against its XᵀX."""
+    from engine.methods.gptq import quantize_layer
+    from engine.methods.obs import prune_layer
+
+    for i, (alias, layer_plan) in enumerate(layers.items()):
+        cancel.check()
+        layer = alias_of[alias]
+        layer_stats, transposed = stats[layer.weight_key]
+        part = holder.get_submodule(alias)
+        key = f"{alias}.weight"
+        weight = part.weight.detach()
+        view = weight.T if transposed else weight
+        mask = scratch.masks.get(key)
+        mask_view = (mask.T if transposed else mask) if mask is not None else None
+        where = f"layer {quote(layer.name)}"
+        if method_name == "gptq":
+            assert layer_plan.quantization is not None
+            q = quantize_layer(view, layer_stats, layer_plan.quantization, mask=mask_view,
+                               where=where)
+            new = q.dequantize().to(weight.dtype)
+            if transposed:  # per-channel scales now run along the stored layout's axis 1
+                q = replace(q, codes=q.codes.T.contiguous(),
+                            axis=1 if q.axis is not None else None)
+                new = new.T
+            scratch.quantized[key] = q
+        else:
+            assert layer_plan.pruning is not None
+            pruned, keep = prune_layer(view, layer_stats, layer_plan.pruning, where=where)
+            new = (pruned.to(weight.dtype) * keep)
+            if transposed:
+                new, keep = new.T, keep.T
+            scratch.masks[key] = keep if mask is None else (keep & mask)
+        part.weight.copy_(new.contiguous())
+        progress((i + 1) / len(layers), f"{STATISTICS_METHODS[method_name]}: {layer.name}")
+
+
 def _run_methods(model: "Model", work: list[tuple["Layer", LayerPlan]], result: CompressedModel,
-                 progress: Progress, cancel: CancelToken) -> dict[str, np.ndarray]:
-    """Run the registered weight-only methods on stand-ins; the replaced tensors by key."""
+                 progress: Progress, cancel: CancelToken,
+                 stats: Mapping[str, tuple[Any, bool]] | None = None) -> dict[str, np.ndarray]:
+    """Run the registered methods on stand-ins (GPTQ/OBS with `stats`, see
+    :func:`_compensate`); the replaced tensors by key."""
     assert model.backend is not None
     holder = nn.Module()
     alias_of: dict[str, "Layer"] = {}
@@ -188,8 +325,12 @@ def _run_methods(model: "Model", work: list[tuple["Layer", LayerPlan]], result: 
         stage = sub_progress(progress, i / len(order), (i + 1) / len(order))
         stage(0.0, f"{method_name}: {len(by_method[method_name])} layers")
         with torch.no_grad():
-            REGISTRY[method_name].apply(holder, by_method[method_name], scratch,
-                                        Context(None, None, stage, cancel))
+            if method_name in STATISTICS_METHODS:
+                _compensate(method_name, holder, by_method[method_name], scratch, stats or {},
+                            alias_of, stage, cancel)
+            else:
+                REGISTRY[method_name].apply(holder, by_method[method_name], scratch,
+                                            Context(None, None, stage, cancel))
     replacements: dict[str, np.ndarray] = {}
     for alias, layer in alias_of.items():
         part = holder.get_submodule(alias)

@@ -16,6 +16,8 @@ from typing import Any, Iterable, Mapping
 from PySide6.QtWidgets import QWidget
 
 from engine.backends.base import (
+    BIAS_CORRECTION,
+    LAYER_STATISTICS,
     GRADIENTS,
     GRAPH_SURGERY,
     LOW_RANK,
@@ -34,8 +36,11 @@ SENSITIVITY_NEEDS: Mapping[str, str | None] = {"exact": RUN, "fast": RUN, "dataf
 #: Measuring SVD ranks in a sweep factorizes layers.
 RANKS_NEED = LOW_RANK
 #: Pruning methods that need more than the weights (the rest are tensor-level).
+#: GPTQ and OBS read layer inputs on calibration data; bias correction shifts torch biases.
+STATISTICS_NEED = LAYER_STATISTICS
+BIAS_NEED = BIAS_CORRECTION
 PRUNING_NEEDS: Mapping[str, str] = {"gradient": GRADIENTS, "taylor": GRADIENTS,
-                                    "structured": GRAPH_SURGERY}
+                                    "structured": GRAPH_SURGERY, "obs": STATISTICS_NEED}
 #: Plan sections and settings that need more than the weights.
 LOW_RANK_NEED = LOW_RANK
 RECOVERY_NEED = TRAIN
@@ -94,6 +99,11 @@ def plan_needs(plan: Plan, layers: Mapping[str, LayerPlan]) -> list[tuple[str, s
             needs[(f"{pruning.method} pruning ({name})", PRUNING_NEEDS[pruning.method])] = None
         if layer_plan.low_rank is not None:
             needs[(f"low rank ({name})", LOW_RANK_NEED)] = None
+        quantization = layer_plan.quantization
+        if quantization is not None and quantization.method == "gptq":
+            needs[(f"GPTQ ({name})", STATISTICS_NEED)] = None
+        if layer_plan.bias_correction and (pruning is not None or quantization is not None):
+            needs[(f"bias correction ({name})", BIAS_NEED)] = None
     if plan.activation_quant is not None:
         needs[("activation quantization", ACTIVATION_NEED)] = None
     if plan.recovery:

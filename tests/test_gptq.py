@@ -181,7 +181,7 @@ def test_gptq_refuses_without_calibration_or_on_a_kind_it_cannot_take():
     with pytest.raises(PlanError, match="cannot apply to Embedding") as caught:
         explicit.resolve([("0", "Embedding", (10, 4))])
     assert "\n" not in str(caught.value)
-    with pytest.raises(PlanError, match="TorchScript has none"):
+    with pytest.raises(PlanError, match="which a TorchScript module does not have"):
         apply_plan(torch.jit.script(mlp()), plan, calibration=calibration())
 
 

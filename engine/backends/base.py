@@ -37,9 +37,13 @@ FX_TRACE = "fx_trace"
 ONNX_EXPORT = "onnx_export"
 #: Hold a runnable torch module (TorchScript, .pt2, .pt exports; the .slim bundle's recipe).
 TORCH_MODULE = "torch_module"
+#: Read each weight layer's inputs on calibration data (XᵀX): GPTQ and OBS pruning.
+LAYER_STATISTICS = "layer_statistics"
+#: Shift a layer's bias (or the next BatchNorm's mean) by the mean output error: bias correction.
+BIAS_CORRECTION = "bias_correction"
 
 ALL_CAPABILITIES = (RUN, GRADIENTS, TRAIN, GRAPH_SURGERY, LOW_RANK, FX_TRACE, ONNX_EXPORT,
-                    TORCH_MODULE)
+                    TORCH_MODULE, LAYER_STATISTICS, BIAS_CORRECTION)
 
 
 class Backend(ABC):

@@ -21,6 +21,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from engine.backends.base import (
+    BIAS_CORRECTION,
+    LAYER_STATISTICS,
     FX_TRACE,
     GRADIENTS,
     GRAPH_SURGERY,
@@ -56,8 +58,11 @@ _NO_TORCH = ("an ONNX file has no PyTorch module; {what} needs one (a .pt with -
 
 class OnnxBackend(Backend):
     name: ClassVar[str] = "onnx"
-    capabilities: ClassVar[frozenset[str]] = frozenset({RUN, ONNX_EXPORT, LOW_RANK})
+    capabilities: ClassVar[frozenset[str]] = frozenset(
+        {RUN, ONNX_EXPORT, LOW_RANK, LAYER_STATISTICS})
     reasons: ClassVar[Mapping[str, str]] = {
+        BIAS_CORRECTION: "bias correction is built for PyTorch modules only (a .pt with --trust "
+                         "of the same model); GPTQ and OBS work on this ONNX file",
         GRADIENTS: "ONNX Runtime computes no gradients; the fast sensitivity estimate uses "
                    "layer-input statistics instead, and gradient pruning needs a PyTorch module",
         TRAIN: _NO_TORCH.format(what="fine-tuning"),

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from engine.backends.base import (
+    BIAS_CORRECTION,
+    LAYER_STATISTICS,
     FX_TRACE,
     GRADIENTS,
     GRAPH_SURGERY,
@@ -36,12 +38,18 @@ if TYPE_CHECKING:
     from engine.evaluate import Runner
 
 
+#: Why GPTQ, OBS and bias correction cannot run on a compiled module.
+_NO_HOOKS = ("GPTQ, OBS and bias correction read each layer's inputs through forward hooks on "
+             "the layer modules, which {what} does not have; open the Python module (a .pt with "
+             "--trust) or an ONNX export (GPTQ and OBS)")
+
 class TorchModuleBackend(Backend):
     """A plain ``nn.Module`` (a trusted pickle, a known architecture, a .slim bundle)."""
 
     name: ClassVar[str] = "torch"
     capabilities: ClassVar[frozenset[str]] = frozenset(
-        {RUN, GRADIENTS, TRAIN, GRAPH_SURGERY, LOW_RANK, FX_TRACE, ONNX_EXPORT, TORCH_MODULE})
+        {RUN, GRADIENTS, TRAIN, GRAPH_SURGERY, LOW_RANK, FX_TRACE, ONNX_EXPORT, TORCH_MODULE,
+         LAYER_STATISTICS, BIAS_CORRECTION})
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -91,6 +99,8 @@ class TorchScriptBackend(TorchModuleBackend):
     capabilities: ClassVar[frozenset[str]] = frozenset(
         {RUN, GRADIENTS, TRAIN, ONNX_EXPORT, TORCH_MODULE})
     reasons: ClassVar[Mapping[str, str]] = {
+        LAYER_STATISTICS: _NO_HOOKS.format(what="a TorchScript module"),
+        BIAS_CORRECTION: _NO_HOOKS.format(what="a TorchScript module"),
         GRAPH_SURGERY: "a TorchScript file is compiled code whose layer shapes cannot be changed; "
                        "structured pruning needs the model's Python module (a .pt with --trust)",
         LOW_RANK: "a TorchScript module's layers cannot be replaced by factorized ones; "
@@ -116,6 +126,8 @@ class ExportedProgramBackend(TorchModuleBackend):
     capabilities: ClassVar[frozenset[str]] = frozenset(
         {RUN, GRADIENTS, FX_TRACE, ONNX_EXPORT, TORCH_MODULE})
     reasons: ClassVar[Mapping[str, str]] = {
+        LAYER_STATISTICS: _NO_HOOKS.format(what="a torch.export graph"),
+        BIAS_CORRECTION: _NO_HOOKS.format(what="a torch.export graph"),
         GRAPH_SURGERY: "a torch.export graph is specialised to its layer shapes; structured "
                        "pruning needs the model's Python module (a .pt with --trust)",
         LOW_RANK: "a torch.export graph's layers cannot be replaced by factorized ones; "

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, ClassVar, Mapping
 import numpy as np
 
 from engine.backends.base import (
+    BIAS_CORRECTION,
+    LAYER_STATISTICS,
     FX_TRACE,
     GRADIENTS,
     GRAPH_SURGERY,
@@ -47,6 +49,8 @@ class WeightsBackend(Backend):
         FX_TRACE: _NO_GRAPH.format(what="the exact sensitivity sweep"),
         ONNX_EXPORT: _NO_GRAPH.format(what="ONNX export"),
         TORCH_MODULE: _NO_GRAPH.format(what="this"),
+        LAYER_STATISTICS: _NO_GRAPH.format(what="GPTQ and OBS (layer inputs on calibration data)"),
+        BIAS_CORRECTION: _NO_GRAPH.format(what="bias correction"),
     }
 
     def __init__(self, store: "TensorStore", replaced: Mapping[str, np.ndarray] | None = None

@@ -1,9 +1,13 @@
-"""`slimscope sensitivity MODEL [--data PATH|demo] [--method exact|fast|datafree] -o sens.json`.
+"""`slimscope sensitivity MODEL [--data PATH|demo] [--method exact|fast|datafree]
+[--quant-method rtn|gptq] [--prune-method magnitude|obs] -o sens.json`.
 
 Measures (exact) or estimates (fast, datafree) every prunable layer's metric at each sparsity
 and bit width with only that layer compressed, and writes the curves as JSON for `slimscope
 plan` and the app. ONNX graphs run in ONNX Runtime (exact also measures each node with int8
 activations; fast uses layer-input statistics); weights-only files take datafree alone.
+With `--quant-method gptq` / `--prune-method obs` (exact, PyTorch modules) the levels are made
+by those error-compensating methods from each layer's input statistics, collected once on the
+data's first samples, and `slimscope plan` then writes plans that use them.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from engine.sensitivity import (
     DEFAULT_RANKS,
     DEFAULT_SPARSITIES,
     METHODS,
+    PRUNE_METHODS,
+    QUANT_METHODS,
     Sensitivity,
     SweepSettings,
 )
@@ -63,6 +69,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--group-size", type=int, help="for --granularity group")
     parser.add_argument("--asymmetric", action="store_true", help="asymmetric integer codes")
     parser.add_argument("--range", dest="range_method", choices=RANGE_METHODS, default="minmax")
+    parser.add_argument("--quant-method", choices=QUANT_METHODS, default="rtn",
+                        help="how the bits levels round: rtn (to nearest) or gptq (errors "
+                        "compensated from each layer's inputs; exact method, PyTorch modules)")
+    parser.add_argument("--prune-method", choices=PRUNE_METHODS, default="magnitude",
+                        help="how the sparsity levels prune: magnitude, or obs (chosen and "
+                        "compensated from each layer's inputs; exact method, PyTorch modules)")
     parser.add_argument("--collapse", type=float, default=SweepSettings.collapse_fraction,
                         metavar="F", help="exact: stop an axis once the metric is within F of "
                         "the way from chance to the baseline (default %(default)s)")
@@ -78,8 +90,9 @@ def run(args: argparse.Namespace) -> int:
         sparsities=args.sparsities, bits=args.bits, ranks=args.ranks,
         quantization=Quantization(8, not args.asymmetric, args.granularity,
                                   args.group_size if args.granularity == "group" else None,
-                                  args.range_method),
-        collapse_fraction=args.collapse, activations=args.activations)
+                                  args.range_method, method=args.quant_method),
+        collapse_fraction=args.collapse, activations=args.activations,
+        prune_method=args.prune_method)
     result = workflows.sweep(model, DataSpec(args.data, limit=args.samples or 0, shapes=named_shapes(args)), args.method,
                              settings, progress=print_progress)
     if args.output != "-":
@@ -98,7 +111,10 @@ def run(args: argparse.Namespace) -> int:
 
 def format_summary(result: Sensitivity) -> str:
     """Per layer and axis, the drop at a few levels: enough to see which layers are fragile."""
-    lines = [f"{result.method} sensitivity, {result.metric} {result.baseline:.4g} at baseline"
+    methods = [f"{result.quantization.method} bits"] if result.quantization.method != "rtn" else []
+    methods += [f"{result.pruning_method} sparsity"] if result.pruning_method != "magnitude" else []
+    lines = [f"{result.method} sensitivity" + (f" ({', '.join(methods)})" if methods else "")
+             + f", {result.metric} {result.baseline:.4g} at baseline"
              + (f", on {result.data}" if result.data else "") + f" ({result.seconds:.1f} s)"]
     lines += [f"note: {note}" for note in result.notes]
     for layer in result.layers:

@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from engine.backends.base import GRADIENTS, GRAPH_SURGERY, LOW_RANK
+from engine.backends.base import (
+    BIAS_CORRECTION, GRADIENTS, GRAPH_SURGERY, LAYER_STATISTICS, LOW_RANK)
 
 from engine.compressed import CompressedModel
 from engine.jobs import NEVER_CANCELLED, CancelToken, Progress, no_progress, sub_progress
@@ -50,6 +51,8 @@ def _capabilities_needed(method_name: str) -> tuple[str, ...]:
         needed.append(LOW_RANK)
     if method.needs_calibration:
         needed.append(GRADIENTS)
+    if needs_statistics(method_name):
+        needed.append(LAYER_STATISTICS)
     return tuple(needed)
 
 
@@ -61,8 +64,12 @@ def plan_refusal(resolved: Mapping[str, LayerPlan], why_not: Callable[[str], str
     for name, layer_plan in resolved.items():
         for method_name in method_names(layer_plan):
             users[method_name].append(name)
+        if layer_plan.bias_correction and not layer_plan.keep:
+            users["bias correction"].append(name)
     for method_name, names in users.items():
-        for capability in _capabilities_needed(method_name):
+        needed = ((BIAS_CORRECTION,) if method_name == "bias correction"
+                  else _capabilities_needed(method_name))
+        for capability in needed:
             reason = why_not(capability)
             if reason is not None:
                 shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3
@@ -125,6 +132,7 @@ def apply_plan(
     *,
     calibration: Iterable[Batch] | None = None,
     example_inputs: Any = None,
+    why_not: Callable[[str], str | None] | None = None,
     progress: Progress = no_progress,
     cancel: CancelToken = NEVER_CANCELLED,
 ) -> CompressedModel:
@@ -133,9 +141,11 @@ def apply_plan(
     `calibration` yields ``(inputs, labels or None)`` batches; gradient methods iterate it
     once. `example_inputs` traces the graph for structured pruning; when absent, the first
     calibration batch's inputs are used (so pass a re-iterable such as a list or DataLoader).
+    `why_not` answers for the model's backend (``Model.why_not``); without it, for what a bare
+    module allows.
     """
     resolved = plan.resolve(module_layers(module))
-    refusal = plan_refusal(resolved, _module_why_not(module)) or statistics_refusal(
+    refusal = plan_refusal(resolved, why_not or _module_why_not(module)) or statistics_refusal(
         resolved, module, calibration is not None)
     if refusal is not None:
         raise PlanError(refusal)

@@ -34,19 +34,19 @@ Statistics are collected layer by layer in forward order on the model being prun
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from engine.calibration_stats import check_supported, layer_by_layer
+from engine.calibration_stats import InputStats, check_supported, layer_by_layer
 from engine.compressed import CompressedModel
 from engine.errors import PlanError
 from engine.formats.guard import quote
 from engine.methods.base import Context, Method, register, weight_key, weight_of
 from engine.methods.bias_correction import following_batchnorms
 from engine.methods.gptq import inverse_cholesky
-from engine.plan import DEFAULT_DAMPING, LayerPlan
+from engine.plan import DEFAULT_DAMPING, LayerPlan, Pruning
 
 #: Columns per block: mask selection and lazy updates (the paper's Bs = 128).
 BLOCK_SIZE = 128
@@ -198,11 +198,18 @@ def exact_obs_prune(
 def _batchnorm_weights(module: nn.Module, names: list[str], context: Context
                        ) -> dict[str, torch.Tensor]:
     """Per layer whose output goes straight into a BatchNorm, each output channel's gain
-    through it, ``|γ| / sqrt(var + eps)`` (float64; floored so no channel divides by zero)."""
+    through it (see :func:`batchnorm_gains`)."""
     batches = list(context.calibration or [])
     if not batches:
         return {}
     check_supported(module, names, "OBS pruning")
+    return batchnorm_gains(module, names, batches)
+
+
+def batchnorm_gains(module: nn.Module, names: list[str], batches: list[Any]
+                    ) -> dict[str, torch.Tensor]:
+    """Per layer whose output goes straight into a BatchNorm, each output channel's gain
+    through it, ``|γ| / sqrt(var + eps)`` (float64; floored so no channel divides by zero)."""
     gains = {}
     for name, norm in following_batchnorms(module, names, batches).items():
         gain = 1.0 / torch.sqrt(norm.running_var.to(torch.float64) + norm.eps)
@@ -217,6 +224,41 @@ def _channel_last(in_per_group: int, kernel: int) -> torch.Tensor:
     """Column order putting a conv's input channels innermost: consecutive columns are then
     consecutive channels at one kernel position (N:M groups as nm_sparsity lays them)."""
     return torch.arange(in_per_group * kernel).reshape(in_per_group, kernel).T.reshape(-1)
+
+
+def prune_layer(weight: torch.Tensor, stats: InputStats, pruning: Pruning,
+                row_weight: torch.Tensor | None = None, *, where: str = "the layer"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(compensated weight float64, keep-mask), both in `weight`'s shape, for one Linear/Conv
+    weight ``[out, ...]`` with its input statistics: exactly ``round(amount · numel)`` weights
+    go (split over conv groups), or the N:M pattern. `row_weight` ``[out]`` weighs each output
+    row's error (a following BatchNorm's gain, see :func:`batchnorm_gains`)."""
+    out = weight.shape[0]
+    nm = pruning.nm if pruning.is_nm else None
+    if nm is not None and weight.dim() > 1 and weight.shape[1] % nm[1]:
+        raise PlanError(f"{where}: pruning.pattern '{nm[0]}:{nm[1]}': "
+                        f"M={nm[1]} does not divide its {weight.shape[1]} input channels "
+                        "after structured or low-rank changes")
+    flat = weight.detach().reshape(out, -1).to(torch.float64)
+    kernel = flat.shape[1] // weight.shape[1]
+    order = _channel_last(weight.shape[1], kernel)
+    per_group = out // stats.groups
+    total = 0 if nm is not None else int(round(float(pruning.amount or 0.0) * flat.numel()))
+    shares = _cumulative_shares(total, [per_group] * stats.groups)
+    new = torch.empty_like(flat)
+    keep = torch.empty(flat.shape, dtype=torch.bool)
+    scale = (row_weight if row_weight is not None
+             else torch.ones(out, dtype=torch.float64))[:, None]
+    inverse = torch.argsort(order)
+    for g, share in enumerate(shares):
+        rows = slice(g * per_group, (g + 1) * per_group)
+        h = stats.hessian(g)[order][:, order]
+        solver = exact_obs_prune if per_group * flat.shape[1] ** 3 <= EXACT_FLOPS else obs_prune
+        pruned, kept = solver((flat[rows] * scale[rows])[:, order], h, n_prune=share, nm=nm,
+                              where=where)
+        new[rows] = pruned[:, inverse] / scale[rows]
+        keep[rows] = kept[:, inverse]
+    return new.reshape(weight.shape), keep.reshape(weight.shape)
 
 
 @register
@@ -234,34 +276,10 @@ class OBSPruning(Method):
             pruning = layers[name].pruning
             assert pruning is not None
             weight = weight_of(module, name)
-            out = weight.shape[0]
-            nm = pruning.nm if pruning.is_nm else None
-            if nm is not None and weight.dim() > 1 and weight.shape[1] % nm[1]:
-                raise PlanError(f"layer {quote(name)}: pruning.pattern '{nm[0]}:{nm[1]}': "
-                                f"M={nm[1]} does not divide its {weight.shape[1]} input channels "
-                                "after structured or low-rank changes")
-            flat = weight.detach().reshape(out, -1).to(torch.float64)
-            kernel = flat.shape[1] // weight.shape[1]
-            order = _channel_last(weight.shape[1], kernel)
-            per_group = out // stats.groups
-            total = 0 if nm is not None else int(round(pruning.amount * flat.numel()))
-            shares = _cumulative_shares(total, [per_group] * stats.groups)
-            new = torch.empty_like(flat)
-            keep = torch.empty(flat.shape, dtype=torch.bool)
-            scale = row_weights.get(name, torch.ones(out, dtype=torch.float64))[:, None]
-            inverse = torch.argsort(order)
-            for g, share in enumerate(shares):
-                rows = slice(g * per_group, (g + 1) * per_group)
-                h = stats.hessian(g)[order][:, order]
-                solver = exact_obs_prune if per_group * flat.shape[1] ** 3 <= EXACT_FLOPS \
-                    else obs_prune
-                pruned, kept = solver((flat[rows] * scale[rows])[:, order], h, n_prune=share,
-                                      nm=nm, where=f"layer {quote(name)}")
-                new[rows] = pruned[:, inverse] / scale[rows]
-                keep[rows] = kept[:, inverse]
-            mask = keep.reshape(weight.shape)
+            new, mask = prune_layer(weight, stats, pruning, row_weights.get(name),
+                                    where=f"layer {quote(name)}")
             with torch.no_grad():
-                weight.copy_(new.reshape(weight.shape).to(weight.dtype) * mask)
+                weight.copy_(new.to(weight.dtype) * mask)
             key = weight_key(name)
             previous = result.masks.get(key)
             result.masks[key] = mask if previous is None else (mask & previous)
