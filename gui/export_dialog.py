@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from PySide6.QtCore import QSettings, Qt, QTimer
+from PySide6.QtCore import QEvent, QSettings, Qt, QTimer
 from PySide6.QtGui import QFont, QPalette
 from PySide6.QtWidgets import (
     QComboBox,
@@ -42,6 +42,7 @@ from engine.safe_write import check_outputs, data_input
 
 from gui import capabilities, dialogs
 from gui.session import CompressionOutcome
+from gui.theme import BAD, GOOD, STATUS_COLORS, status_color
 from gui.text import human_bytes
 from gui.workers import Job, export_job
 
@@ -61,7 +62,8 @@ FORMAT_LABELS = {
     "slim": "Slimscope bundle (.slim)",
 }
 SETTINGS_DIR, SETTINGS_FORMAT = "export/dir", "export/format"
-PASSED, FAILED = "#2e7d32", "#c62828"
+#: Meanings (gui.theme) of the verdict colours; the look picks the shade (dark-on-dark before).
+PASSED, FAILED = GOOD, BAD
 
 
 def exporters() -> dict[str, Any]:
@@ -185,6 +187,22 @@ class ExportDialog(QDialog):
         self.resize(680, 420)
 
     # -- choosing ---------------------------------------------------------------------------
+    def _color(self, meaning: str) -> str:
+        """The look's shade of a meaning (GOOD, BAD) for a verdict span."""
+        return status_color(meaning, self.palette())
+
+    def changeEvent(self, event: QEvent) -> None:
+        """On a new look, the verdict spans already shown take its shades of their meanings."""
+        super().changeEvent(event)
+        if event.type() != QEvent.Type.PaletteChange or not hasattr(self, "verdict"):
+            return
+        for label in (self.plan_label, self.status, self.verdict):
+            text = label.text()
+            for meaning in (PASSED, FAILED):
+                for shades in STATUS_COLORS.values():
+                    text = text.replace(f"color:{shades[meaning]}'", f"color:{self._color(meaning)}'")
+            label.setText(text)
+
     def format_name(self) -> str | None:
         return self.format_combo.currentData() or None
 
@@ -234,12 +252,12 @@ class ExportDialog(QDialog):
         except Exception as exc:  # noqa: BLE001 - whatever the engine says, the dialog stays up
             self._refusal = one_line(exc) if isinstance(exc, SlimscopeError) else (
                 f"cannot export this model: {type(exc).__name__}: {one_line(exc)}")
-            self.plan_label.setText(f"<span style='color:{FAILED}'>{html.escape(str(exc))}</span>")
+            self.plan_label.setText(f"<span style='color:{self._color(FAILED)}'>{html.escape(str(exc))}</span>")
             self._gate_export()
             return
         if exporter.name in self.blocked:  # e.g. "automatic" picked a format this model lacks
             self._refusal = f"{exporter.name}: {self.blocked[exporter.name]}"
-            self.plan_label.setText(f"<span style='color:{FAILED}'>{html.escape(self._refusal)}</span>")
+            self.plan_label.setText(f"<span style='color:{self._color(FAILED)}'>{html.escape(self._refusal)}</span>")
         else:
             self.plan_label.setText(f"<b>{exporter.name}</b> — {html.escape(reason)}")
         self._gate_export()
@@ -325,7 +343,7 @@ class ExportDialog(QDialog):
                  f"{result.verification.summary()}", "ok" if result.kept else "error")
 
     def _on_failed(self, message: str, details: str, _exc: object) -> None:
-        self.status.setText(f"<span style='color:{FAILED}'>Export failed: {message}</span>")
+        self.status.setText(f"<span style='color:{self._color(FAILED)}'>Export failed: {message}</span>")
         self.log(f"export failed: {message}", "error")
         self.show_error(self, message, details)
 
@@ -348,10 +366,10 @@ class ExportDialog(QDialog):
             headline = result.headline
             if result.size_note and result.size_note in result.notes:  # said once, in the notes
                 headline = headline.removesuffix(f"; {result.size_note}")
-            self.verdict.setText(f"<span style='color:{PASSED}'>✓ Verified</span> — {html.escape(headline)}")
+            self.verdict.setText(f"<span style='color:{self._color(PASSED)}'>✓ Verified</span> — {html.escape(headline)}")
             self.status.setText(f"Wrote {Path(result.path).name} ({result.format}).")
         else:
-            self.verdict.setText(f"<span style='color:{FAILED}'>✗ Verification failed — the file was "
+            self.verdict.setText(f"<span style='color:{self._color(FAILED)}'>✗ Verification failed — the file was "
                                  "discarded</span>")
             self.status.setText("Nothing was written.")
         self.verdict.setTextFormat(Qt.TextFormat.RichText)

@@ -1,12 +1,18 @@
-"""How a resolved plan reads on screen: one-line action text per layer, and which layers a bulk
-edit can apply to. Predicted sizes come from :mod:`engine.size_prediction`."""
+"""How a resolved plan reads on screen: one-line action text per layer, the method that made a
+layer (for results and overlays), and which layers a bulk edit can apply to. Predicted sizes
+come from :mod:`engine.size_prediction`."""
 
 from __future__ import annotations
 
 from typing import Mapping
 
 from engine.model import Layer
-from engine.plan import LayerPlan, LowRank, Quantization, kind_accepts
+from engine.plan import LayerPlan, LowRank, Pruning, Quantization, kind_accepts
+
+#: Pruning methods as a results line names them ("OBS 70%", "magnitude 50%").
+PRUNING_METHOD_NAMES = {"magnitude": "magnitude", "magnitude-global": "global magnitude",
+                        "gradient": "gradient", "taylor": "Taylor", "nm": "N:M",
+                        "structured": "structured", "obs": "OBS"}
 
 
 def action_text(layer_plan: LayerPlan | None) -> str:
@@ -19,7 +25,7 @@ def action_text(layer_plan: LayerPlan | None) -> str:
     pruning = layer_plan.pruning
     if pruning is not None:
         if pruning.is_nm:
-            parts.append(pruning.pattern or "2:4")
+            parts.append((pruning.pattern or "2:4") + (" obs" if pruning.method == "obs" else ""))
         elif pruning.method == "structured":
             parts.append(f"−{_pct(pruning.amount)} channels")
         else:
@@ -28,7 +34,46 @@ def action_text(layer_plan: LayerPlan | None) -> str:
             parts.append(f"prune {_pct(pruning.amount)}{tag}")
     if layer_plan.quantization is not None:
         parts.append(quantization_text(layer_plan.quantization))
+    if layer_plan.bias_correction:
+        parts.append("bias corr.")
     return " · ".join(parts)
+
+
+def method_text(layer_plan: LayerPlan | None) -> str:
+    """Which method made the layer, for the results report and the histogram overlay:
+    'GPTQ 2-bit per-channel + bias correction', 'OBS 70%', 'magnitude 50% · RTN 8-bit
+    per-channel', 'SVD rank 32', 'fp16', or 'kept'."""
+    if layer_plan is None or layer_plan.keep:
+        return "kept"
+    parts: list[str] = []
+    if layer_plan.low_rank is not None:
+        low_rank = layer_plan.low_rank
+        parts.append(f"SVD rank {low_rank.rank}" if low_rank.rank is not None
+                     else f"SVD {_pct(low_rank.energy)} energy")
+    if layer_plan.pruning is not None:
+        parts.append(pruning_method_text(layer_plan.pruning))
+    quant = layer_plan.quantization
+    if quant is not None:
+        if quant.is_float:
+            parts.append(str(quant.bits))
+        else:
+            grain = quant.granularity if quant.granularity != "group" else f"group {quant.group_size}"
+            text = f"{quant.method.upper()} {quant.bits}-bit {grain}"
+            if quant.method == "gptq" and quant.act_order:
+                text += ", act-order"
+            parts.append(text)
+    text = " · ".join(parts)
+    return text + " + bias correction" if layer_plan.bias_correction else text
+
+
+def pruning_method_text(pruning: Pruning) -> str:
+    """'OBS 70%', 'OBS 2:4', 'N:M 2:4', 'structured 25% channels', 'magnitude 50%'."""
+    name = PRUNING_METHOD_NAMES.get(pruning.method, pruning.method)
+    if pruning.is_nm:
+        return f"{name} {pruning.pattern or '2:4'}"
+    if pruning.method == "structured":
+        return f"{name} {_pct(pruning.amount)} channels"
+    return f"{name} {_pct(pruning.amount)}"
 
 
 def quantization_text(quant: Quantization) -> str:
@@ -40,6 +85,8 @@ def quantization_text(quant: Quantization) -> str:
         text += " asym"
     if quant.range == "mse":
         text += " mse"
+    if quant.method != "rtn":
+        text += f" {quant.method}"
     return text
 
 

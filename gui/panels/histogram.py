@@ -8,7 +8,11 @@ Once a compression result exists, the same layer after compression is drawn over
 non-zero weights as an outline on the same bins (quantization shows as a comb of levels), the
 exact zeros as their own bar at 0 with their count, and the distinct code values as ticks when
 there are few enough to tell apart. Selecting several layers instead overlays their histograms,
-each normalized to unit area, with a legend.
+each normalized to unit area, with a legend. The overlay's legend names the method that made
+the layer ("GPTQ 2-bit per-channel + bias correction", "OBS 70%").
+
+A quantized ONNX weight is shown as the float weight it decodes to (codes × scale); the
+"Stored codes" toggle shows the integer codes the file holds instead, one bin per code.
 
 Run alone: ``python -m gui.panels.histogram MODEL [--layer NAME] [--screenshot PNG]``.
 """
@@ -38,7 +42,8 @@ from engine.errors import SlimscopeError
 from engine.model import Model
 from engine.stats import OUTLIER_SIGMAS, Histogram, LayerStats, compute_histogram
 
-from gui.plan_view import action_text
+from gui.plan_view import method_text
+from gui.theme import BAD, status_color
 from gui.session import CompressionOutcome, Session
 from gui.text import grouped, percent, shape_text, short_float
 
@@ -55,6 +60,8 @@ MAX_COMPARED = 8
 MAX_LEVEL_TICKS = 256
 #: Above this many weights the compressed layer's histogram is drawn from an even subsample.
 MAX_OVERLAY_SAMPLES = 2_000_000
+#: Most distinct integer codes drawn one bin each (16-bit codes); wider spans get plain bins.
+MAX_CODE_BINS = 1 << 16
 AFTER_COLOR = "#e8710a"
 ZERO_COLOR = "#c62828"
 COMPARE_COLORS = ("#2f6fdb", "#e8710a", "#2e9d57", "#c62828", "#8e44ad", "#00897b", "#b8860b", "#6d4c41")
@@ -113,6 +120,25 @@ def compressed_weight(outcome: CompressionOutcome, name: str) -> np.ndarray | No
     return product.cpu().numpy()
 
 
+def has_stored_codes(model: Model, key: str) -> bool:
+    """Whether `model` decodes `key` from integer codes (a quantized ONNX weight), so the
+    codes themselves can be shown (engine.formats.onnx_format.OnnxTensorStore)."""
+    return key in getattr(model.tensors, "decoders", {}) and hasattr(model.tensors, "stored")
+
+
+def codes_histogram(codes: np.ndarray) -> Histogram:
+    """Counts of each integer code from the smallest to the largest, bins centred on them."""
+    flat = np.asarray(codes).reshape(-1).astype(np.int64)
+    if flat.size == 0:
+        return Histogram(np.zeros(0, np.int64), np.zeros(1, np.float64))
+    low, high = int(flat.min()), int(flat.max())
+    if high - low >= MAX_CODE_BINS:  # e.g. int32 codes: one bin each would not fit in memory
+        return compute_histogram(flat.astype(np.float64), MAX_CODE_BINS // 256)
+    counts = np.bincount(flat - low).astype(np.int64)
+    edges = np.arange(low, low + counts.size + 1, dtype=np.float64) - 0.5
+    return Histogram(counts, edges)
+
+
 class AfterView:
     """The compressed layer summarized for drawing: histogram of non-zeros, zeros, levels."""
 
@@ -153,10 +179,18 @@ class HistogramPanel(QWidget):
         self.log_toggle = QCheckBox("Log scale")
         self.log_toggle.setToolTip("Logarithmic count axis: shows the tails that hold outliers")
         self.log_toggle.toggled.connect(self._set_log)
+        self.codes_toggle = QCheckBox("Stored codes")
+        self.codes_toggle.setToolTip("the integer codes the file stores, instead of the float "
+                                     "weights they decode to (codes × scale)")
+        self.codes_toggle.toggled.connect(self._set_codes)
+        self.codes_toggle.hide()
+        #: The stored codes' histogram while the toggle shows them, one bin per code; else None.
+        self.codes: Histogram | None = None
 
         header = QHBoxLayout()
         header.addWidget(self.title)
         header.addWidget(self.subtitle, 1)
+        header.addWidget(self.codes_toggle)
         header.addWidget(self.log_toggle)
         self.after_label = QLabel()
         self.after_label.setObjectName("after-compression")
@@ -318,11 +352,13 @@ class HistogramPanel(QWidget):
             self.compared = []
         model = self.session.model
         if not name or model is None:
+            self.codes_toggle.hide()
             self.title.setText("No layer selected")
             self.subtitle.setText("")
             self._clear("Select a layer to see its weights")
             return
         layer = model.layer(name)
+        self.codes_toggle.setVisible(not self.compared and has_stored_codes(model, layer.weight_key))
         if self.compared:
             self.title.setText(f"{len(self.compared)} layers")
             self.subtitle.setText("each normalized to unit area; statistics of " + name)
@@ -365,18 +401,52 @@ class HistogramPanel(QWidget):
         self.message.setText("")
         self.zero_line.setVisible(bool(histogram.edges[0] <= 0 <= histogram.edges[-1]))
         self.legend.clear()
+        self.codes = None
+        self.plot.setLabel("bottom", "weight value")
         if self.compared:
             self._render_comparison()
         else:
-            self.bars.setData(histogram.edges, self._heights(histogram.counts))
-            self.bars.setVisible(True)
             for line in self.compare_lines:
                 line.setVisible(False)
-            self._render_after(histogram)
+            codes = self._stored_codes() if self.codes_toggle.isChecked() else None
+            self.bars.setVisible(True)
+            if codes is not None:
+                self._render_codes(codes)
+            else:
+                self.bars.setData(histogram.edges, self._heights(histogram.counts))
+                self._render_after(histogram)
         for key, label in self.stat_values.items():
             label.setText(stat_text(stats, key))
         bad = self.stat_values["non_finite"]
-        bad.setStyleSheet("color: #c62828; font-weight: bold;" if stats.non_finite else "")
+        bad.setStyleSheet(f"color: {status_color(BAD, self.palette())}; font-weight: bold;"
+                          if stats.non_finite else "")
+
+    def _stored_codes(self) -> np.ndarray | None:
+        """The selected layer's weight as the file stores it, when that is integer codes."""
+        model = self.session.model
+        if model is None or not self.layer_name or not self.codes_toggle.isVisible():
+            return None
+        key = model.layer(self.layer_name).weight_key
+        if not has_stored_codes(model, key):
+            return None
+        try:
+            return np.asarray(model.tensors.stored(key))
+        except (KeyError, SlimscopeError):
+            return None
+
+    def _render_codes(self, codes: np.ndarray) -> None:
+        """One bin per integer code, edges on the half-integers between them."""
+        self.codes = codes_histogram(codes)
+        self._hide_after()
+        self.zero_line.setVisible(bool(self.codes.edges[0] <= 0 <= self.codes.edges[-1]))
+        self.bars.setData(self.codes.edges, self._heights(self.codes.counts))
+        self.plot.setLabel("bottom", "stored code")
+        self.plot.setLabel("left", "count (log)" if self.log_toggle.isChecked() else "count")
+        self.plot.enableAutoRange()
+
+    def _set_codes(self, _on: bool) -> None:
+        if self.histogram is not None:
+            self._render(self.histogram, self.stats)  # type: ignore[arg-type]
 
     def _render_comparison(self) -> None:
         self.bars.setVisible(False)
@@ -417,6 +487,7 @@ class HistogramPanel(QWidget):
         self.zero_bar.setVisible(after.zeros > 0)
         self.zero_text.setVisible(after.zeros > 0)
         self.zero_text.setText(f"{after.zeros:,} zeros")
+        self.zero_text.setColor(status_color(BAD, self.palette()))  # readable on a dark plot too
         # A pruned layer's zero bar can dwarf everything: on a linear axis, cap the view and say
         # how tall it is, beside the bar's top; a log axis has room for all of it.
         if log:
@@ -447,7 +518,7 @@ class HistogramPanel(QWidget):
             resolved = Plan.from_dict(outcome.plan).resolve(outcome.model.layers)
         except Exception:  # noqa: BLE001 - a label is not worth an error dialog
             return "as compressed"
-        return action_text(resolved.get(self.layer_name))
+        return method_text(resolved.get(self.layer_name))
 
     def _hide_after(self) -> None:
         self.after = None
@@ -463,7 +534,7 @@ class HistogramPanel(QWidget):
         return heights
 
     def _clear(self, message: str) -> None:
-        self.histogram, self.stats = None, None
+        self.histogram, self.stats, self.codes = None, None, None
         self.bars.setData([], [])
         self._hide_after()
         self.legend.clear()
@@ -490,6 +561,8 @@ class HistogramPanel(QWidget):
 
     def plotted_counts(self) -> np.ndarray:
         """The bin counts the plot shows now (raw, whatever the axis scale)."""
+        if self.codes is not None:
+            return self.codes.counts
         return np.zeros(0, np.int64) if self.histogram is None else self.histogram.counts
 
     def stat_text(self, key: str) -> str:

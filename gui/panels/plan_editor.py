@@ -7,6 +7,11 @@ engine refuses leaves the plan untouched and shows the engine's one-line :class:
 under the controls. The footer predicts the compressed size (and the metric, when a predictor
 from sensitivity results is installed) as the user edits.
 
+Each method carries a one-line explanation under its combo box: the error-compensating ones
+(OBS pruning, GPTQ with act-order and damping) and bias correction read calibration data
+through hooks on a torch module, so a model without one offers them disabled, with the
+engine's reason.
+
 Run alone: ``python -m gui.panels.plan_editor MODEL [--layer NAME] [--screenshot PNG]``.
 """
 
@@ -15,7 +20,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Mapping
 
-from PySide6.QtCore import QEvent, Qt, Signal
+from PySide6.QtCore import QEvent, QSignalBlocker, Qt, Signal
 from PySide6.QtGui import QFont, QPalette
 from PySide6.QtWidgets import (
     QCheckBox,
@@ -26,6 +31,7 @@ from PySide6.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
+    QListView,
     QPushButton,
     QScrollArea,
     QSpinBox,
@@ -38,7 +44,9 @@ from PySide6.QtWidgets import (
 from engine.errors import PlanError
 from engine.model import Model
 from engine.finetune import OPTIMIZERS, RecoveryConfig
-from engine.plan import GRANULARITIES, PRUNING_METHODS, RANGE_METHODS, SECTIONS, LayerPlan, Quantization
+from engine.plan import (BIAS_CORRECTION, DEFAULT_DAMPING, GRANULARITIES, PRUNING_METHODS,
+                         QUANTIZATION_METHODS, RANGE_METHODS, SECTIONS, STATISTICS_METHODS,
+                         LayerPlan, Plan, Quantization)
 from engine.schedules import OPTIONS as SCHEDULES
 
 from gui import capabilities
@@ -56,9 +64,32 @@ METHOD_LABELS = {
     "taylor": "Taylor",
     "nm": "N:M semi-structured",
     "structured": "Channels (structured)",
+    "obs": "OBS (compensated)",
 }
+#: One line per pruning method, shown under the method while it is selected.
+METHOD_NOTES = {
+    "magnitude": "Remove each layer's smallest weights",
+    "magnitude-global": "Remove the smallest weights of all layers, by one threshold",
+    "gradient": "Remove the weights with the smallest gradients on calibration data",
+    "taylor": "Remove the weights with the smallest |weight × gradient| on calibration data",
+    "nm": "Keep at most N non-zeros in every M inputs (sparse tensor cores)",
+    "structured": "Remove whole output channels: the layer itself gets smaller",
+    "obs": "OBS: prune and compensate the remaining weights from calibration data",
+}
+QUANT_METHOD_LABELS = {"rtn": "Round to nearest", "gptq": "GPTQ (compensated)"}
+QUANT_METHOD_NOTES = {
+    "rtn": "Round each weight to its nearest code",
+    "gptq": "GPTQ: quantize column by column, compensating the error from calibration data",
+}
+BIAS_NOTE = "Shift the bias so the layer's mean output on calibration data stays the same"
+#: What the error-compensating methods need: layer inputs on calibration data (torch hooks or
+#: ONNX Runtime's intermediate outputs); bias correction is built for torch modules only.
+STATISTICS_NEED = capabilities.STATISTICS_NEED
+BIAS_NEED = capabilities.BIAS_NEED
 BIT_CHOICES = ("8", "7", "6", "5", "4", "3", "2", "fp16", "bf16")
 NM_PATTERNS = ("2:4", "1:4", "4:8", "1:2")
+#: The pattern choice that makes OBS prune by an amount instead (hidden for plain N:M).
+UNSTRUCTURED = "unstructured"
 SECTION_LABELS = {"pruning": "pruning", "quantization": "quantization", "low_rank": "low rank"}
 
 #: Whole-layer choices offered in the table's "planned action" cell: label, sections.
@@ -83,11 +114,14 @@ def describe_names(names: list[str]) -> str:
     return names[0] if len(names) == 1 else f"{len(names)} layers"
 
 
-def _section_dicts(layer_plan: LayerPlan | None) -> dict[str, SectionData]:
+def _section_dicts(layer_plan: LayerPlan | None) -> dict[str, Any]:
+    """The resolved layer's sections as plan data, with its bias-correction switch."""
     if layer_plan is None:
         return dict.fromkeys(SECTIONS)
-    return {key: (None if (section := getattr(layer_plan, key)) is None else section.to_dict())
-            for key in SECTIONS}
+    data: dict[str, Any] = {key: (None if (section := getattr(layer_plan, key)) is None
+                                  else section.to_dict()) for key in SECTIONS}
+    data[BIAS_CORRECTION] = layer_plan.bias_correction
+    return data
 
 
 class SectionsForm(QWidget):
@@ -112,14 +146,34 @@ class SectionsForm(QWidget):
         self.amount_spin.setValue(50.0)
         self.amount_spin.setToolTip("Fraction of weights removed (channels, for the structured method)")
         self.pattern_combo = QComboBox(editable=True)
-        self.pattern_combo.addItems(NM_PATTERNS)
-        self.pattern_combo.setToolTip("Keep at most N non-zeros in every M consecutive inputs")
+        self.pattern_combo.addItems((UNSTRUCTURED, *NM_PATTERNS))
+        self.pattern_combo.setCurrentIndex(0)  # plain N:M moves on to "2:4" (see _update_rows)
+        self.pattern_combo.setToolTip("Keep at most N non-zeros in every M consecutive inputs "
+                                      f"(OBS: “{UNSTRUCTURED}” prunes by the amount instead)")
+        for index, method in enumerate(PRUNING_METHODS):
+            self.method_combo.setItemData(index, METHOD_NOTES.get(method, ""), Qt.ItemDataRole.WhatsThisRole)
+        self.method_note = self._note()
         self.prune_form = QFormLayout(self.prune_box)
         self.prune_form.addRow("Method", self.method_combo)
+        self.prune_form.addRow(self.method_note)
         self.prune_form.addRow("Amount", self.amount_spin)
         self.prune_form.addRow("Pattern N:M", self.pattern_combo)
 
         self.quant_box = self._box("Quantize weights", "Store weights as low-bit integer codes or 16-bit floats")
+        self.quant_method_combo = QComboBox()
+        for method in QUANTIZATION_METHODS:
+            self.quant_method_combo.addItem(QUANT_METHOD_LABELS.get(method, method), method)
+            self.quant_method_combo.setItemData(self.quant_method_combo.count() - 1,
+                                                QUANT_METHOD_NOTES.get(method, ""),
+                                                Qt.ItemDataRole.WhatsThisRole)
+        self.quant_method_note = self._note()
+        self.act_order_check = QCheckBox("Act-order (busiest inputs first)")
+        self.act_order_check.setToolTip("GPTQ rounds the columns whose inputs are largest first, "
+                                        "while the most columns are left to compensate")
+        self.damping_spin = self._spin(0.01, 100.0, 0.5, " %", decimals=2)
+        self.damping_spin.setValue(100 * DEFAULT_DAMPING)
+        self.damping_spin.setToolTip("Added to the Hessian's diagonal, as a share of its mean: "
+                                     "more is steadier, less is more exact")
         self.bits_combo = QComboBox()
         for choice in BIT_CHOICES:
             self.bits_combo.addItem(f"{choice} bits" if choice.isdigit() else choice, choice)
@@ -136,11 +190,15 @@ class SectionsForm(QWidget):
         self.range_combo.addItems(RANGE_METHODS)
         self.range_combo.setToolTip("minmax: each scale covers its extremes; mse: clip outliers for finer steps")
         self.quant_form = QFormLayout(self.quant_box)
+        self.quant_form.addRow("Method", self.quant_method_combo)
+        self.quant_form.addRow(self.quant_method_note)
         self.quant_form.addRow("Bits", self.bits_combo)
         self.quant_form.addRow("Granularity", self.granularity_combo)
         self.quant_form.addRow("Group size", self.group_spin)
         self.quant_form.addRow("", self.symmetric_check)
         self.quant_form.addRow("Range", self.range_combo)
+        self.quant_form.addRow("", self.act_order_check)
+        self.quant_form.addRow("Damping", self.damping_spin)
 
         self.rank_box = self._box("Low rank", "Split the layer into two thinner ones by truncated SVD")
         self.rank_mode = QComboBox()
@@ -158,8 +216,19 @@ class SectionsForm(QWidget):
 
         for form in (self.prune_form, self.quant_form, self.rank_form):
             form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        self.bias_check = QCheckBox("Bias correction")
+        self.bias_check.setToolTip(f"{BIAS_NOTE}, after pruning or quantization (needs calibration data)")
+        self.bias_note = self._note(BIAS_NOTE)
+        bias_box = QWidget()
+        bias_layout = QVBoxLayout(bias_box)
+        bias_layout.setContentsMargins(10, 2, 0, 0)
+        bias_layout.setSpacing(0)
+        bias_layout.addWidget(self.bias_check)
+        bias_layout.addWidget(self.bias_note)
+        self._bias_tip = self.bias_check.toolTip()
+
         for combo in (self.method_combo, self.pattern_combo, self.bits_combo, self.granularity_combo,
-                      self.range_combo, self.rank_mode):
+                      self.range_combo, self.rank_mode, self.quant_method_combo):
             # Every item readable: the dock is held as wide as the longest one ("Magnitude (per
             # layer)" was cut to "Magnitude" when the combos could shrink to 8 characters).
             combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToContents)
@@ -167,15 +236,30 @@ class SectionsForm(QWidget):
         layout.setContentsMargins(0, 0, 0, 0)
         for box in (self.prune_box, self.quant_box, self.rank_box):
             layout.addWidget(box)
+        layout.addWidget(bias_box)
 
         self._connect("pruning", self.prune_box.toggled, self.method_combo.currentIndexChanged,
                       self.amount_spin.valueChanged, self.pattern_combo.currentTextChanged)
         self._connect("quantization", self.quant_box.toggled, self.bits_combo.currentIndexChanged,
                       self.granularity_combo.currentIndexChanged, self.group_spin.valueChanged,
-                      self.symmetric_check.toggled, self.range_combo.currentIndexChanged)
+                      self.symmetric_check.toggled, self.range_combo.currentIndexChanged,
+                      self.quant_method_combo.currentIndexChanged, self.act_order_check.toggled,
+                      self.damping_spin.valueChanged)
         self._connect("low_rank", self.rank_box.toggled, self.rank_mode.currentIndexChanged,
                       self.rank_spin.valueChanged, self.energy_spin.valueChanged)
+        self._connect(BIAS_CORRECTION, self.bias_check.toggled)
         self._update_rows()
+
+    @staticmethod
+    def _note(text: str = "") -> QLabel:
+        """A one-line explanation under a control, in the quiet placeholder colour."""
+        note = QLabel(text)
+        note.setWordWrap(True)
+        note.setForegroundRole(QPalette.ColorRole.PlaceholderText)
+        small = QFont(note.font())
+        small.setPointSizeF(small.pointSizeF() * 0.92)
+        note.setFont(small)
+        return note
 
     @staticmethod
     def _box(title: str, tip: str) -> QGroupBox:
@@ -188,16 +272,25 @@ class SectionsForm(QWidget):
     def set_model(self, model: Model | None) -> None:
         """Offer only what `model`'s backend can do: pruning methods and low rank it cannot are
         disabled with the engine's one-line reason as their tooltip."""
-        items = self.method_combo.model()
-        for index in range(self.method_combo.count()):
-            method = self.method_combo.itemData(index)
-            need = capabilities.pruning_method_need(method)
-            reason = capabilities.why_not(model, need) if model is not None and need else None
-            item = items.item(index)  # type: ignore[attr-defined]
-            item.setEnabled(reason is None)
-            item.setToolTip(reason or "")
-            item.setStatusTip(reason or "")
+        def gate_items(combo: QComboBox, need_of: Any) -> None:
+            items = combo.model()
+            for index in range(combo.count()):
+                method = combo.itemData(index)
+                need = need_of(method)
+                reason = capabilities.why_not(model, need) if model is not None and need else None
+                item = items.item(index)  # type: ignore[attr-defined]
+                item.setEnabled(reason is None)
+                item.setToolTip(reason or combo.itemData(index, Qt.ItemDataRole.WhatsThisRole) or "")
+                item.setStatusTip(reason or "")
+
+        gate_items(self.method_combo, lambda method: capabilities.pruning_method_need(method)
+                   or (STATISTICS_NEED if method in STATISTICS_METHODS else None))
+        gate_items(self.quant_method_combo,
+                   lambda method: STATISTICS_NEED if method in STATISTICS_METHODS else None)
         self.blocked = {}
+        reason = capabilities.why_not(model, BIAS_NEED) if model is not None else None
+        if reason is not None:
+            self.blocked[BIAS_CORRECTION] = reason
         reason = capabilities.why_not(model, capabilities.LOW_RANK_NEED) if model is not None else None
         if reason is not None:
             self.blocked["low_rank"] = reason
@@ -219,26 +312,47 @@ class SectionsForm(QWidget):
 
     def _update_rows(self) -> None:
         method = self.method_combo.currentData()
-        self.prune_form.setRowVisible(self.amount_spin, method != "nm")
-        self.prune_form.setRowVisible(self.pattern_combo, method == "nm")
+        # OBS prunes by an amount or, like N:M, by a pattern: it offers the pattern row, whose
+        # "unstructured" choice (not offered for plain N:M) brings back the amount
+        if method == "nm" and self.pattern_combo.currentText().strip() == UNSTRUCTURED:
+            with QSignalBlocker(self.pattern_combo):
+                self.pattern_combo.setCurrentIndex(1)
+        view = self.pattern_combo.view()
+        if isinstance(view, QListView):
+            view.setRowHidden(0, method == "nm")
+        by_pattern = method == "nm" or (method == "obs" and self._obs_pattern() is not None)
+        self.prune_form.setRowVisible(self.amount_spin, not by_pattern)
+        self.prune_form.setRowVisible(self.pattern_combo, method in ("nm", "obs"))
+        self.method_note.setText(METHOD_NOTES.get(method, ""))
         is_float = not str(self.bits_combo.currentData()).isdigit()
-        for widget in (self.granularity_combo, self.symmetric_check, self.range_combo):
+        for widget in (self.granularity_combo, self.symmetric_check, self.range_combo,
+                       self.quant_method_combo):
             # an unchecked box disables its children itself; enabling one here would undo that
             widget.setEnabled(not is_float and self.quant_box.isChecked())
         self.quant_form.setRowVisible(self.group_spin, self.granularity_combo.currentText() == "group" and not is_float)
+        quant_method = self.quant_method_combo.currentData() if not is_float else "rtn"
+        self.quant_method_note.setText(QUANT_METHOD_NOTES.get(quant_method, "") if not is_float
+                                       else "16-bit floats are a cast: no rounding method")
+        for widget in (self.act_order_check, self.damping_spin):
+            self.quant_form.setRowVisible(widget, quant_method == "gptq")
         by_rank = self.rank_mode.currentData() == "rank"
         self.rank_form.setRowVisible(self.rank_spin, by_rank)
         self.rank_form.setRowVisible(self.energy_spin, not by_rank)
 
     # -- reading and writing ---------------------------------------------------------------------
-    def section_data(self, key: str) -> SectionData:
-        """The section as plan data from the controls, or None when its box is unchecked."""
+    def section_data(self, key: str) -> SectionData | bool:
+        """The section as plan data from the controls, or None when its box is unchecked
+        (for BIAS_CORRECTION: whether the box is checked)."""
+        if key == BIAS_CORRECTION:
+            return self.bias_check.isChecked()
         if key == "pruning":
             if not self.prune_box.isChecked():
                 return None
             method = self.method_combo.currentData()
             if method == "nm":
                 return {"method": "nm", "pattern": self.pattern_combo.currentText().strip()}
+            if method == "obs" and (pattern := self._obs_pattern()) is not None:
+                return {"method": "obs", "pattern": pattern}
             return {"method": method, "amount": round(self.amount_spin.value() / 100, 4)}
         if key == "quantization":
             if not self.quant_box.isChecked():
@@ -251,12 +365,20 @@ class SectionsForm(QWidget):
                                     "range": self.range_combo.currentText()}
             if data["granularity"] == "group":
                 data["group_size"] = self.group_spin.value()
+            if self.quant_method_combo.currentData() == "gptq":
+                data.update(method="gptq", act_order=self.act_order_check.isChecked(),
+                            damping=round(self.damping_spin.value() / 100, 6))
             return data
         if not self.rank_box.isChecked():
             return None
         if self.rank_mode.currentData() == "rank":
             return {"rank": self.rank_spin.value()}
         return {"energy": round(self.energy_spin.value() / 100, 4)}
+
+    def _obs_pattern(self) -> str | None:
+        """The N:M pattern OBS should keep, or None when it prunes by an amount."""
+        text = self.pattern_combo.currentText().strip()
+        return None if text in (UNSTRUCTURED, "") else text
 
     def show_sections(self, sections: Mapping[str, SectionData], available: set[str]) -> None:
         """Show `sections` (plan data, None = off); boxes not in `available` are disabled."""
@@ -270,6 +392,8 @@ class SectionsForm(QWidget):
                     self.amount_spin.setValue(100 * float(pruning["amount"]))
                 if pruning.get("pattern"):
                     self.pattern_combo.setCurrentText(str(pruning["pattern"]))
+                elif pruning.get("method") == "obs":
+                    self.pattern_combo.setCurrentText(UNSTRUCTURED)
             quant = sections.get("quantization")
             self.quant_box.setChecked(quant is not None)
             if quant is not None:
@@ -280,6 +404,11 @@ class SectionsForm(QWidget):
                     self.group_spin.setValue(int(quant["group_size"]))
                 self.symmetric_check.setChecked(bool(quant.get("symmetric", True)))
                 self.range_combo.setCurrentText(quant.get("range", "minmax"))
+                method = quant.get("method", "rtn")
+                self.quant_method_combo.setCurrentIndex(max(self.quant_method_combo.findData(method), 0))
+                if method == "gptq":
+                    self.act_order_check.setChecked(bool(quant.get("act_order", False)))
+                    self.damping_spin.setValue(100 * float(quant.get("damping", DEFAULT_DAMPING)))
             low_rank = sections.get("low_rank")
             self.rank_box.setChecked(low_rank is not None)
             if low_rank is not None:
@@ -296,6 +425,11 @@ class SectionsForm(QWidget):
                 box.setEnabled(key in available and (reason is None or box.isChecked()))
                 box.setToolTip(reason or box.property("plain_tip"))
                 box.setStatusTip(reason or "")
+            self.bias_check.setChecked(bool(sections.get(BIAS_CORRECTION, False)))
+            reason = self.blocked.get(BIAS_CORRECTION)
+            self.bias_check.setEnabled(bool(available) and (reason is None or self.bias_check.isChecked()))
+            self.bias_check.setToolTip(reason or self._bias_tip)
+            self.bias_check.setStatusTip(reason or "")
             self._update_rows()
         finally:
             self._updating = False
@@ -619,8 +753,6 @@ class PlanEditor(QWidget):
         self.mismatch_bar.hide()
 
     def discard_mismatched_plan(self) -> None:
-        from engine.plan import Plan
-
         self.mismatch_bar.hide()
         self.document.replace(Plan(), "Discard the plan that did not fit")
 
@@ -712,9 +844,17 @@ class PlanEditor(QWidget):
         self.show_error(self.session.plan_state.error or "")
         return True
 
-    def _edit_layers(self, key: str, data: SectionData) -> None:
+    def _edit_layers(self, key: str, data: SectionData | bool) -> None:
         model = self.session.model
         if model is None:
+            return
+        if key == BIAS_CORRECTION:
+            names = list(self.session.selected_layers)
+            if names:
+                verb = "Turn on" if data else "Turn off"
+                self._try(self.document.replace, with_layer_bias_correction(
+                    self.document.plan, model, names, bool(data)),
+                    f"{verb} bias correction for {describe_names(names)}")
             return
         names = [name for name in self.session.selected_layers
                  if section_applies(model.layer(name), key, data)]
@@ -725,7 +865,18 @@ class PlanEditor(QWidget):
         self._try(self.document.set_layer_sections, {name: {key: data} for name in names},
                   f"{verb} {describe_names(names)}")
 
-    def _edit_defaults(self, key: str, data: SectionData) -> None:
+    def _edit_defaults(self, key: str, data: SectionData | bool) -> None:
+        if key == BIAS_CORRECTION:
+            plan = self.document.to_dict()
+            defaults = dict(plan.get("defaults") or {})
+            if data:
+                defaults[BIAS_CORRECTION] = True
+            else:
+                defaults.pop(BIAS_CORRECTION, None)
+            plan["defaults"] = defaults
+            self._try(self.document.replace, plan,
+                      f"{'Turn on' if data else 'Turn off'} default bias correction")
+            return
         verb = "Set default" if data is not None else "Turn off default"
         self._try(self.document.set_defaults, {key: data}, f"{verb} {SECTION_LABELS[key]}")
 
@@ -754,6 +905,47 @@ class PlanEditor(QWidget):
         if model is None or not names:
             return False
         return self._try(apply_preset, self.session, label, names)
+
+
+def with_layer_bias_correction(plan: Plan, model: Model, names: list[str], on: bool) -> dict[str, Any]:
+    """`plan` as data with bias correction switched on or off for `names` by their own entries.
+
+    Switching off removes the layer's own switch when the rest of the plan then leaves it off
+    (no clutter of ``bias_correction: false``), and writes false where defaults, kinds or
+    patterns would switch it on. An entry left empty is removed: the layer follows defaults."""
+    data = plan.to_dict()
+    table = data.setdefault("layers", {})
+    for name in names:
+        entry = table.get(name)
+        merged: dict[str, Any] = (dict.fromkeys(SECTIONS) if entry == "keep" else dict(entry or {}))
+        if on:
+            merged[BIAS_CORRECTION] = True
+        else:
+            merged.pop(BIAS_CORRECTION, None)
+            if _inherits_bias_correction(data, table, name, merged, model):
+                merged[BIAS_CORRECTION] = False
+        if merged:
+            table[name] = merged
+        else:
+            table.pop(name, None)
+    if not table:
+        data.pop("layers")
+    return data
+
+
+def _inherits_bias_correction(data: dict[str, Any], table: dict[str, Any], name: str,
+                              merged: dict[str, Any], model: Model) -> bool:
+    """Whether `name`, with `merged` as its own entry, gets bias correction from other levels."""
+    trial = dict(data)
+    trial["layers"] = {**table, name: merged} if merged else {k: v for k, v in table.items() if k != name}
+    if not trial["layers"]:
+        trial.pop("layers")
+    try:
+        resolved = Plan.from_dict(trial).resolve(model.layers)
+    except PlanError:
+        return False  # the edit shows the plan's own error when it is pushed
+    layer_plan = resolved.get(name)
+    return layer_plan is not None and layer_plan.bias_correction
 
 
 def apply_preset(session: Session, label: str, names: list[str]) -> None:

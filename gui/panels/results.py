@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import QEvent, Qt, Signal
 from PySide6.QtGui import QColor, QFont, QPalette
 from PySide6.QtWidgets import (
     QAbstractItemView,
@@ -39,19 +39,36 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from engine.plan import Plan
+from engine.errors import SlimscopeError
+from engine.plan import LayerPlan, Plan
 
 from gui.panels.recovery_plot import RecoveryPlot
 from gui.panels.row_labels import RowLabels
+from gui.plan_view import method_text
 from gui.session import CompressionOutcome, PlanState, Session
+from gui.theme import WARNING, change_meaning, status_color
 from gui.workers import Job
 from gui.text import grouped, human_bytes, human_count, percent
 
 #: Bars drawn at most; the largest layers by original size (a chart of 500 bars reads as noise).
 MAX_BARS = 40
 BEFORE_COLOR = "#9aa4b0"
-GOOD, BAD = "#2e7d32", "#c62828"
-TABLE_HEADERS = ("Layer", "Kind", "Before", "After", "Ratio", "Sparsity", "Bits", "Rank / channels")
+TABLE_HEADERS = ("Layer", "Kind", "Method", "Before", "After", "Ratio", "Sparsity", "Bits",
+                 "Rank / channels")
+#: Columns of figures, right-aligned.
+NUMBER_COLUMNS = range(3, 8)
+#: Accuracy points a result may lose and still not be drawn red (it is never green: a loss).
+ACCURACY_TOLERANCE = 0.5
+#: Agreement points below 100 % a result may lose before it is drawn red.
+AGREEMENT_TOLERANCE = 1.0
+
+
+def resolved_methods(outcome: CompressionOutcome) -> dict[str, LayerPlan]:
+    """Each layer's settings in the plan that made `outcome`, or {} if it no longer resolves."""
+    try:
+        return Plan.from_dict(outcome.plan).resolve(outcome.model.layers)
+    except SlimscopeError:
+        return {}
 
 
 def _pct(value: float | None) -> str:
@@ -97,9 +114,24 @@ class StatCard(QFrame):
         layout.addStretch(1)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Maximum)
 
-    def show_figure(self, value: str, detail: str = "", tone: str | None = None) -> None:
+    def show_figure(self, value: str, detail: str = "", meaning: str | None = None) -> None:
+        """`meaning` (gui.theme GOOD, BAD, NEUTRAL, WARNING) colours the detail in the look's
+        colour for it, again whenever the look changes."""
         self.value.setText(value)
-        self.detail.setText(f"<span style='color:{tone}'>{detail}</span>" if tone else detail)
+        self._detail, self.meaning = detail, meaning
+        self._paint_detail()
+
+    def _paint_detail(self) -> None:
+        detail, meaning = getattr(self, "_detail", ""), getattr(self, "meaning", None)
+        if meaning is None:
+            self.detail.setText(detail)
+            return
+        self.detail.setText(f"<span style='color:{status_color(meaning, self.palette())}'>{detail}</span>")
+
+    def changeEvent(self, event: QEvent) -> None:
+        super().changeEvent(event)
+        if event.type() == QEvent.Type.PaletteChange:
+            self._paint_detail()
 
     def text(self) -> str:
         return f"{self.title.text()}: {self.value.text()} | {self.detail.text()}"
@@ -162,6 +194,8 @@ class ResultsPanel(QWidget):
         super().__init__(parent)
         self.session = session
         self.outcome: CompressionOutcome | None = None
+        #: Layer name -> the method that made it ("GPTQ 2-bit per-channel + bias correction").
+        self.methods: dict[str, str] = {}
 
         self.title = QLabel("No compression yet")
         title_font = QFont(self.title.font())
@@ -173,7 +207,6 @@ class ResultsPanel(QWidget):
         self.subtitle.setWordWrap(True)
         self.stale_label = QLabel("The plan has changed since this result: run it again to see the new one.")
         self.stale_label.setObjectName("stale-result")
-        self.stale_label.setStyleSheet("color: #b26a00;")
         self.stale_label.hide()
         self.run_button = QPushButton("Run Again")
         self.run_button.clicked.connect(self.run_requested)
@@ -244,11 +277,21 @@ class ResultsPanel(QWidget):
         layout.addLayout(header)
         layout.addWidget(self.content, 1)
 
+        self._restyle()
         session.result_changed.connect(self.show_outcome)
         session.plan_state_changed.connect(self._on_plan_state)
         self.recovery_plot.live_updated.connect(self._show_live)
         self.live_job: Job | None = None
         self.show_outcome(session.result)
+
+    def _restyle(self) -> None:
+        """The stale line in the look's amber (a dark look needs a lighter one)."""
+        self.stale_label.setStyleSheet(f"color: {status_color(WARNING, self.palette())};")
+
+    def changeEvent(self, event: QEvent) -> None:
+        super().changeEvent(event)
+        if event.type() == QEvent.Type.PaletteChange and hasattr(self, "stale_label"):
+            self._restyle()
 
     @staticmethod
     def _titled(title: str, widget: QWidget) -> QWidget:
@@ -342,6 +385,8 @@ class ResultsPanel(QWidget):
         if len(rows) > MAX_BARS:
             rows = sorted(rows, key=lambda row: -row[1])
         self.chart.show_layers(rows)
+        self.methods = {name: method_text(layer_plan)
+                        for name, layer_plan in resolved_methods(outcome).items()}
         self._fill_table(report)
         notes = list(report.notes)
         if len(report.layers) > MAX_BARS:
@@ -362,7 +407,7 @@ class ResultsPanel(QWidget):
             detail += "<br>counted packed; Export says what each format stores"
         self.size_card.show_figure(
             f"{human_bytes(report.bytes_before)} → {human_bytes(report.bytes_after)}",
-            detail, GOOD if saving > 0 else None)
+            detail, change_meaning(saving))
 
     def _show_metric(self, report: Any) -> None:
         before, after = report.metrics_before or {}, report.metrics_after or {}
@@ -379,7 +424,7 @@ class ResultsPanel(QWidget):
             if one_shot is not None:
                 detail += f" · {_pct(one_shot)} before recovery"
             self.metric_card.show_figure(f"{_pct(before.get('accuracy'))} → {_pct(after['accuracy'])}",
-                                         detail, GOOD if change >= -0.5 else BAD)
+                                         detail, change_meaning(change, tolerance=ACCURACY_TOLERANCE))
             return
         self.metric_card.title.setText("FIDELITY")
         detail = []
@@ -389,7 +434,8 @@ class ResultsPanel(QWidget):
             detail.append(f"cosine {after['cosine_similarity']:.4f}")
         agreement = after.get("agreement")
         self.metric_card.show_figure(f"{_pct(agreement)} agree", " · ".join(detail) or "top-1 agreement with the original",
-                                     GOOD if (agreement or 0) >= 0.99 else BAD)
+                                     change_meaning(100 * ((agreement or 0.0) - 1.0),
+                                                    tolerance=AGREEMENT_TOLERANCE))
 
     def _show_latency(self, report: Any) -> None:
         before, after = report.latency_before_ms, report.latency_after_ms
@@ -423,8 +469,9 @@ class ResultsPanel(QWidget):
             ratio = layer.bytes_after / layer.bytes_before if layer.bytes_before else 1.0
             shape = (f"rank {layer.rank}" if layer.rank else
                      f"{layer.channels[0]} → {layer.channels[1]} ch" if layer.channels else "")
+            method = self.methods.get(layer.name, "")
             cells = (
-                (layer.name, layer.name), (layer.kind, layer.kind),
+                (layer.name, layer.name), (layer.kind, layer.kind), (method, method),
                 (human_bytes(layer.bytes_before), layer.bytes_before),
                 (human_bytes(layer.bytes_after), layer.bytes_after),
                 (f"{ratio:.3f}×", ratio), (percent(layer.sparsity), layer.sparsity),
@@ -432,7 +479,7 @@ class ResultsPanel(QWidget):
             )
             for column, (text, key) in enumerate(cells):
                 item = _SortItem(text, key)
-                if column >= 2 and column < 7:
+                if column in NUMBER_COLUMNS:
                     item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                 if column == 0:
                     item.setToolTip(f"{grouped(layer.params_before)} → {grouped(layer.params_after)} params")
