@@ -73,7 +73,7 @@ from gui.panels.summary import ModelSummary
 from gui.preview import demo_model_path
 from gui.session import CompressionOutcome, MetricPrediction, PlanState, Session
 from gui.theme import theme_signals
-from gui.workers import Job, compression_job
+from gui.workers import Job, compression_job, warm_up_imports
 
 if TYPE_CHECKING:
     from gui.project import Project
@@ -529,6 +529,7 @@ class MainWindow(QMainWindow):
             return
         had_plan = self.document.to_dict() != Plan().to_dict()
         self.session.set_model(model)
+        warm_up_imports()
         if model.layers:
             self.session.select_layer(model.layers[0].name)
         if had_plan:

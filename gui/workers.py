@@ -171,9 +171,15 @@ def _pause_collection() -> None:
 
 
 def _resume_collection() -> None:
+    """Turn automatic collection back on, with what exists now frozen (gc.freeze): the first
+    full collection after a job otherwise walks every object torch, Qt and the model made, on
+    the GUI thread, and froze the window for 250 ms at the end of each compression
+    (tests/benchmarks/gui_stall.py). Frozen objects are still freed by reference counting;
+    only cycles among them wait, and a job leaves few (10 objects were collected then)."""
     global _COLLECTION_PAUSED
     if _COLLECTION_PAUSED:
         _COLLECTION_PAUSED = False
+        gc.freeze()
         gc.enable()
 
 
@@ -189,13 +195,13 @@ def cancel_all() -> None:
 
 # -- the app's long jobs ------------------------------------------------------------------------
 def import_first(*modules: str) -> None:
-    """Import on the calling (GUI) thread what a job would import first on its worker.
+    """Import what a job needs before its work starts, on the job's worker thread.
 
-    Seen here: in about one full GUI test run in four, the process aborted while a worker was
-    importing ``onnxruntime.quantization`` for the first time and the GUI thread was garbage
-    collecting; never once that module was already imported. The cause is not pinned down
-    (PySide6 6.12 on Python 3.11 is also the build of the defect in :mod:`gui.qt_fixes`), so
-    the heavy first imports happen here instead: a second or so, once per session.
+    Once these ran on the GUI thread: in about one full GUI test run in four the process
+    aborted while a worker imported ``onnxruntime.quantization`` for the first time and the GUI
+    thread was garbage collecting. Automatic collection is now paused while any worker runs
+    (:func:`_pause_collection`), so the first import moved to the worker: on the GUI thread it
+    froze the window for 1.1 s at the start of a compression (sklearn, tests/benchmarks/gui_stall.py).
     """
     import importlib
 
@@ -206,25 +212,46 @@ def import_first(*modules: str) -> None:
             pass  # the job itself reports a missing optional package in its own words
 
 
+#: What compression and export import first: sklearn alone takes 1.4 s, and its extension
+#: modules hold the interpreter lock for up to 120 ms at a time, which the GUI thread feels.
+WARM_UP_MODULES = ("engine.compress", "engine.export", "sklearn.datasets",
+                   "sklearn.model_selection", "onnxruntime.quantization")
+_warmed_up = False
+
+
+def warm_up_imports() -> Job | None:
+    """Import :data:`WARM_UP_MODULES` on a worker once per session, right after the first model
+    opens (while the user is still reading it), so no later job pays them while being watched."""
+    global _warmed_up
+    if _warmed_up:
+        return None
+    _warmed_up = True
+    job = Job(lambda _progress, _cancel: import_first(*WARM_UP_MODULES), "warm up imports")
+    job.start()
+    return job
+
+
 def compression_job(model: "Model", plan_data: dict[str, Any], data: "DataSpec") -> Job:
     """:func:`engine.workflows.compress` on a worker, with a snapshot of the plan; succeeds with
     a CompressionOutcome.
 
     Recovery steps arrive on ``partial`` as :class:`engine.workflows.RecoveryStep` events. The
     loaded model is never modified (the engine works on a copy), so a cancel or a failure
-    leaves the session exactly as it was. Torch keeps its default thread count, as in the CLI:
-    float sums split over other thread counts round differently, and a saved plan must replay
-    bit for bit in ``slimscope compress``.
+    leaves the session exactly as it was. Torch uses the process's thread count (the thread
+    policy, engine.threads, as in the CLI: ``--threads N`` on both sides replays a plan bit for
+    bit, since float sums split over other thread counts round differently).
     """
     import torch
 
     plan_data = copy.deepcopy(plan_data)
-    threads = torch.get_num_threads()  # the GUI thread's: torch's default, as the CLI has it
+    threads = torch.get_num_threads()  # the GUI thread's: the process's policy
     specs = [spec or "" for spec in (data.evaluation, data.calibration, data.train)]
-    import_first("engine.compress", *(["sklearn.datasets", "sklearn.model_selection"]
-                                      if any(spec.startswith("demo") for spec in specs) else []))
+    first_imports = ("engine.compress", *(["sklearn.datasets", "sklearn.model_selection"]
+                                          if any(spec.startswith("demo") for spec in specs)
+                                          else []))
 
     def body(progress: Progress, cancel: CancelToken) -> "CompressionOutcome":
+        import_first(*first_imports)
         from engine import workflows
 
         torch.set_num_threads(threads)  # per thread: a pooled thread may carry another job's cap
@@ -240,9 +267,8 @@ def compression_job(model: "Model", plan_data: dict[str, Any], data: "DataSpec")
 def export_job(outcome: "CompressionOutcome", destination: Path, format_name: str | None,
                inputs: Sequence[Path] = ()) -> Job:
     """:func:`engine.workflows.export` on a worker; succeeds with an ExportResult."""
-    import_first("engine.export", "onnxruntime", "onnxruntime.quantization")
-
     def body(progress: Progress, cancel: CancelToken) -> Any:
+        import_first("engine.export", "onnxruntime", "onnxruntime.quantization")
         from engine import workflows
 
         return workflows.export(outcome, destination, format=format_name, inputs=list(inputs),

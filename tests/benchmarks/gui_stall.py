@@ -39,6 +39,7 @@ from gui.analysis import AnalysisState  # noqa: E402
 from gui.preview import ensure_app  # noqa: E402
 from gui.project import DataChoice  # noqa: E402
 from gui.session import Session  # noqa: E402
+from gui.workers import live_jobs  # noqa: E402
 
 TICK_MS = 5
 TARGET_MS = 100.0
@@ -74,11 +75,20 @@ class GapRecorder:
 
 
 def spin(app, seconds: float, until=lambda: False) -> None:  # type: ignore[no-untyped-def]
-    """Run the event loop for `seconds` or until `until()` (gui.qt_fixes keeps this safe)."""
+    """Run the event loop for `seconds` or until `until()` (gui.qt_fixes keeps this safe).
+
+    It sleeps between events, as QApplication.exec() does: a loop that polls without waiting
+    keeps the GUI thread busy and competes with the worker for the GIL, which made stalls look
+    longer than the app's. A 20 ms wake-up re-checks `until` when nothing else happens.
+    """
     loop = QEventLoop()
+    wake = QTimer(interval=20)
+    wake.start()
     deadline = time.monotonic() + seconds
+    flags = QEventLoop.ProcessEventsFlag.AllEvents | QEventLoop.ProcessEventsFlag.WaitForMoreEvents
     while time.monotonic() < deadline and not until():
-        loop.processEvents(QEventLoop.ProcessEventsFlag.AllEvents, 50)
+        loop.processEvents(flags)
+    wake.stop()
 
 
 def measure(app, state: AnalysisState, choice: DataChoice, seconds: float) -> dict[str, float]:  # type: ignore[no-untyped-def]
@@ -110,6 +120,9 @@ def measure_recovery(app, seconds: float) -> dict[str, float]:  # type: ignore[n
     window.show()
     opening = window.open_demo()
     spin(app, 60, lambda: window.session.model is not None and (opening is None or opening.finished))
+    # A user reads the opened model before pressing Run: the app's first-use imports
+    # (gui.workers.warm_up_imports) finish meanwhile.
+    spin(app, 60, lambda: not live_jobs())
     if not window.load_plan(ROOT / "resources" / "demo" / "plan_90_4bit_recovery.yaml"):
         raise SystemExit("the demo's recovery plan did not load")
     recorder = GapRecorder()
@@ -127,7 +140,7 @@ def measure_recovery(app, seconds: float) -> dict[str, float]:  # type: ignore[n
         spin(app, 60, lambda: job.finished)
     result = recorder.stop()
     result.update(seconds=ran, completed=float(completed), steps=float(steps))
-    window.close()
+    window.hide()  # close() would ask about the unsaved plan
     return result
 
 
@@ -142,6 +155,19 @@ def main(argv: list[str] | None = None) -> int:
         analysis.worker_threads = lambda: args.threads  # type: ignore[assignment]
 
     app = ensure_app()
+    # As `slimscope` does when it opens the app: the process's threads keep a core for the GUI.
+    from engine import threads as thread_policy
+
+    thread_policy.apply(thread_policy.choose(args.threads, reserve=1))
+    recovery_worst = 0.0
+    # First: the sweeps below shut their session's pool down when they end.
+    if "recovery" in args.methods.split(","):
+        result = measure_recovery(app, max(args.seconds, 120.0))
+        recovery_worst = result["max_ms"]
+        ending = (f"completed, {int(result['steps'])} steps in {result['seconds']:.1f} s"
+                  if result["completed"] else f"stopped after {result['seconds']:.1f} s")
+        print(f"{'recovery':9s} {ending:45s} ticks {int(result['ticks']):5d}  largest stall "
+              f"{result['max_ms']:6.1f} ms  p99 {result['p99_ms']:5.1f} ms  median {result['median_ms']:4.1f} ms")
     torch.manual_seed(0)
     module = zoo.ResNet18().eval()
     with tempfile.TemporaryDirectory() as scratch:
@@ -158,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{os.cpu_count()} cores, worker torch threads {analysis.worker_threads()}, "
               f"GUI torch threads {torch.get_num_threads()}")
         print(f"idle event loop: largest stall {idle.stop()['max_ms']:.1f} ms")
-        worst = 0.0
+        worst = recovery_worst
         for method in [m for m in args.methods.split(",") if m != "recovery"]:
             choice = DataChoice(spec=None if method == "datafree" else f"synthetic:{args.samples}",
                                 method=method, limit=0)
@@ -170,13 +196,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"{result['max_ms']:6.1f} ms  p99 {result['p99_ms']:5.1f} ms  median {result['median_ms']:4.1f} ms")
         state.shutdown()
         session.shutdown()
-    if "recovery" in args.methods.split(","):
-        result = measure_recovery(app, max(args.seconds, 120.0))
-        worst = max(worst, result["max_ms"])
-        ending = (f"completed, {int(result['steps'])} steps in {result['seconds']:.1f} s"
-                  if result["completed"] else f"stopped after {result['seconds']:.1f} s")
-        print(f"{'recovery':9s} {ending:45s} ticks {int(result['ticks']):5d}  largest stall "
-              f"{result['max_ms']:6.1f} ms  p99 {result['p99_ms']:5.1f} ms  median {result['median_ms']:4.1f} ms")
     verdict = "PASS" if worst <= TARGET_MS else "FAIL"
     print(f"{verdict}: largest stall {worst:.1f} ms (target <= {TARGET_MS:.0f} ms)")
     return 0 if worst <= TARGET_MS else 1
