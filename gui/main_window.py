@@ -137,6 +137,13 @@ class _LoadRequest:
     started: float
 
 
+def torch_threads() -> int:
+    """The thread count compression jobs inherit from the GUI thread (gui.workers)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 class MainWindow(QMainWindow):
     """See the module docstring."""
 
@@ -732,7 +739,8 @@ class MainWindow(QMainWindow):
         self.results.follow(job, plan, "accuracy" if data.evaluation else "metric")
         self.log.add(f"compressing {model.path.name}: "
                      f"{sum(1 for lp in self.session.plan_state.layers.values() if not lp.keep)} layers change; "
-                     f"data: {data.evaluation or 'none (sizes only)'}")
+                     f"data: {data.evaluation or 'none (sizes only)'}; "
+                     f"{torch_threads()} threads (replay with slimscope compress --threads)")
         return self._start_task(job, f"Compressing {model.path.name}")
 
     def _on_compressed(self, outcome: CompressionOutcome) -> None:
