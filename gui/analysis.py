@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from PySide6.QtCore import QEvent, QObject, QSettings, Qt, QThreadPool, Signal
+from PySide6.QtCore import QEvent, QObject, QSettings, Qt, Signal
 from PySide6.QtGui import QAction, QActionGroup, QKeySequence
 from PySide6.QtWidgets import QDockWidget, QFileDialog, QMainWindow, QMenu, QWidget
 
@@ -35,6 +35,7 @@ from engine.model import Model
 from engine.sensitivity import DEFAULT_RANKS, Sensitivity, SweepSettings
 
 from gui import capabilities
+from gui.job_service import SENSITIVITY
 from gui.plan_document import PlanDocument
 from gui.project import PROJECT_FILTER, PROJECT_SUFFIX, DataChoice, Project
 from gui.session import Session
@@ -55,7 +56,10 @@ def worker_threads() -> int:
 
 
 class AnalysisState(QObject):
-    """Sensitivity results and the sweep that makes them; see the module docstring."""
+    """Sensitivity results and the sweep that makes them; see the module docstring.
+
+    The results themselves live in the application state (``session.state.sensitivity``, reset
+    with the model there); the sweep runs in the session's job service, slot SENSITIVITY."""
 
     #: New results (None when cleared, e.g. because the model changed).
     sensitivity_changed = Signal(object)
@@ -71,22 +75,28 @@ class AnalysisState(QObject):
     def __init__(self, session: Session, parent: QObject | None = None) -> None:
         super().__init__(parent)
         self.session = session
-        self.sensitivity: Sensitivity | None = None
+        self.jobs = session.jobs
         self.choice = DataChoice()
         #: The data the current results were measured on in this session (None for results
         #: loaded from a file, whose data the app cannot reopen): what plans are checked on.
         self.results_data: DataChoice | None = None
-        self.job: Job | None = None
         self._started = 0.0
         self._last_message = ""
-        self._pool = QThreadPool(self)
-        self._pool.setMaxThreadCount(1)
+        session.bridge.sensitivity_changed.connect(self._on_sensitivity_changed)
         session.model_changed.connect(self._on_model_changed)
 
     # -- results --------------------------------------------------------------------------------
+    @property
+    def sensitivity(self) -> Sensitivity | None:
+        return self.session.state.sensitivity
+
     def set_sensitivity(self, result: Sensitivity | None, data: DataChoice | None = None) -> None:
-        self.sensitivity = result
         self.results_data = data if result is not None else None
+        self.session.state.set("sensitivity", result, force=True)
+
+    def _on_sensitivity_changed(self, result: Sensitivity | None) -> None:
+        if result is None:
+            self.results_data = None  # e.g. cleared with the model
         self.sensitivity_changed.emit(result)
 
     def save_sensitivity(self, path: str | Path) -> Path:
@@ -114,7 +124,12 @@ class AnalysisState(QObject):
     # -- running ---------------------------------------------------------------------------------
     @property
     def running(self) -> bool:
-        return self.job is not None
+        return self.jobs.busy(SENSITIVITY)
+
+    @property
+    def job(self) -> Job | None:
+        """The sweep running now, if any."""
+        return self.jobs.current(SENSITIVITY)
 
     def can_run(self, choice: DataChoice | None = None) -> str:
         """Why a sweep (with `choice`'s method; without one, any method) cannot start now, or
@@ -136,61 +151,44 @@ class AnalysisState(QObject):
         model = self.session.model
         assert model is not None
         self.choice = choice
-        job = Job(sensitivity_job(model, choice), f"sensitivity of {model.path.name}", model)
-        self.job = job
-        job.progress.connect(self._on_progress)
-        job.succeeded.connect(self._on_succeeded)
-        job.failed.connect(self._on_failed)
-        job.cancelled.connect(self._on_cancelled)
-        job.done.connect(self._on_done)
         self._started = time.perf_counter()
         self._last_message = ""
         source = "no data" if choice.spec is None else choice.spec
         self.log_line.emit(f"Started {choice.method} sensitivity of {model.path.name} on {source}")
-        job.start(self._pool)
+        job = self.jobs.start(SENSITIVITY, sensitivity_job(model, choice), f"sensitivity of {model.path.name}",
+                              context=model, on_progress=self._on_progress, on_result=self._on_succeeded,
+                              on_error=self._on_failed, on_cancelled=self._on_cancelled,
+                              on_done=self._on_done)
         self.running_changed.emit(True)
         return job
 
     def cancel(self) -> None:
-        if self.job is not None:
-            self.job.cancel()
+        if self.jobs.cancel(SENSITIVITY):
             self.log_line.emit("Cancelling…")
 
-    def _current(self) -> Job | None:
-        job = self.sender()
-        return job if job is self.job and isinstance(job, Job) else None
-
+    # The job service calls these only for the current sweep; one of another model is dropped
+    # when the model changes (cancel_and_forget).
     def _on_progress(self, fraction: float, message: str) -> None:
-        if self._current() is None:
-            return
         self.progress.emit(fraction, message)
         if message and message != self._last_message:
             self._last_message = message
             self.log_line.emit(f"{fraction * 100:5.1f} %  {message}")
 
     def _on_succeeded(self, result: Sensitivity) -> None:
-        job = self._current()
-        if job is None or job.context is not self.session.model:
-            return
         self.set_sensitivity(result, self.choice)
         self.log_line.emit(f"Done in {time.perf_counter() - self._started:.1f} s: "
                            f"{len(result.layers)} layers, baseline {result.metric} "
                            f"{result.baseline:.4g}")
 
     def _on_failed(self, message: str, details: str, _exc: object) -> None:
-        if self._current() is None:
-            return
         self.log_line.emit(f"Failed: {message}")
         self.failed.emit(message, details)
 
     def _on_cancelled(self) -> None:
-        if self._current() is not None:
-            self.log_line.emit("Cancelled; the previous results are kept")
+        self.log_line.emit("Cancelled; the previous results are kept")
 
     def _on_done(self) -> None:
-        if self.sender() is self.job:
-            self.job = None
-            self.running_changed.emit(False)
+        self.running_changed.emit(False)
 
     def _on_model_changed(self, _model: Model | None) -> None:
         """Everything here belongs to one model: results, the sweep, and the data choice (data
@@ -198,19 +196,18 @@ class AnalysisState(QObject):
         inputs). A project being opened sets its own choice after this."""
         self.cancel_and_forget()
         self.choice = DataChoice()
-        if self.sensitivity is not None:
+        if self.sensitivity is not None:  # the application state already cleared it, normally
             self.set_sensitivity(None)
 
     def cancel_and_forget(self) -> None:
         """Cancel a running sweep and stop listening to it (its model is gone)."""
-        if self.job is not None:
-            self.job.cancel()
-            self.job = None
+        if self.jobs.cancel(SENSITIVITY, forget=True):
             self.running_changed.emit(False)
 
     def shutdown(self, timeout_ms: int = 5000) -> bool:
+        job = self.job
         self.cancel_and_forget()
-        return self._pool.waitForDone(timeout_ms)
+        return job is None or job.body_ended.wait(timeout_ms / 1000)
 
 
 def cap_worker_threads() -> None:

@@ -44,6 +44,7 @@ from gui import capabilities, dialogs
 from gui.session import CompressionOutcome
 from gui.theme import BAD, GOOD, STATUS_COLORS, status_color
 from gui.text import human_bytes
+from gui.job_service import EXPORT, JobService
 from gui.workers import Job, export_job
 
 AUTOMATIC = ""
@@ -78,14 +79,16 @@ class ExportDialog(QDialog):
     def __init__(self, outcome: CompressionOutcome, parent: QWidget | None = None, *,
                  settings: QSettings | None = None,
                  show_error: dialogs.ErrorReporter = dialogs.show_error,
-                 log: Callable[[str, str], None] | None = None) -> None:
+                 log: Callable[[str, str], None] | None = None,
+                 jobs: JobService | None = None) -> None:
         super().__init__(parent)
         self.setWindowTitle("Export Compressed Model")
         self.outcome = outcome
         self.settings = settings if settings is not None else QSettings()
         self.show_error = show_error
         self.log = log or (lambda _message, _level="info": None)
-        self.job: Job | None = None
+        #: Runs the export in its EXPORT slot: the window's, so one export runs at a time.
+        self.jobs = jobs if jobs is not None else JobService(parent=self)
         self.result: Any = None
         self._registry = exporters()
 
@@ -307,13 +310,10 @@ class ExportDialog(QDialog):
         destination = self.destination()
         self.settings.setValue(SETTINGS_DIR, str(destination.parent))
         self.settings.setValue(SETTINGS_FORMAT, self.format_name() or AUTOMATIC)
-        job = export_job(self.outcome, destination, self.format_name())
-        job.progress.connect(self._on_progress)
-        job.succeeded.connect(self._on_done)
-        job.failed.connect(self._on_failed)
-        job.cancelled.connect(self._on_cancelled)
-        job.done.connect(self._on_finished)
-        self.job = job
+        job = self.jobs.start(EXPORT, export_job(self.outcome, destination, self.format_name()),
+                              on_progress=self._on_progress, on_result=self._on_done,
+                              on_error=self._on_failed, on_cancelled=self._on_cancelled,
+                              on_done=self._on_finished)
         self.result = None
         self.result_frame.hide()
         self.progress.setValue(0)
@@ -322,12 +322,15 @@ class ExportDialog(QDialog):
         self.export_button.setEnabled(False)
         self.cancel_button.show()
         self.log(f"export: writing {destination}", "info")
-        job.start()
         return job
 
+    @property
+    def job(self) -> Job | None:
+        """The export running now, if any."""
+        return self.jobs.current(EXPORT)
+
     def cancel_export(self) -> None:
-        if self.job is not None:
-            self.job.cancel()
+        if self.jobs.cancel(EXPORT):
             self.status.setText("Cancelling…")
 
     def _on_progress(self, fraction: float, message: str) -> None:
@@ -352,7 +355,6 @@ class ExportDialog(QDialog):
         self.log("export cancelled; nothing was written", "warning")
 
     def _on_finished(self) -> None:
-        self.job = None
         self.progress.hide()
         self.cancel_button.hide()
         self._explain()

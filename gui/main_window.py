@@ -7,6 +7,8 @@ files outside its own folder are opened only after the user says yes (:meth:`rea
 The loader and both dialogs are constructor arguments, so tests run the real flow without a
 person at the keyboard.
 
+Loading, compression and export run through the session's job service (gui.job_service), one
+current job per slot, which also drops a replaced job's late results and throttles progress.
 Compression and export are *tasks*: one at a time, on a worker, with the progress bar, a status
 line, a Cancel button and the log dock. A task works on snapshots (the plan as plain data, the
 loaded model, which compress() never modifies), so cancelling or failing leaves the window as it
@@ -64,6 +66,7 @@ from engine.plan import Plan
 
 from gui import capabilities, dialogs
 from gui.icons import arrow_icon
+from gui.job_service import COMPRESS, LOAD
 from gui.panels.histogram import HistogramPanel
 from gui.panels.layer_table import MIN_VISIBLE_ROWS, Column, LayerTable
 from gui.panels.log_panel import LogPanel
@@ -96,8 +99,6 @@ DOCK_FIT_DELAY_MS = 200
 FILTER_MAX_WIDTH = 320
 #: Share of the window's height an analysis dock asks for when it first opens along the bottom.
 BOTTOM_DOCK_SHARE = 0.45
-#: Shortest time between two updates of the progress bar and status line while a task runs.
-PROGRESS_REDRAW_MS = 100
 MODEL_FILTER = (
     "Model files (*.safetensors *.onnx *.pt *.pth *.bin *.ckpt *.pt2 *.ts *.jit *.torchscript);;"
     "All files (*)"
@@ -172,9 +173,8 @@ class MainWindow(QMainWindow):
         #: layout placed them instead.
         self._docks_sized: set[QDockWidget] = set()
         self._layout_restored = False
-        self.load_job: Job | None = None
-        #: The running compression or export, if any: one at a time.
-        self.task: Job | None = None
+        #: Every background job of the window; slots LOAD and COMPRESS are the window's own.
+        self.jobs = self.session.jobs
 
         self.summary = ModelSummary(self.session)
         self.layer_table = LayerTable(self.session)
@@ -425,9 +425,8 @@ class MainWindow(QMainWindow):
         self.cancel_button.clicked.connect(self.cancel_task)
         self.cancel_button.hide()
         self.statusBar().addPermanentWidget(self.cancel_button)
-        self._latest_progress: tuple[float, str] = (0.0, "")
-        self._progress_timer = QTimer(self, singleShot=True, interval=PROGRESS_REDRAW_MS)
-        self._progress_timer.timeout.connect(self._show_progress)
+        #: The task's last progress message, kept while later reports come without one.
+        self._progress_message = ""
 
     def _install_analysis(self) -> None:
         """Let the analysis tools (sensitivity, Pareto, graph) add their docks and menus.
@@ -494,8 +493,6 @@ class MainWindow(QMainWindow):
     def open_model(self, path: str | Path, *, trust: bool = False) -> Job:
         """Load `path` on a worker; the current model stays until the new one is ready."""
         path = Path(path).expanduser()
-        if self.load_job is not None:
-            self.load_job.cancel()  # its result, if it still arrives, is dropped
         loader = self.loader
 
         def body(progress: Progress, cancel: CancelToken) -> Model:
@@ -505,35 +502,29 @@ class MainWindow(QMainWindow):
                 check_model_path(path)
             return loader(path, LoadOptions(trust=trust, progress=progress))
 
-        job = Job(body, f"load {path.name}", _LoadRequest(path, trust, time.perf_counter()))
-        self.load_job = job
-        job.progress.connect(self._on_load_progress)
-        job.succeeded.connect(self._on_loaded)
-        job.failed.connect(self._on_load_failed)
-        job.done.connect(self._on_load_done)
-        job.start()
+        # A load already running is cancelled, and its result, if it still arrives, dropped.
+        job = self.jobs.start(LOAD, body, f"load {path.name}",
+                              context=_LoadRequest(path, trust, time.perf_counter()),
+                              on_progress=self._on_load_progress, on_result=self._on_loaded,
+                              on_error=self._on_load_failed, on_done=self._on_load_done)
         self.progress_bar.setValue(0)
         self.progress_bar.show()
         self.statusBar().showMessage(f"Opening {path.name}…")
         return job
 
-    def _current_load(self) -> "_LoadRequest | None":
-        """The request of the job that sent this signal, if it is still the one we wait for."""
-        job = self.sender()
-        if job is None or job is not self.load_job or job.is_cancelled:
-            return None
+    def _current_load(self) -> "_LoadRequest":
+        """What the current load was asked for (the job service calls only for the current one)."""
+        job = self.jobs.current(LOAD)
+        assert job is not None
         return job.context
 
     def _on_load_progress(self, fraction: float, message: str) -> None:
-        if self._current_load() is not None:
-            self.progress_bar.setValue(int(fraction * 1000))
-            if message:
-                self.statusBar().showMessage(message)
+        self.progress_bar.setValue(int(fraction * 1000))
+        if message:
+            self.statusBar().showMessage(message)
 
     def _on_loaded(self, model: Model) -> None:
         request = self._current_load()
-        if request is None:
-            return
         had_plan = self.document.to_dict() != Plan().to_dict()
         self.session.set_model(model)
         warm_up_imports()
@@ -549,9 +540,6 @@ class MainWindow(QMainWindow):
 
     def _on_load_failed(self, message: str, details: str, exc: BaseException) -> None:
         request = self._current_load()
-        if request is None:
-            return
-        self.load_job = None  # the retry below must not be taken for this job
         path = request.path
         if isinstance(exc, UntrustedPickleError) and not request.trust:
             self._hide_progress()
@@ -602,9 +590,7 @@ class MainWindow(QMainWindow):
         return None
 
     def _on_load_done(self) -> None:
-        if self.sender() is self.load_job:
-            self.load_job = None
-        if self.load_job is None and self.task is None:
+        if not self.jobs.busy(LOAD) and not self.jobs.busy(COMPRESS):
             self._hide_progress()
 
     def _hide_progress(self) -> None:
@@ -612,7 +598,17 @@ class MainWindow(QMainWindow):
 
     @property
     def loading(self) -> bool:
-        return self.load_job is not None
+        return self.jobs.busy(LOAD)
+
+    @property
+    def load_job(self) -> Job | None:
+        """The model load running now, if any."""
+        return self.jobs.current(LOAD)
+
+    @property
+    def task(self) -> Job | None:
+        """The running compression, if any: one at a time."""
+        return self.jobs.current(COMPRESS)
 
     def _on_model_changed(self, model: Model | None) -> None:
         self.stack.setCurrentIndex(0 if model is None else 1)
@@ -654,7 +650,7 @@ class MainWindow(QMainWindow):
         """Every action enabled exactly when the model's backend can do it; a disabled one says
         why (the engine's line) as its tooltip and status tip."""
         model = self.session.model
-        busy = self.task is not None
+        busy = self.jobs.busy(COMPRESS)
         capabilities.gate(self.run_action, capabilities.NO_MODEL if model is None else
                           self._plan_problem(), RUN_TIP)
         if busy:
@@ -744,8 +740,6 @@ class MainWindow(QMainWindow):
         return self._start_task(job, f"Compressing {model.path.name}")
 
     def _on_compressed(self, outcome: CompressionOutcome) -> None:
-        if self.sender() is not self.task:
-            return
         report = outcome.report
         summary = f"compressed {outcome.model.path.name}: {report.size_ratio:.3f}× the size"
         after = (report.metrics_after or {}).get("accuracy")
@@ -766,7 +760,7 @@ class MainWindow(QMainWindow):
             self.show_error(self, "nothing to export yet: run the compression first (Ctrl+R)", "")
             return
         self.export_dialog = ExportDialog(outcome, self, settings=self.settings, show_error=self.show_error,
-                                          log=self.log.add)
+                                          log=self.log.add, jobs=self.jobs)
         self.export_dialog.open()
 
     def _busy_reason(self) -> str | None:
@@ -775,77 +769,59 @@ class MainWindow(QMainWindow):
         return None
 
     def _start_task(self, job: Job, title: str) -> Job:
-        job.progress.connect(self._on_task_progress)
-        job.failed.connect(self._on_task_failed)
-        job.cancelled.connect(self._on_task_cancelled)
-        job.done.connect(self._on_task_done)
-        self.task = job
+        # Its signals queue on the GUI thread, so none arrives before the window is set up below.
+        self.jobs.start(COMPRESS, job, on_progress=self._show_progress, on_result=self._on_compressed,
+                        on_error=self._on_task_failed, on_cancelled=self._on_task_cancelled,
+                        on_done=self._on_task_done)
+        self._progress_message = ""
         self.progress_bar.setValue(0)
         self.progress_bar.show()
         self.cancel_button.show()
         self.cancel_button.setEnabled(True)
         self.statusBar().showMessage(f"{title}…")
         self._update_actions()
-        job.start()
         return job
 
     def cancel_task(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
+        if self.jobs.cancel(COMPRESS):
             self.cancel_button.setEnabled(False)
             self.statusBar().showMessage("Cancelling…")
 
-    def _on_task_progress(self, fraction: float, message: str) -> None:
-        """Keep the latest report; the bar and status line catch up every PROGRESS_REDRAW_MS.
-
-        Recovery reports every step, hundreds a second: repainting for each would keep the GUI
-        thread (and the interpreter lock the worker needs) busy and slow the job itself down."""
-        if self.sender() is not self.task:
-            return
-        self._latest_progress = (fraction, message or self._latest_progress[1])
-        if fraction >= 1.0:  # the end is shown at once, before the result arrives
-            self._progress_timer.stop()
-            self._show_progress()
-        elif not self._progress_timer.isActive():
-            self._progress_timer.start()
-
-    def _show_progress(self) -> None:
-        fraction, message = self._latest_progress
+    def _show_progress(self, fraction: float, message: str) -> None:
+        """The task's progress, as the job service's throttle lets it through (the last report
+        always arrives, before the result)."""
+        message = message or self._progress_message
+        self._progress_message = message
         self.progress_bar.setValue(int(fraction * 1000))
         if message:
             self.statusBar().showMessage(message)
         self.log.progress(fraction, message)
 
     def _on_task_failed(self, message: str, details: str, _exc: object) -> None:
-        if self.sender() is not self.task:
-            return
-        self.log.add(f"{self.task.name} failed: {message}", "error")
+        self.log.add(f"{self._task_name()} failed: {message}", "error")
         self.statusBar().showMessage(f"Failed: {message}", 10000)
         self.show_error(self, message, details)
 
     def _on_task_cancelled(self) -> None:
-        if self.sender() is not self.task:
-            return
-        self.log.add(f"{self.task.name} cancelled; the model and the plan are unchanged", "warning")
+        self.log.add(f"{self._task_name()} cancelled; the model and the plan are unchanged", "warning")
         self.statusBar().showMessage("Cancelled; nothing changed", 8000)
 
+    def _task_name(self) -> str:
+        """The running task's name (the job service calls task handlers only while it runs)."""
+        task = self.task
+        return task.name if task is not None else "the task"
+
     def _on_task_done(self) -> None:
-        if self.sender() is not self.task:
-            return
-        if self._progress_timer.isActive():  # the last report still goes to the log
-            self._progress_timer.stop()
-            self.log.progress(*self._latest_progress)
-        self._latest_progress = (0.0, "")
-        self.task = None
+        self._progress_message = ""
         self.cancel_button.hide()
-        if self.load_job is None:
+        if not self.jobs.busy(LOAD):
             self._hide_progress()
         self._update_actions()
 
     @property
     def busy(self) -> bool:
-        """True while a compression or export runs."""
-        return self.task is not None
+        """True while a compression runs."""
+        return self.jobs.busy(COMPRESS)
 
     # -- recent files -----------------------------------------------------------------------------
     def _recent_files(self) -> list[str]:
@@ -1003,9 +979,6 @@ class MainWindow(QMainWindow):
             event.ignore()
             return
         self.save_layout()
-        if self.load_job is not None:
-            self.load_job.cancel()
-        if self.task is not None:
-            self.task.cancel()
+        self.jobs.cancel_all()
         self.session.shutdown()
         super().closeEvent(event)

@@ -1,5 +1,9 @@
-"""The GUI's one shared state: the model, its statistics, the selection, the plan and results.
+"""The Qt face of the application state: the model, its statistics, the selection, the plan and results.
 
+The state itself is Qt-free (:class:`engine.app_state.AppState`, kept as :attr:`Session.state`);
+the session's signals are its fields' changes, re-emitted on the GUI thread by the one bridge
+(:class:`gui.state_bridge.StateBridge`). Every background job runs through the session's
+:class:`gui.job_service.JobService` (:attr:`Session.jobs`), one current job per slot.
 Panels take the session in ``__init__``, connect to its signals and write back only through
 its setters, so a change made in one panel reaches every other without panels knowing each
 other. The plan lives in :attr:`Session.plan_document` (every edit goes through it); the
@@ -17,6 +21,7 @@ from typing import Callable, NamedTuple
 from PySide6.QtCore import QObject, QThreadPool, Signal
 
 from engine import workflows
+from engine.app_state import AppState
 from engine.data import DataSpec
 from engine.errors import PlanError
 from engine.jobs import CancelToken, Progress
@@ -25,7 +30,9 @@ from engine.plan import LayerPlan, Plan
 from engine.size_prediction import PlanPrediction, SizePredictor
 from engine.stats import DEFAULT_BINS, Histogram, LayerStats, StatsCache
 
+from gui.job_service import JobService
 from gui.plan_document import PlanDocument
+from gui.state_bridge import StateBridge
 from gui.workers import Job
 
 #: Histogram bins: enough to show shape on big layers, few enough to not look like noise on small.
@@ -112,16 +119,22 @@ class Session(QObject):
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
-        self.model: Model | None = None
+        #: The Qt-free state; model, selection, plan, results, data and jobs live there.
+        self.state = AppState()
+        self.bridge = StateBridge(self.state, self)
+        self.bridge.result_changed.connect(self.result_changed)
+        self.bridge.data_changed.connect(self.data_changed)
+        self.bridge.model_changed.connect(self.model_changed)
+        self.bridge.selected_layer_changed.connect(self.layer_selected)
+        self.bridge.selected_layers_changed.connect(self.layers_selected)
+        #: Every background job of the window (load, compress, sensitivity, …), one per slot.
+        self.jobs = JobService(self.state, self)
         self.stats: StatsCache | None = None
-        self.selected_layer = ""
-        self.selected_layers: list[str] = []
         self.plan_document = PlanDocument(self)
         self.plan_document.validator = self._check_plan
-        self.plan_document.changed.connect(self.refresh_plan_state)
+        self.plan_document.changed.connect(self._on_plan_edited)
+        self.state.plan = self.plan_document.to_dict()  # before anyone listens: no event
         self.plan_state = PlanState()
-        self.result: CompressionOutcome | None = None
-        self.data = CompressionData()
         self.metric_predictor: MetricPredictor | None = None
         self._size_predictor: SizePredictor | None = None
         self._pool = QThreadPool(self)
@@ -129,21 +142,37 @@ class Session(QObject):
         self._jobs: set[Job] = set()
         self._histogram_pending: set[tuple[StatsCache, str]] = set()
 
+    # -- the state's fields, read here for the panels' convenience -----------------------------
+    @property
+    def model(self) -> Model | None:
+        return self.state.model
+
+    @property
+    def selected_layer(self) -> str:
+        return self.state.selected_layer
+
+    @property
+    def selected_layers(self) -> list[str]:
+        return self.state.selected_layers
+
+    @property
+    def result(self) -> CompressionOutcome | None:
+        return self.state.result
+
+    @property
+    def data(self) -> CompressionData:
+        return self.state.data
+
     # -- setters ------------------------------------------------------------------------------
     def set_model(self, model: Model | None, *, sweep: bool = True) -> None:
-        """Replace the model; optionally start filling every layer's statistics in the background."""
+        """Replace the model; optionally start filling every layer's statistics in the background.
+
+        What belongs to one model is reset in one place, AppState.reset_for_model."""
         self._cancel_jobs()
-        self.model = model
         self.stats = StatsCache(model) if model is not None else None
         self._size_predictor = SizePredictor(model) if model is not None else None
-        self.selected_layer = ""
-        self.selected_layers = []
         self._histogram_pending.clear()
-        self.set_result(None)
-        self.set_data(CompressionData())  # data chosen for one model rarely fits the next
-        self.model_changed.emit(model)
-        self.layer_selected.emit("")
-        self.layers_selected.emit([])
+        self.state.reset_for_model(model)
         self.refresh_plan_state()
         if model is not None and sweep:
             self._start_sweep()
@@ -156,8 +185,7 @@ class Session(QObject):
             if self.model is None:
                 raise KeyError(f"no layer named {name!r}: no model is loaded")
             self.model.layer(name)  # raises KeyError for unknown names
-        self.selected_layer = name
-        self.layer_selected.emit(name)
+        self.state.set("selected_layer", name)
         if name not in self.selected_layers[:1]:
             self.select_layers([name] if name else [])
 
@@ -170,16 +198,15 @@ class Session(QObject):
             if self.model is None:
                 raise KeyError(f"no layer named {name!r}: no model is loaded")
             self.model.layer(name)
-        self.selected_layers = names
-        if names and names[0] != self.selected_layer:
-            self.selected_layer = names[0]
-            self.layer_selected.emit(names[0])
-        elif not names and self.selected_layer:
-            self.selected_layer = ""
-            self.layer_selected.emit("")
-        self.layers_selected.emit(list(names))
+        current = names[0] if names else ""
+        # one update: listeners of either field see both already changed
+        self.state.update(selected_layer=current, selected_layers=names)
 
     # -- plan ------------------------------------------------------------------------------------
+    def _on_plan_edited(self) -> None:
+        self.state.set("plan", self.plan_document.to_dict())
+        self.refresh_plan_state()
+
     def _check_plan(self, plan: Plan) -> None:
         """Edits must resolve against the model, unless the plan already did not (a plan made for
         another model must stay editable until it fits)."""
@@ -221,18 +248,13 @@ class Session(QObject):
         return self.data.effective(self.model_is_demo())
 
     def set_data(self, choice: CompressionData) -> None:
-        if choice != self.data:
-            self.data = choice
-            self.data_changed.emit(choice)
+        self.state.set("data", choice)
 
     def set_result(self, outcome: CompressionOutcome | None) -> None:
         """Show `outcome`; one made from a model that is no longer loaded is dropped."""
         if outcome is not None and outcome.model is not self.model:
             return
-        if outcome is None and self.result is None:
-            return
-        self.result = outcome
-        self.result_changed.emit(outcome)
+        self.state.set("result", outcome, force=outcome is not None)
 
     # -- statistics -----------------------------------------------------------------------------
     def weight_count(self, name: str) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import threading
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -81,6 +82,9 @@ class Job(QObject):
         self.context = context
         self.token = CancelToken()
         self.finished = False
+        #: Set on the worker once the body returned and every signal was sent: unlike
+        #: ``finished`` it needs no event loop, so a caller can wait for it (JobService.wait).
+        self.body_ended = threading.Event()
         self.done.connect(self._forget)
 
     def start(self, pool: QThreadPool | None = None, priority: int = 0) -> "Job":
@@ -126,6 +130,7 @@ class Job(QObject):
                 self._emit(self.succeeded, result)
         finally:
             self._emit(self.done)
+            self.body_ended.set()
 
     @staticmethod
     def _emit(signal: Any, *args: Any) -> None:

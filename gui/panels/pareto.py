@@ -61,6 +61,7 @@ from gui.panels.sensitivity import delta_text, in_points, metric_text
 from gui.plan_document import PlanDocument
 from gui.text import human_bytes, percent
 from gui.theme import style_plot, theme_signals
+from gui.job_service import ALLOCATE, FRONT
 from gui.workers import Job
 
 SIZE, DROP = "size", "drop"
@@ -101,8 +102,9 @@ class ParetoPanel(QWidget):
         self.last_allocation: Allocation | None = None
         #: The last allocation with what checking it measured (the report `slimscope plan` writes).
         self.last_outcome: PlanOutcome | None = None
-        self.front_job: Job | None = None
-        self.allocate_job: Job | None = None
+        #: The session's job service: the front and the allocation run in its FRONT and
+        #: ALLOCATE slots, one of each at a time.
+        self.jobs = self.session.jobs
 
         # -- target row --
         self.mode_combo = QComboBox()
@@ -271,9 +273,9 @@ class ParetoPanel(QWidget):
         self.last_allocation = self.last_outcome = None
         self.allocation_label.setText("")
         self._update_drop_units()
-        if self.front_job is not None:
-            self.front_job.cancel()
-            self.front_job = None
+        # Both belong to the previous results: cancelled, and what they still send is dropped.
+        self.jobs.cancel(FRONT, forget=True)
+        self.jobs.cancel(ALLOCATE, forget=True)
         if result is None:
             for item in (self.front_curve, self.front_tail, self.original_point):
                 item.setData([], [])
@@ -290,22 +292,23 @@ class ParetoPanel(QWidget):
         self.plot.setLabel("left", f"{result.metric}{metric_unit}")
         self.original_point.setData([100.0], [self._display(result.baseline)])
         self.original_text.setPos(2.0, self._display(result.baseline))  # log10(100 %)
-        job = Job(_front_body(result), "Pareto front", result)
-        self.front_job = job
-        job.succeeded.connect(self._on_front)
-        job.failed.connect(self._on_job_failed)
-        job.start()
+        self.jobs.start(FRONT, _front_body(result), "Pareto front", context=result,
+                        on_result=self._on_front, on_error=self._on_job_failed)
         self._update_enabled()
         self.update_plan_point()
 
     def _display(self, value: float) -> float:
         return value * 100 if self.sensitivity is not None and in_points(self.sensitivity) else value
 
+    @property
+    def front_job(self) -> Job | None:
+        return self.jobs.current(FRONT)
+
+    @property
+    def allocate_job(self) -> Job | None:
+        return self.jobs.current(ALLOCATE)
+
     def _on_front(self, front: list[FrontPoint]) -> None:
-        job = self.sender()
-        if job is not self.front_job or getattr(job, "context", None) is not self.sensitivity:
-            return
-        self.front_job = None
         self.front = front
         self._draw_front()
 
@@ -344,7 +347,7 @@ class ParetoPanel(QWidget):
         self._place_labels()
 
     def _update_enabled(self) -> None:
-        busy = self.allocate_job is not None
+        busy = self.jobs.busy(ALLOCATE)
         self.allocate_button.setEnabled(self.sensitivity is not None and not busy)
         self.allocate_button.setText("Allocating…" if busy else "Allocate")
         if self.sensitivity is None:
@@ -443,7 +446,7 @@ class ParetoPanel(QWidget):
     def allocate(self) -> Job | None:
         """Allocate for the target on a worker; the plan is replaced when it is done."""
         result = self.sensitivity
-        if result is None or self.allocate_job is not None:
+        if result is None or self.jobs.busy(ALLOCATE):
             return None
         try:
             target = self.target_kwargs()
@@ -457,12 +460,9 @@ class ParetoPanel(QWidget):
             data = self.state.results_data
             assert data is not None and data.spec
             check = data.data_spec()  # what the results were measured on
-        job = Job(_allocate_body(result, model, Target(**target), check), "allocate", (result, target))
-        self.allocate_job = job
-        job.succeeded.connect(self._on_allocated)
-        job.failed.connect(self._on_job_failed)
-        job.done.connect(self._on_allocate_done)
-        job.start()
+        job = self.jobs.start(ALLOCATE, _allocate_body(result, model, Target(**target), check), "allocate",
+                              context=(result, target), on_result=self._on_allocated,
+                              on_error=self._on_job_failed, on_done=self._on_allocate_done)
         self._update_enabled()
         self._show_target_line(result, target)
         return job
@@ -479,11 +479,12 @@ class ParetoPanel(QWidget):
         self.target_line.show()
 
     def _on_allocated(self, outcome: PlanOutcome) -> None:
-        job = self.sender()
-        context = getattr(job, "context", None)
-        result = self.sensitivity
-        if job is not self.allocate_job or context is None or context[0] is not result:
+        # The job service calls this only for the current allocation, which new results drop.
+        job = self.jobs.current(ALLOCATE)
+        if job is None:
             return
+        context = job.context
+        result = self.sensitivity
         checked, allocation = outcome.checked, outcome.allocation
         assert result is not None
         self.last_allocation, self.last_outcome = allocation, outcome
@@ -504,9 +505,7 @@ class ParetoPanel(QWidget):
         self.allocation_label.setText(text + " Undo with Ctrl+Z.")
 
     def _on_allocate_done(self) -> None:
-        if self.sender() is self.allocate_job:
-            self.allocate_job = None
-            self._update_enabled()
+        self._update_enabled()
 
     def _on_job_failed(self, message: str, _details: str, _exc: object) -> None:
         self.allocation_label.setText(message)
