@@ -29,8 +29,9 @@ channels; quantization ``bits`` 2..8 or "fp16"/"bf16"; ``group_size`` dividing t
 ``rank`` >= 1 and <= min(out, row length), a multiple of the layer's group size and N:M M
 (it is the second factor's input), or ``energy`` in (0, 1]; ``structured`` only on
 Conv1d/2d/3d and Linear; every ``magnitude-global`` layer shares one amount. Quantization
-``method`` is "rtn" (round to nearest, the default) or "gptq" (error-compensated, integer bits
-only; ``act_order`` true/false, ``damping`` in (0, 1]); pruning method "obs" takes an amount or
+``method`` is "rtn" (round to nearest, the default), "gptq" (error-compensated, integer bits
+only; ``act_order`` true/false, ``damping`` in (0, 1]) or "awq" (activation-aware input-channel
+scales searched per layer, then round to nearest; ONNX MatMul/Gemm weights); pruning method "obs" takes an amount or
 an N:M pattern; both need calibration data and layers whose input statistics can be collected
 (:data:`STATISTICS_KINDS`). ``bias_correction: true`` beside the sections (any level) shifts
 the bias of a pruned or quantized layer so its mean output on the calibration data is unchanged.
@@ -59,7 +60,7 @@ Example (YAML; JSON has the same structure)::
         quantization: {bits: fp16}
       classifier.4:
         pruning: null
-    activation_quant: {calibration: percentile, percentile: 99.99}
+    activation_quant: {calibration: percentile, percentile: 99.99, smoothing: 0.5}
     recovery: {epochs: 2}          # validated by engine.finetune, kept here as data
 """
 
@@ -87,9 +88,10 @@ PLAN_VERSION = 1
 
 PRUNING_METHODS = ("magnitude", "magnitude-global", "gradient", "taylor", "nm", "structured", "obs")
 #: "rtn": round to nearest (the default); "gptq": GPTQ's error-compensated rounding.
-QUANTIZATION_METHODS = ("rtn", "gptq")
+#: "awq": activation-aware scaling searched per layer, then round to nearest (weight-only).
+QUANTIZATION_METHODS = ("rtn", "gptq", "awq")
 #: Methods that need layer-input statistics from calibration data (engine.calibration_stats).
-STATISTICS_METHODS = frozenset({"obs", "gptq"})
+STATISTICS_METHODS = frozenset({"obs", "gptq", "awq"})
 #: GPTQ's default damping: a fraction of the mean of the Hessian's diagonal.
 DEFAULT_DAMPING = 0.01
 GRANULARITIES = ("per-tensor", "per-channel", "group")
@@ -158,7 +160,9 @@ class Quantization:
 
     `method` "rtn" rounds each weight to the nearest code; "gptq" rounds column by column and
     compensates each error with the columns not yet rounded (needs calibration data), with
-    `act_order` (largest-input columns first) and `damping` (added to the Hessian's diagonal).
+    `act_order` (largest-input columns first) and `damping` (added to the Hessian's diagonal);
+    "awq" scales each input channel by mean|X|^a (a searched per layer on calibration data)
+    before rounding to nearest, the activation divided back in the graph (ONNX only).
     """
 
     bits: int | str = 8
@@ -187,6 +191,7 @@ class Quantization:
             out["group_size"] = self.group_size
         if self.method != "rtn":
             out["method"] = self.method
+        if self.method == "gptq":
             out["act_order"] = self.act_order
             out["damping"] = self.damping
         return out
@@ -240,6 +245,10 @@ class ActivationQuant:
     #: ONNX node names whose activations stay in float (whole-model int8 breaks some models;
     #: the activation sensitivity sweep says which nodes), honoured by the int8 exporter.
     keep_float: tuple[str, ...] = ()
+    #: SmoothQuant's migration strength α in (0, 1), or None: before calibration, each
+    #: MatMul/Gemm input channel is divided by max|X_j|^α / max|W_j|^(1−α) and the weight
+    #: multiplied by it (engine.methods.smoothquant), so int8 activations lose less to outliers.
+    smoothing: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"calibration": self.calibration}
@@ -247,6 +256,8 @@ class ActivationQuant:
             out["percentile"] = self.percentile
         if self.keep_float:
             out["keep_float"] = list(self.keep_float)
+        if self.smoothing is not None:
+            out["smoothing"] = self.smoothing
         return out
 
 
@@ -686,7 +697,8 @@ def _activation_from_data(raw: Any) -> ActivationQuant | None:
         return None
     if not isinstance(raw, Mapping):
         raise PlanError(f"plan activation_quant: expected a mapping, got {_value(raw)}")
-    _reject_unknown("plan activation_quant", raw, {"calibration", "percentile", "keep_float"})
+    _reject_unknown("plan activation_quant", raw,
+                    {"calibration", "percentile", "keep_float", "smoothing"})
     calibration = _choice("activation_quant.calibration", raw.get("calibration", "minmax"),
                           CALIBRATION_METHODS)
     percentile = raw.get("percentile", ActivationQuant.percentile)
@@ -696,7 +708,13 @@ def _activation_from_data(raw: Any) -> ActivationQuant | None:
     if not isinstance(keep_float, list) or not all(isinstance(name, str) for name in keep_float):
         raise PlanError(f"plan activation_quant.keep_float: expected a list of node names, got "
                         f"{_value(keep_float)}")
-    return ActivationQuant(calibration, float(percentile), tuple(keep_float))
+    smoothing = raw.get("smoothing")
+    if smoothing is not None and (not _is_number(smoothing) or not math.isfinite(smoothing)
+                                  or not 0 < smoothing < 1):
+        raise PlanError(f"plan activation_quant.smoothing: {_value(smoothing)} must be a number "
+                        "in (0, 1) (SmoothQuant's alpha, 0.5 is usual)")
+    return ActivationQuant(calibration, float(percentile), tuple(keep_float),
+                           float(smoothing) if smoothing is not None else None)
 
 
 def _choice(where: str, value: Any, allowed: tuple[str, ...]) -> str:

@@ -626,8 +626,13 @@ def collect_input_moments(
     budget_bytes: int = MOMENT_BYTES,
     progress: Progress = no_progress,
     cancel: CancelToken = NEVER_CANCELLED,
+    abs_stats: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Per weight key, the second moments of the activation it multiplies, per sample.
+
+    With `abs_stats` (a dict to fill), the same pass also records, per key whose moments come
+    from rows (MatMul, Gemm, 1x1 convolution), each input channel's max |x| and mean |x| over
+    those rows (what SmoothQuant- and AWQ-style scaling need).
 
     The tensors are summed over every row of every sample and divided by the number of
     samples, so ``trace(ΔWᵀ M ΔW)`` is the expected squared output change per sample:
@@ -676,6 +681,7 @@ def collect_input_moments(
         activations = sorted({use.activation for key in group for use in uses[key]})
         session = _Session(_with_outputs(proto, activations), input_name, input_dtype)
         sums: dict[str, np.ndarray] = {}
+        abs_sums: dict[str, list[Any]] = {}
         for c, x in enumerate(cached):
             cancel.check()
             progress((g + c / len(cached)) / len(groups), "layer-input statistics")
@@ -684,9 +690,49 @@ def collect_input_moments(
                 for use in uses[key]:
                     part = _moment(use, values[use.activation])
                     sums[key] = part if key not in sums else sums[key] + part
+                    if abs_stats is not None and use.form in ("right", "left", "gemm", "conv1x1"):
+                        _add_abs(abs_sums, key, np.abs(_rows(use, values[use.activation])))
         for key, total in sums.items():
             moments[key] = total / samples
+        if abs_stats is not None:
+            abs_stats.update({key: (high, total / max(rows, 1))
+                              for key, (high, total, rows) in abs_sums.items()})
     return moments
+
+
+def _add_abs(sums: dict[str, list[Any]], key: str, magnitudes: np.ndarray) -> None:
+    """Accumulate per-channel (max, sum, row count) of `magnitudes` ``[rows, channels]``."""
+    high, total = magnitudes.max(axis=0), magnitudes.sum(axis=0)
+    if key not in sums:
+        sums[key] = [high, total, len(magnitudes)]
+    else:
+        found = sums[key]
+        found[0], found[1], found[2] = np.maximum(found[0], high), found[1] + total, \
+            found[2] + len(magnitudes)
+
+
+def channel_abs_stats(proto: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]],
+                      names: Sequence[str], cancel: CancelToken = NEVER_CANCELLED
+                      ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per named activation, each channel's (max |x|, mean |x|) along its last axis (the
+    input channels of a MatMul/Gemm reading it), over every row of every feed: one ONNX
+    Runtime pass with the activations exposed as extra outputs. Feeds are full input dicts,
+    so graphs with several inputs (a transformer's ids and mask) work too."""
+    wanted = list(dict.fromkeys(names))
+    if not wanted:
+        return {}
+    try:
+        session = onnx_tools.session(_with_outputs(proto, wanted), threads=1)
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise SlimscopeError(f"onnxruntime cannot run the model: "
+                             f"{onnx_tools._one_line(exc)}") from None
+    sums: dict[str, list[Any]] = {}
+    for feed in feeds:
+        cancel.check()
+        for name, value in zip(wanted, session.run(wanted, dict(feed))):
+            value = np.abs(np.asarray(value, dtype=np.float64))
+            _add_abs(sums, name, value.reshape(-1, value.shape[-1]))
+    return {name: (high, total / max(rows, 1)) for name, (high, total, rows) in sums.items()}
 
 
 def _batch_length(batch: Any) -> int:

@@ -94,14 +94,22 @@ def check_tensor_plan(model: "Model", plan: Plan, resolved: Mapping[str, LayerPl
         raise SlimscopeError(f"the plan's recovery section cannot run on {model.path.name}: "
                              f"{model.why_not(TRAIN)}")
     compensated = {name: [m for m in method_names(p) if m in STATISTICS_METHODS]
-                   for name, p in resolved.items()}
-    forms = _forms(model, [model.layer(n).weight_key for n, found in compensated.items() if found])
+                   for name, p in resolved.items() if not _is_awq(p)}
+    forms = _forms(model, [model.layer(n).weight_key for n, p in resolved.items()
+                           if compensated.get(n) or _is_awq(p)])
+    coded = getattr(model.tensors, "decoders", {})
     for name, layer_plan in resolved.items():
+        if layer_plan.quantization is not None and model.layer(name).weight_key in coded:
+            raise PlanError(f"layer {quote(name)}: {quote(model.path.name)} already stores it as "
+                            "integer codes on fixed scales; quantizing it again is not supported "
+                            "(prune it, or open the float model it was made from)")
         if layer_plan.bias_correction and not layer_plan.keep and not model.can(BIAS_CORRECTION):
             raise PlanError(f"layer {quote(name)}: bias correction is not available for "
                             f"{model.path.name}: {model.why_not(BIAS_CORRECTION)}")
-        for method_name in compensated[name]:
+        for method_name in compensated.get(name, ()):
             _check_compensated(model, name, layer_plan, method_name, forms)
+        if _is_awq(layer_plan):
+            _check_awq(model, name, layer_plan, forms)
         pruning = layer_plan.pruning
         if pruning is not None and pruning.method in _PRUNING_NEEDS:
             capability, what = _PRUNING_NEEDS[pruning.method]
@@ -155,6 +163,88 @@ def _check_compensated(model: "Model", name: str, layer_plan: LayerPlan, method_
                         "is not built yet; use per-channel granularity for it")
 
 
+def _is_awq(layer_plan: LayerPlan) -> bool:
+    quant = layer_plan.quantization
+    return quant is not None and quant.method == "awq"
+
+
+def _check_awq(model: "Model", name: str, layer_plan: LayerPlan,
+               forms: Mapping[str, tuple[str, bool]]) -> None:
+    """Refuse AWQ where its input-channel scale cannot be applied by graph rewrite."""
+    if model.onnx_model is None or not model.can(RUN):
+        raise PlanError(f"layer {quote(name)}: AWQ needs layer-input statistics and a graph "
+                        f"rewrite; {model.path.name} is not a runnable ONNX graph (plan rtn or "
+                        "gptq for it)")
+    if forms.get(model.layer(name).weight_key, ("", False))[0] not in ("right", "gemm"):
+        raise PlanError(f"layer {quote(name)}: AWQ is built for MatMul (X @ W) and Gemm weights "
+                        "that multiply an activation directly; plan rtn or gptq for it")
+    if layer_plan.pruning is not None or layer_plan.low_rank is not None:
+        raise PlanError(f"layer {quote(name)}: AWQ together with pruning or low-rank is not "
+                        "built yet; plan AWQ alone for this layer")
+
+
+def _apply_awq(backend: Backend, awq: list[tuple["Layer", LayerPlan]],
+               stats: Mapping[str, tuple[Any, bool]], result: CompressedModel,
+               planned: set[str], cancel: CancelToken) -> Backend:
+    """AWQ (engine.methods.awq) for the ONNX MatMul/Gemm weights in `awq`: per activation, one
+    input-channel scale searched for the layers reading it, the activation divided by it in
+    the graph (engine.methods.smoothquant.scale_inputs: a LayerNorm fold or a Mul), and the
+    scaled weights rounded to nearest. Codes are kept ``[out, in]`` (MatMulNBits' layout)."""
+    from engine.backends.onnx_graph import OnnxBackend
+    from engine.methods.awq import rtn, search_scales
+    from engine.methods.smoothquant import find_targets, scale_inputs
+
+    proto = backend.full_proto()  # type: ignore[attr-defined]
+    targets = find_targets(proto)
+    by_weight = {t.weight: t for group in targets.values() for t in group}
+    groups: dict[str, list[tuple["Layer", LayerPlan, Any]]] = defaultdict(list)
+    for layer, layer_plan in awq:
+        found = by_weight.get(layer.weight_key)
+        if found is None:
+            raise PlanError(f"layer {quote(layer.name)}: AWQ needs a 2-D MatMul/Gemm weight that "
+                            "only this node reads and that multiplies an activation directly; "
+                            "plan rtn or gptq for it")
+        groups[found.activation].append((layer, layer_plan, found))
+    scales: dict[str, np.ndarray] = {}
+    replacements: dict[str, np.ndarray] = {}
+    for activation, members in groups.items():
+        cancel.check()
+        settings = members[0][1].quantization
+        assert settings is not None
+        for layer, layer_plan, _ in members[1:]:
+            if layer_plan.quantization != settings:
+                raise PlanError(f"layer {quote(layer.name)} reads the same input as "
+                                f"{quote(members[0][0].name)} but its AWQ settings differ; "
+                                "give them the same quantization")
+        layer_stats, _ = stats[members[0][0].weight_key]
+        views = []
+        for layer, _, found in members:
+            stored = torch.from_numpy(np.array(backend.read(layer.weight_key), dtype=np.float32))
+            views.append(stored.T if found.in_axis == 0 else stored)  # [out, in]
+            if settings.granularity == "group" and stored.shape[found.in_axis] % settings.group_size:
+                raise PlanError(f"layer {quote(layer.name)}: quantization.group_size "
+                                f"{settings.group_size} does not divide its "
+                                f"{stored.shape[found.in_axis]} inputs")
+        s, error, errors = search_scales(views, layer_stats.xtx[0], layer_stats.channel_mean_abs,
+                                         settings)
+        exponent = min(errors, key=errors.get)
+        ratio = error / errors[0.0] if errors.get(0.0) else 1.0
+        scales[activation] = s.numpy()
+        for (layer, _, found), view in zip(members, views):
+            q = rtn((view.double() * s[None, :]).float(), settings)
+            value = q.dequantize()
+            replacements[layer.weight_key] = (value.T if found.in_axis == 0 else value).numpy()
+            result.quantized[layer.weight_key] = q
+            result.notes.append(f"{layer.name}: AWQ scale exponent {exponent:g}, calibration "
+                                f"output error {ratio:.3f}x round to nearest's")
+    proto, inserted = scale_inputs(proto, scales, {a: [m[2] for m in groups[a]] for a in scales},
+                                   fold_matmul=False, keep=planned)
+    if inserted:
+        result.notes.append(f"AWQ: {len(inserted)} Mul nodes divide activations by their scale "
+                            "(the rest folded into LayerNormalization)")
+    return OnnxBackend(proto, backend.path).with_weights(replacements)  # type: ignore[attr-defined]
+
+
 def _transposed(form: tuple[str, bool]) -> bool:
     """Whether the stored weight is ``[in, out]`` (MatMul X@W, Gemm without transB)."""
     return form[0] == "right" or (form[0] == "gemm" and not form[1])
@@ -196,10 +286,14 @@ def apply_tensor_plan(
             elif layer.weight_key in low_rank:
                 result.notes.append(f"{layer.name}: the requested rank would not reduce "
                                     "parameters; layer kept whole")
+    awq = [(layer, layer_plan) for layer, layer_plan in owners if _is_awq(layer_plan)]
     work = [(layer, layer_plan) for layer, layer_plan in owners
-            if any(m in WEIGHT_ONLY_METHODS or m in STATISTICS_METHODS
-                   for m in method_names(layer_plan))]
-    stats = _statistics(model, work, calibration, sub_progress(progress, 0.0, 0.5), cancel)
+            if not _is_awq(layer_plan) and any(m in WEIGHT_ONLY_METHODS or m in STATISTICS_METHODS
+                                               for m in method_names(layer_plan))]
+    stats = _statistics(model, work + awq, calibration, sub_progress(progress, 0.0, 0.5), cancel)
+    if awq:
+        planned = {key for layer, _ in owners for key in (layer.weight_key, layer.bias_key) if key}
+        backend = _apply_awq(backend, awq, stats, result, planned, cancel)
     if work:
         replacements = _run_methods(model, work, result,
                                     sub_progress(progress, 0.5 if stats else 0.1, 0.95), cancel,
@@ -232,26 +326,32 @@ def _statistics(model: "Model", work: list[tuple["Layer", LayerPlan]],
     """Per weight key GPTQ/OBS will change, its input statistics (an InputStats) and whether
     the stored weight is ``[in, out]``: one ONNX Runtime pass over the calibration data."""
     keys = [layer.weight_key for layer, layer_plan in work
-            if any(m in STATISTICS_METHODS for m in method_names(layer_plan))]
+            if _is_awq(layer_plan) or any(m in STATISTICS_METHODS for m in method_names(layer_plan))]
     if not keys:
         return {}
     if calibration is None:
-        raise PlanError("GPTQ and OBS pruning of this model need calibration data (--data or "
-                        "--calibration)")
+        raise PlanError("GPTQ, AWQ and OBS pruning of this model need calibration data (--data "
+                        "or --calibration)")
     from engine.calibration_stats import InputStats
     from engine.sensitivity_backends import collect_input_moments
 
     forms = _forms(model, keys)
+    magnitudes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     moments = collect_input_moments(model, calibration.head(CALIBRATION_SAMPLES), keys,
-                                    progress=progress, cancel=cancel)
+                                    progress=progress, cancel=cancel, abs_stats=magnitudes)
     stats = {}
     for key in keys:
+        if key not in moments or key not in forms:
+            raise PlanError(f"weight {quote(key)}: its layer-input statistics cannot be collected "
+                            "(it does not multiply an activation directly); plan rtn for it")
         xtx = torch.from_numpy(np.asarray(moments[key], dtype=np.float64))
         xtx = xtx if xtx.dim() == 3 else xtx[None]  # [groups, d, d]; MatMul/Gemm/1x1: one group
         # GPTQ and OBS are invariant to H's scale: rows = samples keeps H = 2·XᵀX per sample
         stats[key] = (InputStats(xtx=xtx, mean=torch.zeros(xtx.shape[0], xtx.shape[1],
                                                            dtype=torch.float64),
-                                 channel_mean_abs=torch.zeros(0, dtype=torch.float64),
+                                 channel_mean_abs=torch.from_numpy(np.asarray(
+                                     magnitudes[key][1] if key in magnitudes else np.zeros(0),
+                                     dtype=np.float64)),
                                  rows=1, samples=1), _transposed(forms[key]))
     return stats
 

@@ -152,6 +152,7 @@ class OnnxInt8Exporter(OnnxExporter):
                              "with real samples for activation ranges that fit real data")
         _plan_mismatch_notes(job)
         method = (job.compressed.activation_quant or {}).get("calibration", "minmax")
+        smoothing = (job.compressed.activation_quant or {}).get("smoothing")
         batches = [inputs for inputs, _ in
                    job.calibration.head(DEFAULT_CALIBRATION_SAMPLES).batches(CALIBRATION_BATCH)]
         keep_float = keep_float_nodes(job)
@@ -159,7 +160,11 @@ class OnnxInt8Exporter(OnnxExporter):
         with quiet_onnxruntime_logs():
             quantized, report = quantize_int8_best(
                 fp32_graph(job), batches, method=method, per_channel=per_channel,
-                keep_float=keep_float, progress=job.progress, cancel=job.cancel)
+                keep_float=keep_float, smoothing=smoothing, progress=job.progress,
+                cancel=job.cancel)
+        if smoothing is not None:
+            job.notes.append(f"the static int8 candidate was smoothed first (SmoothQuant, alpha "
+                             f"{smoothing:g}): activation outliers moved into MatMul/Gemm weights")
         if keep_float:
             job.notes.append(f"{len(keep_float)} nodes keep float activations as the plan says "
                              f"({'per-channel' if per_channel else 'per-tensor'} int8 weights)")

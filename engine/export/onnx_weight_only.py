@@ -164,6 +164,7 @@ def codes_as_matmul_nbits(model: onnx.ModelProto, planned: dict[str, QuantizedWe
     result.CopyFrom(model)
     graph = result.graph
     shapes = {tensor.name: tuple(tensor.dims) for tensor in graph.initializer}
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
     written: set[str] = set()
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
@@ -176,6 +177,7 @@ def codes_as_matmul_nbits(model: onnx.ModelProto, planned: dict[str, QuantizedWe
                 and not attributes.get("transA") and attributes.get("alpha", 1.0) == 1.0
                 and attributes.get("beta", 1.0) == 1.0
                 and tuple(quant.codes.shape) == shapes[weight]))
+        fits = fits and _codes_match(quant, initializers[weight], node.op_type == "MatMul")
         made = _nbits_codes(quant, bits, weight) if fits else None  # type: ignore[arg-type]
         if made is None:
             nodes.append(node)
@@ -201,6 +203,20 @@ def codes_as_matmul_nbits(model: onnx.ModelProto, planned: dict[str, QuantizedWe
         if not any(o.domain == "com.microsoft" for o in result.opset_import):
             result.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return result, written
+
+
+def _codes_match(quant: QuantizedWeight, stored: onnx.TensorProto, transposed: bool) -> bool:
+    """Whether the codes, read as MatMulNBits reads them (``[N, K]``), decode to the graph's
+    weight (a MatMul's ``[K, N]`` transposed). Shapes alone cannot tell for a square weight:
+    round-to-nearest codes of an ONNX MatMul are kept in its stored ``[K, N]`` layout, AWQ's
+    in ``[N, K]``; written the wrong way round the layer would compute with Wᵀ."""
+    weight = numpy_helper.to_array(stored).astype(np.float32)
+    expected = weight.T if transposed else weight
+    decoded = quant.dequantize().numpy()
+    if decoded.shape != expected.shape:
+        return False
+    tolerance = 1e-5 * max(float(np.abs(expected).max(initial=0.0)), 1e-30)
+    return bool(np.allclose(decoded, expected, rtol=1e-5, atol=tolerance))
 
 
 class _WeightOnly(OnnxExporter):

@@ -1,7 +1,7 @@
 """Compression techniques, one module each; importing this package fills the registry."""
 
 from engine.methods import (  # noqa: F401
-    gptq, gradient, lowrank, magnitude, nm_sparsity, obs, quantize, structured)
+    awq, gptq, gradient, lowrank, magnitude, nm_sparsity, obs, quantize, structured)
 from engine.methods.base import REGISTRY, STAGES, Context, Method, PruningMethod
 
 __all__ = ["REGISTRY", "STAGES", "Context", "Method", "PruningMethod"]

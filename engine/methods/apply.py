@@ -97,7 +97,8 @@ def method_names(layer_plan: LayerPlan) -> list[str]:
     quantization = layer_plan.quantization
     if quantization is not None:
         names.append("cast" if quantization.is_float
-                     else "gptq" if quantization.method == "gptq" else "uniform")
+                     else quantization.method if quantization.method in ("gptq", "awq")
+                     else "uniform")
     return names
 
 

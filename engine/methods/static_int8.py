@@ -267,10 +267,15 @@ def quantize_static_int8(
     pre_process: bool = True,
     nodes_to_exclude: Sequence[str] = (),
     excluded_weights_int8: bool = True,
+    smoothing: float | None = None,
     progress: Progress = no_progress,
     cancel: CancelToken = NEVER_CANCELLED,
 ) -> onnx.ModelProto:
     """Static int8 (QDQ): int8 weights and uint8 activations with ranges from calibration.
+
+    `smoothing` (SmoothQuant's α) first migrates activation outliers into the MatMul/Gemm
+    weights (:func:`engine.methods.smoothquant.smooth_model`, exact in float); the Mul nodes
+    it inserts keep float inputs, so the outliers are never rounded to int8.
 
     `method` picks how activation ranges are set from the calibration outputs: "minmax" (all
     values), "percentile" (clips the top 0.001%) or "entropy" (minimizes KL divergence).
@@ -293,6 +298,12 @@ def quantize_static_int8(
 
     progress(0.0, "preparing the graph for quantization")
     excluded = list(nodes_to_exclude)
+    if smoothing is not None:
+        from engine.methods.smoothquant import smooth_model
+
+        calibration_batches = calibration_feeds(fp32_model, calibration_batches)
+        fp32_model, inserted, _ = smooth_model(fp32_model, calibration_batches, smoothing, cancel)
+        excluded += inserted
     prepared = prepare_for_quantization(fp32_model, per_channel=per_channel,
                                         pre_process=pre_process, keep_names=excluded)
     feeds = calibration_feeds(prepared, calibration_batches)
@@ -804,6 +815,7 @@ def quantize_int8_best(
     repeats: int = 20,
     min_cosine: float = 0.99,
     keep_float: Sequence[str] = (),
+    smoothing: float | None = None,
     progress: Progress = no_progress,
     cancel: CancelToken = NEVER_CANCELLED,
 ) -> tuple[onnx.ModelProto, Int8Report]:
@@ -829,7 +841,8 @@ def quantize_int8_best(
     `keep_float` names nodes whose activations must stay float (a plan's ``keep_float``): the
     candidates are then static QDQ with those nodes excluded (their weights int8) and
     weight-only int8, which keeps every activation float; the dynamic ones would quantize
-    the kept nodes again and are left out.
+    the kept nodes again and are left out. `smoothing` (SmoothQuant's α) applies to the static
+    QDQ candidate (see :func:`quantize_static_int8`).
     """
     feeds = calibration_feeds(fp32_model, calibration_batches)
     kept = list(keep_float)
@@ -837,11 +850,14 @@ def quantize_int8_best(
         ("static_qdq_keep_float", f"static int8 (QDQ) with {len(kept)} nodes kept float as "
          "the plan says (their weights int8)") if kept
         else ("static_qdq", "static int8 (QDQ) for every supported operator"))
+    if smoothing is not None:
+        static_name, static_description = (f"{static_name}_smoothed", f"{static_description}, "
+                                           f"SmoothQuant-smoothed (alpha {smoothing:g})")
     builders: list[tuple[str, str, Callable[[Progress], onnx.ModelProto]]] = [
         (static_name, static_description,
          lambda stage: quantize_static_int8(fp32_model, feeds, method=method,
                                             per_channel=per_channel, nodes_to_exclude=kept,
-                                            progress=stage, cancel=cancel)),
+                                            smoothing=smoothing, progress=stage, cancel=cancel)),
         ("weight_only", "int8 weights decoded at load, float activations",
          lambda stage: _weight_only_candidate(fp32_model, per_channel)),
     ]

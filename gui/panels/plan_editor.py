@@ -76,10 +76,12 @@ METHOD_NOTES = {
     "structured": "Remove whole output channels: the layer itself gets smaller",
     "obs": "OBS: prune and compensate the remaining weights from calibration data",
 }
-QUANT_METHOD_LABELS = {"rtn": "Round to nearest", "gptq": "GPTQ (compensated)"}
+QUANT_METHOD_LABELS = {"rtn": "Round to nearest", "gptq": "GPTQ (compensated)",
+                       "awq": "AWQ (activation-aware)"}
 QUANT_METHOD_NOTES = {
     "rtn": "Round each weight to its nearest code",
     "gptq": "GPTQ: quantize column by column, compensating the error from calibration data",
+    "awq": "AWQ: scale each input channel by its activation size before rounding (calibration data)",
 }
 BIAS_NOTE = "Shift the bias so the layer's mean output on calibration data stays the same"
 #: What the error-compensating methods need: layer inputs on calibration data (torch hooks or
@@ -368,6 +370,8 @@ class SectionsForm(QWidget):
             if self.quant_method_combo.currentData() == "gptq":
                 data.update(method="gptq", act_order=self.act_order_check.isChecked(),
                             damping=round(self.damping_spin.value() / 100, 6))
+            elif self.quant_method_combo.currentData() == "awq":
+                data["method"] = "awq"
             return data
         if not self.rank_box.isChecked():
             return None

@@ -136,7 +136,7 @@ def test_every_method_has_a_one_line_explanation(editor):
     for index in range(form.method_combo.count()):
         form.method_combo.setCurrentIndex(index)
         assert form.method_note.text() and "\n" not in form.method_note.text()
-    assert form.quant_method_combo.count() == 2  # round to nearest, GPTQ
+    assert form.quant_method_combo.count() == 3  # round to nearest, GPTQ, AWQ
 
 
 def test_bias_correction_checkbox_writes_the_plan_and_undoes(session, editor):
