@@ -302,8 +302,19 @@ def _as_torch(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(array))
 
 
-def _stored_tensor_bytes(compressed: CompressedModel, key: str, array: np.ndarray) -> int:
-    """tensor_storage_bytes for a numpy array, counted a chunk at a time."""
+def _code_bits(model: Model, key: str) -> int | None:
+    """The width of the integer codes a quantized file stores `key` as (its backend reads the
+    decoded floats and writes changes back as codes on the same scale), or None."""
+    decoders = getattr(model.tensors, "decoders", None)
+    if not decoders or key not in decoders:
+        return None
+    return int(np.dtype(model.tensors.stored(key).dtype).itemsize * 8)
+
+
+def _stored_tensor_bytes(compressed: CompressedModel, key: str, array: np.ndarray,
+                         native_bits: int | None = None) -> int:
+    """tensor_storage_bytes for a numpy array, counted a chunk at a time; `native_bits` is the
+    width the file stores an unchanged-format tensor in (int8 codes of a quantized file)."""
     if array.dtype.kind not in "fiub" and array.dtype.name != "bfloat16":
         return array.nbytes
     quant = compressed.quantized.get(key)
@@ -312,7 +323,7 @@ def _stored_tensor_bytes(compressed: CompressedModel, key: str, array: np.ndarra
     elif key in compressed.cast:
         bits = torch.finfo(compressed.cast[key]).bits
     else:
-        bits = array.dtype.itemsize * 8
+        bits = native_bits or array.dtype.itemsize * 8
     nonzero = sum(int(np.count_nonzero(chunk)) for chunk in chunks(array))
     return storage_bytes(array.size, nonzero, bits, quant.overhead_bytes if quant else 0)
 
@@ -330,7 +341,8 @@ def build_tensor_report(model: Model, compressed: CompressedModel,
         weights = {key: np.asarray(after.read(key)) for key in weight_keys}
         numel = sum(w.size for w in weights.values())
         zeros = sum(w.size - int(np.count_nonzero(w)) for w in weights.values())
-        bits = min(_stored_bits(compressed, key, w) for key, w in weights.items())
+        code_bits = {key: _code_bits(model, key) for key in weight_keys}
+        bits = min(code_bits[key] or _stored_bits(compressed, key, w) for key, w in weights.items())
         stored = {**weights, **{key: np.asarray(after.read(key)) for key in bias_keys}}
         layers.append(LayerReport(
             name=layer.name,
@@ -338,7 +350,8 @@ def build_tensor_report(model: Model, compressed: CompressedModel,
             params_before=layer.params,
             params_after=sum(v.size for v in stored.values()),
             bytes_before=layer.nbytes,
-            bytes_after=sum(_stored_tensor_bytes(compressed, k, v) for k, v in stored.items()),
+            bytes_after=sum(_stored_tensor_bytes(compressed, k, v, code_bits.get(k))
+                            for k, v in stored.items()),
             sparsity=zeros / numel if numel else 0.0,
             bits=bits,
             rank=compressed.low_rank.get(layer.name),
@@ -347,7 +360,8 @@ def build_tensor_report(model: Model, compressed: CompressedModel,
     for key in model.tensors.unique_keys():
         for stored_key in factors.get(key, (key,)):
             value = np.asarray(after.read(stored_key))
-            bytes_after += _stored_tensor_bytes(compressed, stored_key, value)
+            bytes_after += _stored_tensor_bytes(compressed, stored_key, value,
+                                                _code_bits(model, stored_key))
             params_after += value.size
     return CompressionReport(
         layers=layers,

@@ -72,3 +72,19 @@ def test_float_weights_written_back_are_stored_as_codes(tmp_path: Path) -> None:
     x = np.random.default_rng(1).standard_normal((2, *QDQ_INPUT)).astype(np.float32)
     session = ort.InferenceSession(str(saved), providers=["CPUExecutionProvider"])
     assert np.isfinite(session.run(None, {"input": x})[0]).all()
+
+
+def test_an_int8_file_is_priced_as_int8_and_not_quantized_twice(tmp_path: Path) -> None:
+    """Pruning keeps the file's codes (the report prices them as 8-bit, not as the decoded
+    floats: it said 1.891x for a smaller file); new codes on top of codes are refused up front."""
+    from engine.compress import compress
+    from engine.errors import PlanError
+    from engine.plan import Plan
+
+    model = load_model(write_quantized(tmp_path))
+    _, report = compress(model, Plan.from_dict(
+        {"defaults": {"pruning": {"method": "magnitude", "amount": 0.5}}}), measure=False)
+    assert report.size_ratio < 1.0
+    assert {layer.bits for layer in report.layers} == {8}
+    with pytest.raises(PlanError, match="already stores it as integer codes"):
+        compress(model, Plan.from_dict({"defaults": {"quantization": {"bits": 8}}}), measure=False)
