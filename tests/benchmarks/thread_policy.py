@@ -5,7 +5,8 @@ neighbour, with the libraries' default thread count and with Slimscope's policy.
 
 The neighbour is one pure-Python busy loop per `--busy` (default 1), the situation the policy
 is for: a second job or the app's own GUI thread holding a core. Each cell is the median wall
-time of `slimscope sensitivity demo --method exact` in a fresh process; "library default" is
+of the sweep's own seconds (as its JSON records them) of `slimscope sensitivity demo --method
+exact` in a fresh process; "library default" is
 `--threads` set to every usable core (what torch picks by itself), "policy" passes nothing.
 Ratios are against the policy without load, measured in the same run.
 """
@@ -13,6 +14,7 @@ Ratios are against the policy without load, measured in the same run.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import statistics
@@ -36,9 +38,9 @@ def _sensitivity_seconds(threads: int | None, output: Path) -> float:
                "--no-activations", "-o", str(output)]
     if threads is not None:
         command += ["--threads", str(threads)]
-    started = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - started
+    subprocess.run(command, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    return float(json.loads(output.read_text())["seconds"])  # the sweep, not the start-up
 
 
 def main() -> None:
@@ -69,7 +71,7 @@ def main() -> None:
     print("| load | threads | exact sensitivity (s) | vs policy, idle |")
     print("|---|---|---|---|")
     for (load, label), seconds in rows.items():
-        print(f"| {load} | {label} | {seconds:.1f} | {seconds / baseline:.2f}x |")
+        print(f"| {load} | {label} | {seconds:.2f} | {seconds / baseline:.2f}x |")
 
 
 if __name__ == "__main__":
