@@ -352,6 +352,21 @@ def _npz_holds_named_inputs(path: Path, model_inputs: Sequence[TensorSpec]) -> b
     return len(numeric) > 1
 
 
+def _check_input_names(where: str, stored: Sequence[str],
+                       model_inputs: Sequence[TensorSpec]) -> None:
+    """One array per model input name and nothing else, or one line naming the first mismatch."""
+    wanted = [spec.name for spec in model_inputs]
+    missing = [name for name in wanted if name not in stored]
+    if missing:
+        raise SlimscopeError(f"{where} has no array for the model input {quote(missing[0])} "
+                             f"(it holds {', '.join(map(quote, stored)) or 'nothing'}; give one "
+                             f"array per input: {', '.join(map(quote, wanted))})")
+    extra = [key for key in stored if key not in wanted]
+    if extra:
+        raise SlimscopeError(f"{where} holds {quote(extra[0])}, which is not a model input "
+                             f"(the inputs are {', '.join(map(quote, wanted))})")
+
+
 def named_array_data(path: Path, model_inputs: Sequence[TensorSpec]) -> NamedArrayData:
     """An .npz with one array per model input name, checked against the input specs: every
     input present and nothing else, per-sample sizes as the spec fixes them, dtypes cast
@@ -368,16 +383,7 @@ def named_array_data(path: Path, model_inputs: Sequence[TensorSpec]) -> NamedArr
         count = next((len(a) for a in stored.values() if a.ndim), 0)
         axes = {key: 0 if a.ndim and len(a) == count else None for key, a in stored.items()}
         return NamedArrayData(stored, axes, labels, path.name)
-    wanted = [spec.name for spec in model_inputs]
-    missing = [name for name in wanted if name not in stored]
-    if missing:
-        raise SlimscopeError(f"{path.name} has no array for the model input {quote(missing[0])} "
-                             f"(it holds {', '.join(map(quote, stored)) or 'nothing'}; give one "
-                             f"array per input: {', '.join(map(quote, wanted))})")
-    extra = [key for key in stored if key not in wanted]
-    if extra:
-        raise SlimscopeError(f"{path.name} holds {quote(extra[0])}, which is not a model input "
-                             f"(the inputs are {', '.join(map(quote, wanted))})")
+    _check_input_names(path.name, list(stored), model_inputs)
     batch = _static_batch(model_inputs)
     arrays: dict[str, np.ndarray] = {}
     axes: dict[str, int | None] = {}
@@ -997,16 +1003,7 @@ def _check_named_headers(where: str, headers: Mapping[str, tuple[tuple[int, ...]
     """:func:`named_array_data`'s checks on array headers: one array per input name, nothing
     else, per-sample sizes as the spec fixes them, dtypes that cast."""
     stored = {key: value for key, value in headers.items() if key not in ArrayData.LABEL_KEYS}
-    wanted = [spec.name for spec in model_inputs]
-    missing = [name for name in wanted if name not in stored]
-    if missing:
-        raise SlimscopeError(f"{where} has no array for the model input {quote(missing[0])} "
-                             f"(it holds {', '.join(map(quote, stored)) or 'nothing'}; give one "
-                             f"array per input: {', '.join(map(quote, wanted))})")
-    extra = [key for key in stored if key not in wanted]
-    if extra:
-        raise SlimscopeError(f"{where} holds {quote(extra[0])}, which is not a model input "
-                             f"(the inputs are {', '.join(map(quote, wanted))})")
+    _check_input_names(where, list(stored), model_inputs)
     batch = _static_batch(model_inputs)
     for spec in model_inputs:
         shape, dtype = stored[spec.name]
