@@ -51,7 +51,7 @@ AUTOMATIC = ""
 FORMAT_LABELS = {
     AUTOMATIC: "Automatic — from the file extension and the plan",
     "onnx": "ONNX, fp32 (pruned and low-rank structure)",
-    "onnx-int8": "ONNX, int8 (static QDQ or dynamic: the smaller one not slower)",
+    "onnx-int8": "ONNX, int8 (static QDQ, weight-only or dynamic: the smallest not slower)",
     "onnx-dynamic": "ONNX, dynamic int8 (MatMul/Gemm)",
     "onnx-w4": "ONNX, weight-only 4-bit (MatMulNBits)",
     "onnx-w8": "ONNX, weight-only 8-bit (MatMulNBits)",
