@@ -29,3 +29,12 @@ def datafree_results(model: Model) -> Sensitivity:
 
 def wait_for_job(qtbot, job) -> None:  # type: ignore[no-untyped-def]
     qtbot.waitUntil(lambda: job.finished, timeout=WAIT_MS)
+
+
+def combo_item(combo, data: str) -> tuple[bool, str]:  # type: ignore[no-untyped-def]
+    """(enabled, tooltip) of the combo item holding `data`: how a gated choice reads."""
+    from PySide6.QtCore import Qt
+
+    index = combo.findData(data)
+    assert index >= 0, data
+    return combo.model().item(index).isEnabled(), combo.itemData(index, Qt.ItemDataRole.ToolTipRole) or ""

@@ -14,10 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from PySide6.QtCore import QEvent, Qt
-from PySide6.QtGui import QEnterEvent
 from PySide6.QtCore import QPointF
-from PySide6.QtWidgets import QApplication, QComboBox
+from PySide6.QtGui import QEnterEvent
+from PySide6.QtWidgets import QApplication
 
 from engine.backends.base import GRADIENTS, GRAPH_SURGERY, LOW_RANK, ONNX_EXPORT, RUN, TORCH_MODULE, TRAIN
 from engine.errors import PlanError
@@ -25,6 +24,7 @@ from engine.model import Model
 from engine.plan import Plan
 from engine.sensitivity import sweep
 
+from analysis_helpers import combo_item
 from factories_gui import model_of_each_kind
 
 WAIT_MS = 60_000
@@ -38,13 +38,6 @@ def _wait(qtbot, job) -> None:
     assert job is not None
     qtbot.waitUntil(lambda: job.finished, timeout=WAIT_MS)
 
-
-def _item(combo: QComboBox, data: str) -> tuple[bool, str]:
-    """(enabled, tooltip) of the combo item holding `data`."""
-    index = combo.findData(data)
-    assert index >= 0, data
-    item = combo.model().item(index)
-    return item.isEnabled(), combo.itemData(index, Qt.ItemDataRole.ToolTipRole) or ""
 
 
 def _expect_gate(enabled: bool, tip: str, model: Model, capability: str) -> None:
@@ -121,10 +114,10 @@ def _check_static_gates(window, model: Model) -> None:
     dialog.deleteLater()
 
     for form in (window.plan_editor.defaults_form, window.plan_editor.layer_form):
-        _expect_gate(*_item(form.method_combo, "gradient"), model, GRADIENTS)
-        _expect_gate(*_item(form.method_combo, "taylor"), model, GRADIENTS)
-        _expect_gate(*_item(form.method_combo, "structured"), model, GRAPH_SURGERY)
-        assert _item(form.method_combo, "magnitude")[0] and _item(form.method_combo, "nm")[0]
+        _expect_gate(*combo_item(form.method_combo, "gradient"), model, GRADIENTS)
+        _expect_gate(*combo_item(form.method_combo, "taylor"), model, GRADIENTS)
+        _expect_gate(*combo_item(form.method_combo, "structured"), model, GRAPH_SURGERY)
+        assert combo_item(form.method_combo, "magnitude")[0] and combo_item(form.method_combo, "nm")[0]
     rank_box = window.plan_editor.defaults_form.rank_box
     _expect_gate(rank_box.isEnabled(), rank_box.toolTip(), model, LOW_RANK)
     recovery = window.plan_editor.recovery_form
@@ -140,7 +133,7 @@ def _check_export_formats(qtbot, window, model: Model, errors: list) -> None:
     dialog = window.export_dialog
     qtbot.addWidget(dialog)
     for name in dialog._registry:
-        enabled, tip = _item(dialog.format_combo, name)
+        enabled, tip = combo_item(dialog.format_combo, name)
         if name in ONNX_FORMATS:
             _expect_gate(enabled, tip, model, ONNX_EXPORT)
         elif name in TORCH_FORMATS:

@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from PySide6.QtCore import QThreadPool, Qt
-from PySide6.QtWidgets import QComboBox
+from PySide6.QtCore import QThreadPool
 
 import factories
 from engine.backends.base import GRADIENTS, GRAPH_SURGERY, LOW_RANK, ONNX_EXPORT, RUN, TORCH_MODULE, TRAIN
@@ -33,6 +32,7 @@ from engine.formats import LoadOptions, load_model
 from engine.model import Model
 from engine.plan import Plan
 from engine.sensitivity import sweep
+from analysis_helpers import combo_item
 from factories_gui import write_bare_safetensors
 from gui.preview import demo_model_path
 from gui.project import DataChoice
@@ -154,11 +154,6 @@ def _wait(qtbot, job) -> None:
 
 
 # -- 1. enabled actions against the engine's answers -----------------------------------------
-def _item(combo: QComboBox, data: str) -> tuple[bool, str]:
-    index = combo.findData(data)
-    assert index >= 0, data
-    return combo.model().item(index).isEnabled(), combo.itemData(index, Qt.ItemDataRole.ToolTipRole) or ""
-
 
 def _expect(where: str, enabled: bool, tip: str, model: Model, capability: str) -> None:
     """Enabled exactly when the engine says the model can; otherwise its one line as the tip."""
@@ -187,10 +182,10 @@ def check_actions(window, model: Model, kind: str) -> None:
     dialog.deleteLater()
     editor = window.plan_editor
     for form in (editor.defaults_form, editor.layer_form):
-        _expect("gradient pruning", *_item(form.method_combo, "gradient"), model, GRADIENTS)
-        _expect("taylor pruning", *_item(form.method_combo, "taylor"), model, GRADIENTS)
-        _expect("structured pruning", *_item(form.method_combo, "structured"), model, GRAPH_SURGERY)
-        assert _item(form.method_combo, "magnitude")[0]
+        _expect("gradient pruning", *combo_item(form.method_combo, "gradient"), model, GRADIENTS)
+        _expect("taylor pruning", *combo_item(form.method_combo, "taylor"), model, GRADIENTS)
+        _expect("structured pruning", *combo_item(form.method_combo, "structured"), model, GRAPH_SURGERY)
+        assert combo_item(form.method_combo, "magnitude")[0]
     rank_box = editor.defaults_form.rank_box
     _expect("low rank", rank_box.isEnabled(), rank_box.toolTip(), model, LOW_RANK)
     _expect("recovery", editor.recovery_form.isEnabled(), editor.recovery_form.toolTip(), model, TRAIN)
@@ -208,7 +203,7 @@ def check_export_formats(qtbot, window, model: Model, errors: list) -> None:
     dialog = window.export_dialog
     qtbot.addWidget(dialog)
     for name in dialog._registry:
-        enabled, tip = _item(dialog.format_combo, name)
+        enabled, tip = combo_item(dialog.format_combo, name)
         if name in ONNX_FORMATS:
             _expect(f"export {name}", enabled, tip, model, ONNX_EXPORT)
         elif name in TORCH_FORMATS:
