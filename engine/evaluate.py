@@ -478,6 +478,17 @@ class MetricTotals:
                 "mse": self.squared_error / count}
 
 
+def run_batch(runner: "Runner", inputs: Inputs) -> tuple[np.ndarray, int]:
+    """`runner`'s outputs for one batch and its sample count, refused in one line when the
+    outputs do not have one row per sample (evaluation and export verification both rely on it)."""
+    outputs = runner.run(inputs)
+    count = batch_length(inputs)
+    if len(outputs) != count:
+        raise SlimscopeError(f"the model returned {len(outputs)} outputs for a batch of "
+                             f"{count}; is its first output axis the batch?")
+    return outputs, count
+
+
 def evaluate(
     runner: Runner,
     data: DataSource,
@@ -498,11 +509,7 @@ def evaluate(
     totals = MetricTotals()
     progress(0.0, f"evaluating on {data.describe()}")
     for inputs, labels in _checked(data.batches(batch_size), cancel):
-        outputs = runner.run(inputs)
-        count = batch_length(inputs)
-        if len(outputs) != count:
-            raise SlimscopeError(f"the model returned {len(outputs)} outputs for a batch of "
-                                 f"{count}; is its first output axis the batch?")
+        outputs, count = run_batch(runner, inputs)
         if labels is not None:
             totals.add_labels(outputs, labels)
         if reference is not None:

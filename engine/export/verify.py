@@ -30,9 +30,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from engine.data import DataSource, batch_length
+from engine.data import DataSource
 from engine.errors import SlimscopeError, one_line
-from engine.evaluate import DEFAULT_BATCH_SIZE, Metrics, MetricTotals, Runner, TorchRunner
+from engine.evaluate import (
+    DEFAULT_BATCH_SIZE, Metrics, MetricTotals, Runner, TorchRunner, run_batch)
 from engine.export.base import WEIGHTS_SOURCE, Exporter, ExportJob
 from engine.jobs import NEVER_CANCELLED, Cancelled, CancelToken
 from engine.methods.static_int8 import real_positions
@@ -192,11 +193,7 @@ def compare(runner: Runner, reference: Runner, data: DataSource,
     samples, masked = 0, False
     for inputs, labels in data.batches(DEFAULT_BATCH_SIZE):
         cancel.check()
-        outputs = runner.run(inputs)
-        count = batch_length(inputs)
-        if len(outputs) != count:
-            raise SlimscopeError(f"the model returned {len(outputs)} outputs for a batch of "
-                                 f"{count}; is its first output axis the batch?")
+        outputs, count = run_batch(runner, inputs)
         if labels is not None:
             totals.add_labels(outputs, labels)
         expected = reference.run(inputs)
