@@ -308,7 +308,7 @@ def _code_bits(model: Model, key: str) -> int | None:
     decoders = getattr(model.tensors, "decoders", None)
     if not decoders or key not in decoders:
         return None
-    return int(np.dtype(model.tensors.stored(key).dtype).itemsize * 8)
+    return int(model.tensors.itemsizes[key] * 8)  # the store keeps the stored width, no read
 
 
 def _stored_tensor_bytes(compressed: CompressedModel, key: str, array: np.ndarray,
