@@ -139,13 +139,6 @@ def module_kind(module: nn.Module) -> str:
     return type(module).__name__
 
 
-def _own_tensor(module: nn.Module, attribute: str) -> torch.Tensor | None:
-    for name, tensor in module.named_parameters(recurse=False):
-        if name == attribute:
-            return tensor
-    return None
-
-
 def module_layers(module: nn.Module, store: TensorStore,
                   kind_of: Callable[[str, nn.Module], str] | None = None) -> list[Layer]:
     """Layers of a live module: every submodule that owns a `weight` parameter directly, and
