@@ -91,3 +91,25 @@ def test_a_reader_that_stops_early_gets_no_error_line() -> None:
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=120) == 141
     assert stderr == ""
+
+
+def test_json_reports_parse_back_exactly_with_one_line_per_deep_value(tmp_path: Path) -> None:
+    import math
+
+    import numpy as np
+
+    from engine.commands._common import write_json
+
+    layers = [{"name": f"l{i}", "stats": {"mean": i / 3, "hist": [1, 2, 3]}} for i in range(3)]
+    data = {"path": Path("/m.onnx"), "nan": float("nan"), "empty": {}, "none": [],
+            "codes": np.arange(3), "by_bits": {4: "w4", True: 1}, "layers": layers}
+    out = tmp_path / "r.json"
+    write_json(data, str(out))
+    text = out.read_text()
+    back = json.loads(text)
+    assert math.isnan(back.pop("nan"))
+    assert back == {"path": "/m.onnx", "empty": {}, "none": [], "codes": [0, 1, 2],
+                    "by_bits": {"4": "w4", "true": 1}, "layers": layers}
+    assert text.endswith("}\n")
+    layer_lines = [line for line in text.splitlines() if '"name": "l' in line]
+    assert [json.loads(line.strip().rstrip(",")) for line in layer_lines] == layers
