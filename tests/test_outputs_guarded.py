@@ -157,16 +157,30 @@ def test_inputs_by_other_names_and_impossible_outputs_are_refused(
     assert parts_in(tmp_path) == [] and not (tmp_path / "absent").exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a 0555 folder anyway; /proc, "
-                    "devices and the errno mapping are tested instead")
+def _without_root_file_override() -> None:
+    """preexec_fn: take CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH out of the child's bounding
+    set, so that after exec root is refused by a 0555 folder like anyone else (CI runs as root)."""
+    import ctypes
+
+    if os.geteuid() != 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_capbset_drop, cap_dac_override, cap_dac_read_search = 24, 1, 2
+    for capability in (cap_dac_override, cap_dac_read_search):
+        if libc.prctl(pr_capbset_drop, capability, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
 def test_read_only_folder_is_refused_before_work(tmp_path: Path) -> None:
     folder = tmp_path / "ro"
     folder.mkdir()
     folder.chmod(0o555)
     try:
-        run = slimscope("sensitivity", "demo", "--method", "datafree", "-o", folder / "s.json")
+        run = slimscope("sensitivity", "demo", "--method", "datafree", "-o", folder / "s.json",
+                        preexec_fn=_without_root_file_override)
     finally:
         folder.chmod(0o755)
+    assert not (folder / "s.json").exists()
     assert_one_line_refusal(run, "permission denied")
 
 

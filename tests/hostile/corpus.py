@@ -55,6 +55,11 @@ class Case:
     inputs: list[Path] = field(default_factory=list)
     #: FIFOs the case made, which nothing may block on (and which tests must unblock).
     fifos: list[Path] = field(default_factory=list)
+    #: Run without root's file-permission override, so a 0000 file or a 0555 folder refuses
+    #: root as it refuses anyone else (the tests run as root in CI).
+    unprivileged: bool = False
+    #: A file-size limit (bytes) under which write() fails with EFBIG, the path a full disk takes.
+    file_size_limit: int | None = None
     build_error: str | None = None
 
     @property
@@ -796,3 +801,29 @@ def _ansi_pickle(item: Case) -> None:
     path.write_bytes(evil_torch_save(item.marker))
     item.model = path
     item.argv = ["inspect", str(path)]
+
+
+# -- the environment refuses: permissions and a full disk ----------------------------------
+@case("compress_model_unreadable")
+def _unreadable_model(item: Case) -> None:
+    model = demo_copy(item.model_dir)
+    model.chmod(0)
+    item.unprivileged = True
+    _compress(item, _small_plan(item), model=model)
+
+
+@case("compress_output_read_only_folder")
+def _read_only_output(item: Case) -> None:
+    folder = item.model_dir / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    item.unprivileged = True
+    _compress(item, _small_plan(item), "read_only/out.onnx")
+
+
+@case("compress_output_disk_full")
+def _disk_full(item: Case) -> None:
+    """The write fails after the guard passed: the previous file stays, no .part is left."""
+    _write(item.model_dir / "out.onnx", "the previous export\n")
+    item.file_size_limit = 16 * 1024  # the demo's ONNX export is ~130 KiB
+    _compress(item, _small_plan(item))

@@ -7,7 +7,7 @@ strace when it is installed. Per case the test asserts what issue 12 asks:
   control characters;
 * no marker file (no code from the file ran);
 * no file outside the model's folder opened (the case's ``outside/`` canary);
-* every input byte-identical afterwards;
+* every input byte-identical afterwards, and no ``.part`` file left behind;
 * peak RSS under 1 GiB, done within 30 s.
 
 All cases run once, two at a time, in a module fixture; each parametrized test then reports
@@ -62,6 +62,7 @@ class Outcome:
     peak_rss: int | None
     opened: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
+    left_behind: list[str] = field(default_factory=list)
 
 
 def _digest(path: Path) -> str:
@@ -104,6 +105,10 @@ def run_case(case: Case) -> Outcome:
                    "trace=open,openat,openat2", "-o", str(log), *command]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("SLIMSCOPE_DEBUG", None)
+    if case.unprivileged:
+        env["HOSTILE_UNPRIVILEGED"] = "1"
+    if case.file_size_limit is not None:
+        env["HOSTILE_FILE_SIZE_LIMIT"] = str(case.file_size_limit)
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=case.folder, env=env, stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -120,10 +125,11 @@ def run_case(case: Case) -> Outcome:
     peak = json.loads(result.read_text())["peak_rss_bytes"] if result.exists() else None
     changed = [str(path) for path, digest in before.items()
                if not path.is_file() or _digest(path) != digest]
+    parts = sorted(str(path) for path in case.folder.rglob("*.part"))
     return Outcome(None if timed_out else process.returncode,
                    stdout.decode(errors="backslashreplace"),
                    stderr.decode(errors="backslashreplace"), seconds, timed_out, peak,
-                   _opened_paths(log), changed)
+                   _opened_paths(log), changed, parts)
 
 
 def _control_characters(text: str) -> list[str]:
@@ -164,6 +170,8 @@ def broken_promises(case: Case, outcome: Outcome) -> list[str]:
         problems.append(f"opened files outside the model's folder: {reached}")
     if outcome.changed:
         problems.append(f"inputs changed: {outcome.changed}")
+    if outcome.left_behind:
+        problems.append(f"temporary files left behind: {outcome.left_behind}")
     if outcome.peak_rss is None:
         problems.append("no peak RSS recorded (the process did not exit normally)")
     elif outcome.peak_rss >= PEAK_RSS_LIMIT:
