@@ -12,7 +12,8 @@ Builds, in a fresh temp folder that is deleted at the end whatever happens:
 
 Each file is inspected by `slimscope inspect FILE > /dev/null`, then with `--json`, each in a
 fresh process; the table gives wall time and the child's peak resident memory (`os.wait4`
-rusage, taken by a lean copy of this script so the generator's memory is not counted).
+rusage, taken by a lean copy of this script so the generator's memory is not counted). The
+first row, the bundled demo, is the baseline measured in the same run: start-up and imports.
 """
 
 from __future__ import annotations
@@ -165,8 +166,12 @@ def main() -> None:
     parser.add_argument("--skip-big", action="store_true")
     args = parser.parse_args()
 
+    from engine.demo import DEMO_MODEL
+
     folder = Path(tempfile.mkdtemp(prefix="slimscope-hostile-scale-"))
-    rows = []
+    # The baseline, in the same run: the bundled demo (8 layers), i.e. start-up and imports.
+    rows = [("baseline: the bundled demo", "8 layers", DEMO_MODEL.stat().st_size,
+             *inspect(DEMO_MODEL))]
     try:
         cases = [("safetensors, many tensors", folder / "many.safetensors",
                   lambda p: many_tensors(p, args.tensors)),
@@ -195,12 +200,14 @@ def main() -> None:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
-    print("| file | contents | size | `inspect` wall | peak RSS | `inspect --json` wall "
-          "| peak RSS | exit |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    baseline_wall = rows[0][3]
+    print("| file | contents | size | `inspect` wall | × baseline | peak RSS "
+          "| `inspect --json` wall | peak RSS | exit |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, what, size, wall, rss, code, json_wall, json_rss, json_code in rows:
-        print(f"| {label} | {what} | {size / (1 << 20):,.0f} MiB | {wall:.1f} s "
-              f"| {rss:,.0f} MiB | {json_wall:.1f} s | {json_rss:,.0f} MiB | {code}, {json_code} |")
+        print(f"| {label} | {what} | {size / (1 << 20):,.1f} MiB | {wall:.1f} s "
+              f"| {wall / baseline_wall:.1f}× | {rss:,.0f} MiB | {json_wall:.1f} s "
+              f"| {json_rss:,.0f} MiB | {code}, {json_code} |")
 
 
 def _timed(function):
