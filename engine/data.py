@@ -22,7 +22,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+import math
+import os
 import re
+import struct
 from typing import Iterator, Literal, Mapping, Sequence, Union
 
 import numpy as np
@@ -314,10 +317,9 @@ class ArrayData(ArraySource):
         if isinstance(loaded, np.ndarray):
             inputs, labels = loaded, None
         else:
-            with loaded:
-                keys = (*self.INPUT_KEYS, input_name) if input_name else self.INPUT_KEYS
-                inputs = _pick(loaded, keys, path, required=True)
-                labels = _pick(loaded, self.LABEL_KEYS, path, required=False)
+            keys = (*self.INPUT_KEYS, input_name) if input_name else self.INPUT_KEYS
+            inputs = _pick(loaded, keys, path, required=True)
+            labels = _pick(loaded, self.LABEL_KEYS, path, required=False)
         if inputs.ndim < 2:
             raise SlimscopeError(
                 f"{path.name}: inputs have shape {inputs.shape}; expected (samples, ...) with at "
@@ -328,14 +330,20 @@ class ArrayData(ArraySource):
         super().__init__(inputs, labels, path.name)
 
 
-def _load_numpy(path: Path) -> "np.ndarray | np.lib.npyio.NpzFile":
-    if not path.is_file():
-        raise SlimscopeError(f"{path}: no such data file")
+def _load_numpy(path: Path) -> np.ndarray | dict[str, np.ndarray]:
+    """A .npy's array, or every array of an .npz by name, read only after
+    :func:`_array_headers` has checked what each header claims."""
+    import zipfile
+
+    headers = _array_headers(path)
     try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+        if path.suffix.lower() == ".npy":
+            return np.load(path, allow_pickle=False)
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in headers}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise SlimscopeError(
-            f"{path.name}: not a readable numpy file ({one_line(exc)})") from None
+            f"{quote(path.name)}: not a readable numpy file ({one_line(exc)})") from None
 
 
 def _npz_holds_named_inputs(path: Path, model_inputs: Sequence[TensorSpec]) -> bool:
@@ -346,9 +354,8 @@ def _npz_holds_named_inputs(path: Path, model_inputs: Sequence[TensorSpec]) -> b
         return True
     if model_inputs:
         return False
-    with _load_numpy(path) as archive:
-        numeric = [key for key in archive.files if key not in ArrayData.LABEL_KEYS
-                   and archive[key].dtype.kind in "fiub"]
+    numeric = [key for key, (_shape, dtype) in _array_headers(path).items()
+               if key not in ArrayData.LABEL_KEYS and dtype.kind in "fiub"]
     return len(numeric) > 1
 
 
@@ -371,10 +378,13 @@ def named_array_data(path: Path, model_inputs: Sequence[TensorSpec]) -> NamedArr
     """An .npz with one array per model input name, checked against the input specs: every
     input present and nothing else, per-sample sizes as the spec fixes them, dtypes cast
     (floats are never cast to integers). Arrays keep the model's input order."""
-    with _load_numpy(path) as archive:
-        labels = _pick(archive, ArrayData.LABEL_KEYS, path, required=False)
-        label_key = next((k for k in ArrayData.LABEL_KEYS if k in archive.files), None)
-        stored = {key: archive[key] for key in archive.files if key != label_key}
+    archive = _load_numpy(path)
+    if isinstance(archive, np.ndarray):
+        raise SlimscopeError(f"{quote(path.name)}: a model with several inputs needs an .npz "
+                             "with one array per input name")
+    labels = _pick(archive, ArrayData.LABEL_KEYS, path, required=False)
+    label_key = next((k for k in ArrayData.LABEL_KEYS if k in archive), None)
+    stored = {key: array for key, array in archive.items() if key != label_key}
     if not model_inputs:  # text arrays beside the inputs (a word list) are not inputs
         stored = {key: array for key, array in stored.items() if array.dtype.kind in "fiub"}
     if labels is not None:
@@ -478,13 +488,21 @@ class ImageFolderData(DataSource):
         return inputs, labels
 
     def _read(self, path: Path) -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
 
+        bomb = SlimscopeError(f"{quote(path.name)}: refusing an image of more than "
+                              f"{Image.MAX_IMAGE_PIXELS:,} pixels (a decompression bomb?)")
         try:
-            with Image.open(path) as image:
+            with Image.open(path) as image:  # reads the header only
+                if image.width * image.height > Image.MAX_IMAGE_PIXELS:
+                    raise bomb
                 pixels = image.convert(self._mode).resize(self._size, Image.Resampling.BILINEAR)
-        except (OSError, UnidentifiedImageError) as exc:
-            raise SlimscopeError(f"{path.name}: cannot read image ({one_line(exc)})") from None
+        except Image.DecompressionBombError:
+            raise bomb from None
+        except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
+            # Pillow's decoders report a corrupt file with any of these.
+            raise SlimscopeError(f"{quote(path.name)}: cannot read image ({one_line(exc)})"
+                                 ) from None
         array = np.asarray(pixels, dtype=np.float32).reshape(self._size[1], self._size[0], -1)
         array = (array / 255.0 - self._mean) / self._std  # HWC, channels broadcast last
         return array if self._channels_last else np.ascontiguousarray(array.transpose(2, 0, 1))
@@ -741,14 +759,14 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _pick(archive: "np.lib.npyio.NpzFile", keys: Sequence[str], path: Path,
+def _pick(archive: Mapping[str, np.ndarray], keys: Sequence[str], path: Path,
           required: bool) -> np.ndarray | None:
     for key in keys:
-        if key in archive.files:
+        if key in archive:
             return archive[key]
     if required:
         raise SlimscopeError(f"{path.name}: no inputs array (name it one of {', '.join(keys)}; "
-                             f"found {', '.join(archive.files) or 'nothing'})")
+                             f"found {', '.join(map(quote, archive)) or 'nothing'})")
     return None
 
 
@@ -966,8 +984,6 @@ def _check_fits(model_inputs: Sequence[TensorSpec], spec: str) -> None:
                                  ".npy or .npz)")
         raise SlimscopeError(f"{quote(spec)}: no such data (expected 'demo', 'synthetic', a "
                              "folder of images, or a .npy/.npz file)")
-    if not path.is_file():
-        raise SlimscopeError(f"{quote(str(path))}: no such data file")
     headers = _array_headers(path)
     if not model_inputs:
         return
@@ -1036,31 +1052,73 @@ def _check_dtype(where: str, spec: TensorSpec, have: np.dtype) -> None:
                              "model input takes")
 
 
+#: One data file may ask for at most this share of the machine's memory: arrays are read whole.
+DATA_MEMORY_SHARE = 0.5
+#: Array dtypes a data file may hold: numbers, and text (a word list beside the inputs).
+_DATA_KINDS = frozenset("biufUS")
+
+
 def _array_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shape and dtype of every array in a .npy ("" as the key) or .npz, from the headers
-    alone: a multi-gigabyte file costs a few reads."""
+    alone (a multi-gigabyte file costs a few reads), each checked before any array is read:
+    only a regular file; an .npz without duplicate names or zip bombs; numbers or text, never
+    Python objects (they would be unpickled); no header claiming more bytes than follow it;
+    all arrays together within :data:`DATA_MEMORY_SHARE` of this machine's memory."""
     import zipfile
 
-    def header(stream: "object") -> tuple[tuple[int, ...], np.dtype]:
+    from engine.formats.guard import check_zip, element_count, regular_file
+
+    if not path.exists():
+        raise SlimscopeError(f"{quote(str(path))}: no such data file")
+    file_size = regular_file(path, "data", SlimscopeError).st_size
+    name = quote(path.name)
+
+    def header(stream: "object", stored: int, key: str) -> tuple[tuple[int, ...], np.dtype]:
         version = np.lib.format.read_magic(stream)  # type: ignore[arg-type]
         reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                   else np.lib.format.read_array_header_2_0)
         shape, _fortran, dtype = reader(stream)  # type: ignore[arg-type]
+        where = f"{name}: array {quote(key)}" if key else name
+        if dtype.kind not in _DATA_KINDS or dtype.hasobject:
+            raise SlimscopeError(f"{where} holds {quote(str(dtype))} values; data files hold "
+                                 "numbers or text (Python objects would have to be unpickled)")
+        need = element_count(where, shape) * dtype.itemsize
+        follows = stored - stream.tell()  # type: ignore[attr-defined]
+        if need > follows:
+            raise SlimscopeError(f"{where}: its header claims {_shape_text(shape)} {dtype} "
+                                 f"({need} bytes), but only {follows} bytes follow it")
         return tuple(int(d) for d in shape), np.dtype(dtype)
 
+    headers: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
     try:
         if path.suffix.lower() == ".npy":
             with path.open("rb") as stream:
-                return {"": header(stream)}
-        headers = {}
-        with zipfile.ZipFile(path) as archive:
-            for info in archive.infolist():
-                if info.filename.endswith(".npy"):
-                    with archive.open(info) as stream:
-                        headers[info.filename[:-len(".npy")]] = header(stream)
-        return headers
+                headers[""] = header(stream, file_size, "")
+        else:
+            with zipfile.ZipFile(path) as archive:
+                check_zip(archive, file_size, path.name)
+                for info in archive.infolist():
+                    if info.filename.endswith(".npy"):
+                        key = info.filename[:-len(".npy")]
+                        with archive.open(info) as stream:
+                            headers[key] = header(stream, info.file_size, key)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise SlimscopeError(f"{path.name}: not a readable numpy file ({one_line(exc)})") from None
+        raise SlimscopeError(f"{name}: not a readable numpy file ({one_line(exc)})") from None
+    _check_fits_in_memory(name, headers)
+    return headers
+
+
+def _check_fits_in_memory(name: str, headers: Mapping[str, tuple[tuple[int, ...], np.dtype]]
+                          ) -> None:
+    need = sum(math.prod(shape) * dtype.itemsize for shape, dtype in headers.values())
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # not POSIX: no honest figure to hold it to
+        return
+    if need > DATA_MEMORY_SHARE * memory:
+        raise SlimscopeError(f"{name}: its arrays need {need / 2**30:.1f} GiB in memory, more "
+                             f"than half of this machine's {memory / 2**30:.1f} GiB; give "
+                             "fewer samples")
 
 
 def image_folder_fit(model_inputs: Sequence[TensorSpec]) -> str | None:

@@ -422,7 +422,7 @@ class DataDialog(QDialog):
         path = Path(spec).expanduser()
         if kind == FOLDER and not path.is_dir():
             return f"No folder {path}."
-        if kind == ARRAYS and not path.is_file():
+        if kind == ARRAYS and not path.exists():  # a FIFO or device: the engine's guard says so
             return f"No file {path}."
         if kind in self.source_blocked:
             return _sentence(self.source_blocked[kind])

@@ -111,7 +111,7 @@ def test_unreadable_image_is_one_line_error(tmp_path: Path) -> None:
     (tmp_path / "cls").mkdir()
     (tmp_path / "cls" / "broken.png").write_bytes(b"not a png at all")
     data = ImageFolderData(tmp_path, (1, 8, 8))
-    with pytest.raises(SlimscopeError, match="broken.png: cannot read image") as error:
+    with pytest.raises(SlimscopeError, match="'broken.png': cannot read image") as error:
         next(data.batches(1))
     assert "\n" not in str(error.value)
 
@@ -216,3 +216,22 @@ def test_open_data_reads_an_image_folder_at_the_model_size(class_folder: Path) -
 def test_array_source_refuses_mismatched_labels() -> None:
     with pytest.raises(SlimscopeError, match="2 labels for 3 inputs"):
         ArraySource(np.zeros((3, 2), np.float32), np.zeros(2, np.int64), "hand-made")
+
+
+def test_array_files_asking_for_more_than_half_the_memory_are_refused(tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    import engine.data as data_module
+
+    path = tmp_path / "inputs.npy"
+    np.save(path, np.zeros((64, 1, 8, 8), np.float32))
+    assert len(open_data(str(path), DIGITS_INPUT)) == 64
+    monkeypatch.setattr(data_module, "DATA_MEMORY_SHARE", 1e-9)
+    with pytest.raises(SlimscopeError, match=r"'inputs.npy': its arrays need .* give fewer"):
+        open_data(str(path), DIGITS_INPUT)
+
+
+def test_text_arrays_beside_the_inputs_still_load(tmp_path: Path) -> None:
+    """The guard takes numbers and text, refusing only what would be unpickled."""
+    path = tmp_path / "inputs.npz"
+    np.savez(path, x=np.zeros((5, 1, 8, 8), np.float32), words=np.array(["a", "bc"]))
+    assert len(open_data(str(path), DIGITS_INPUT)) == 5
