@@ -160,7 +160,7 @@ def _model_cases() -> list[str]:
     """Cases with a model file to open, known without building (each builder sets `model`)."""
     from hostile.corpus import case_names
 
-    plan_or_output = ("plan_", "compress_", "sensitivity_")
+    plan_or_output = ("plan_", "compress_", "sensitivity_", "data_")
     return [name for name in case_names() if not name.startswith(plan_or_output)]
 
 
@@ -333,3 +333,38 @@ def test_project_plan_regex_against_long_layer_names(qtbot, app_window, recorder
     for message in recorder.errors:
         assert not _one_line_problems(message), message
     _assert_still_usable(qtbot, app_window, tmp_path)
+
+
+# -- every data file of the corpus, chosen in the data dialog -------------------------------
+def _data_file_cases() -> list[str]:
+    from hostile.corpus import case_names
+
+    return [name for name in case_names() if name.startswith("data_")]
+
+
+@pytest.mark.parametrize("name", _data_file_cases())
+def test_hostile_data_in_the_data_dialog(qtbot, corpus, name):
+    """The dialog checks a chosen file on every keystroke through the engine's guard (headers
+    only): each hostile array file is one line and Run stays off; an image folder's images are
+    decoded only when the job runs, where the CLI corpus refuses them through the same code."""
+    from engine.formats import load_model
+    from gui.data_dialog import ARRAYS, FOLDER, DataDialog
+    from gui.project import DataChoice
+
+    case = corpus[name]
+    assert case.build_error is None, case.build_error
+    data = Path(case.argv[case.argv.index("--data") + 1])
+    model = load_model(Path(case.argv[1]))
+    dialog = DataDialog(None, DataChoice(), model.path.name, model)
+    qtbot.addWidget(dialog)
+    kind = FOLDER if data.is_dir() else ARRAYS
+    (dialog.folder_edit if kind == FOLDER else dialog.arrays_edit).setText(str(data))
+    dialog.source_buttons[kind].setChecked(True)
+    _unblock(case.fifos)
+    problem = dialog.problem_label.text()
+    assert not case.marker.exists()
+    if kind == FOLDER:
+        assert problem == "" and dialog.run_button.isEnabled()
+        return
+    assert problem and "\n" not in problem and not dialog.run_button.isEnabled(), problem
+    assert data.name in problem, problem

@@ -827,3 +827,106 @@ def _disk_full(item: Case) -> None:
     _write(item.model_dir / "out.onnx", "the previous export\n")
     item.file_size_limit = 16 * 1024  # the demo's ONNX export is ~130 KiB
     _compress(item, _small_plan(item))
+
+
+# -- data files: read through the same guard as models ---------------------------------------
+def _sensitivity_with_data(item: Case, data: Path) -> None:
+    model = demo_copy(item.model_dir)
+    item.argv = ["sensitivity", str(model), "--method", "exact", "--data", str(data),
+                 "-o", str(item.model_dir / "sens.json")]
+
+
+def _npy_header(shape: tuple[int, ...], descr: str = "<f4") -> bytes:
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": descr, "fortran_order": False,
+                                                  "shape": shape})
+    return buffer.getvalue()
+
+
+@case("data_fifo")
+def _data_fifo(item: Case) -> None:
+    fifo = item.model_dir / "calibration.npz"
+    os.mkfifo(fifo)
+    item.fifos.append(fifo)
+    _sensitivity_with_data(item, fifo)
+
+
+@case("data_npy_header_claims_4tb")
+def _data_npy_claims(item: Case) -> None:
+    path = item.model_dir / "inputs.npy"
+    path.write_bytes(_npy_header((1_000_000, 1, 1000, 1000)) + _floats(16))
+    _sensitivity_with_data(item, path)
+
+
+@case("data_npz_member_claims_more")
+def _data_npz_claims(item: Case) -> None:
+    path = item.model_dir / "inputs.npz"
+    write_zip(path, [Member("x.npy", _npy_header((20_000, 1, 8, 8)) + _floats(16))])
+    _sensitivity_with_data(item, path)
+
+
+@case("data_npz_object_array_runs_code")
+def _data_npz_pickle(item: Case) -> None:
+    import numpy as np
+
+    path = item.model_dir / "inputs.npz"
+    with path.open("wb") as handle:
+        np.savez(handle, x=np.array([_RunsCode(item.marker)], dtype=object))
+    _sensitivity_with_data(item, path)
+
+
+@case("data_npz_bomb")
+def _data_npz_bomb(item: Case) -> None:
+    """16M well-formed digits (float32 zeros, the demo's 1x8x8) in 4 MB: 4000 MiB to inflate."""
+    path = item.model_dir / "inputs.npz"
+    write_zip(path, [zero_bomb("x.npy", _npy_header((16_384_000, 1, 8, 8)))])
+    _sensitivity_with_data(item, path)
+
+
+@case("data_npz_duplicate_member")
+def _data_npz_duplicate(item: Case) -> None:
+    import numpy as np
+
+    good = item.model_dir / "good.npz"
+    np.savez(good, x=np.zeros((4, 1, 8, 8), np.float32))
+    members = read_members(good)
+    good.unlink()
+    path = item.model_dir / "inputs.npz"
+    write_zip(path, [Member("x.npy", _npy_header((1 << 20, 1, 8, 8)) + _floats(16)), *members])
+    _sensitivity_with_data(item, path)
+
+
+def _png(width: int, height: int, idat: bytes) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body)))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat)
+            + chunk(b"IEND", b""))
+
+
+@case("data_image_decompression_bomb")
+def _data_image_bomb(item: Case) -> None:
+    """A PNG header claiming 60000x60000 pixels (3.4 GB of grey) in a folder of images."""
+    import zlib
+
+    folder = item.model_dir / "images"
+    folder.mkdir()
+    (folder / "bomb.png").write_bytes(_png(60_000, 60_000, zlib.compress(bytes(60_001))))
+    _sensitivity_with_data(item, folder)
+
+
+@case("data_image_corrupt")
+def _data_image_corrupt(item: Case) -> None:
+    folder = item.model_dir / "images"
+    folder.mkdir()
+    (folder / "broken.png").write_bytes(_png(8, 8, b"not a deflate stream"))
+    _sensitivity_with_data(item, folder)

@@ -122,7 +122,8 @@ def run_case(case: Case) -> Outcome:
         stdout, stderr = process.communicate()
     seconds = time.monotonic() - started
     _unblock_fifos(case)
-    peak = json.loads(result.read_text())["peak_rss_bytes"] if result.exists() else None
+    written = result.read_text() if result.exists() else ""  # empty: killed before its exit
+    peak = json.loads(written)["peak_rss_bytes"] if written else None
     changed = [str(path) for path, digest in before.items()
                if not path.is_file() or _digest(path) != digest]
     parts = sorted(str(path) for path in case.folder.rglob("*.part"))

@@ -54,10 +54,25 @@ def _zero_bomb_stream() -> tuple[bytes, int]:
     return block * (BOMB_BYTES // _BLOCK) + final, crc
 
 
-def zero_bomb(name: str) -> Member:
-    """A member that inflates to 4000 MiB of zeros from about 4 MB."""
+def zero_bomb(name: str, prefix: bytes = b"") -> Member:
+    """A member that inflates to `prefix` and 4000 MiB of zeros from about 4 MB (a prefix such
+    as an .npy header makes the zeros a well-formed array)."""
     stream, crc = _zero_bomb_stream()
-    return Member(name, deflated=stream, size=BOMB_BYTES, crc=crc)
+    if not prefix:
+        return Member(name, deflated=stream, size=BOMB_BYTES, crc=crc)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    head = compressor.compress(prefix) + compressor.flush(zlib.Z_FULL_FLUSH)
+    return Member(name, deflated=head + stream, size=len(prefix) + BOMB_BYTES,
+                  crc=_crc_after(prefix))
+
+
+@functools.lru_cache(maxsize=None)
+def _crc_after(prefix: bytes) -> int:
+    """CRC-32 of `prefix` followed by BOMB_BYTES zeros, a block at a time."""
+    zeros, crc = bytes(_BLOCK), zlib.crc32(prefix)
+    for _ in range(BOMB_BYTES // _BLOCK):
+        crc = zlib.crc32(zeros, crc)
+    return crc
 
 
 def write_zip(path: Path, members: list[Member]) -> Path:
