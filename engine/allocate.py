@@ -295,8 +295,8 @@ def allocate(
         keep_float, activation_drop = choose_keep_float(sens)
     else:
         assert max_drop is not None
-        if max_drop < 0:
-            raise PlanError(f"max drop {max_drop} must not be negative")
+        if not 0 <= max_drop < math.inf:  # NaN fails too
+            raise PlanError(f"max drop {max_drop} must be a finite number, not negative")
         keep_float, activation_drop = choose_keep_float(
             sens, None if secondary else max_drop * ACTIVATION_SHARE)
         chosen = _smallest_within(sens, options, max_drop - (0.0 if secondary else

@@ -105,8 +105,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"slimscope {__version__}")
         return 0
     debug = bool(os.environ.get("SLIMSCOPE_DEBUG"))
+    parsed: list[argparse.Namespace] = []
     with _quiet_libraries(debug):  # the commands' imports pull in torch and its notices
-        args = build_parser().parse_args(args_list)
+        # Guarded too: an argument's type check that fails in an unforeseen way is still one
+        # line (argparse's own usage errors leave through SystemExit, exit 2, untouched).
+        status = _guarded(lambda: parsed.append(build_parser().parse_args(args_list)) or 0, debug)
+    if not parsed:
+        return status
+    args = parsed[0]
     requested_threads = getattr(args, "threads", None)
     if args.command in (None, "gui"):
         return _guarded(lambda: _run_gui(getattr(args, "model", None), requested_threads), debug)

@@ -529,6 +529,8 @@ def _synthetic_array(spec: TensorSpec, shape: tuple[int, ...], rng: np.random.Ge
     ones, segment ids zero, booleans fair coins (masks all true)."""
     dtype = _numpy_dtype(spec.dtype)
     kind = dtype.kind if dtype is not None else "?"
+    _check_fits_in_memory(f"synthetic data for input {quote(spec.name)}",
+                          {spec.name: (shape, np.dtype(np.float32) if dtype is None else dtype)})
     if kind == "f":
         return rng.standard_normal(shape, dtype=np.float32).astype(dtype)
     if kind in "iu":
@@ -558,11 +560,17 @@ def _synthetic_shape(spec: TensorSpec, axis: int | None, count: int,
                 "such as a sample rate); give an .npz with one array per input name")
     sizes = []
     for index, size in enumerate(spec.shape):
+        fixed = isinstance(size, int) and size > 0
         if index == axis:
             sizes.append(count)
         elif given is not None and int(given[index]) > 0:
+            if fixed and int(given[index]) != size:
+                raise SlimscopeError(
+                    f"the shape given for input {quote(spec.name)} sets axis {index} to "
+                    f"{int(given[index])}, but the model fixes it at {size} in "
+                    f"{_shape_text(spec.shape)}")
             sizes.append(int(given[index]))
-        elif isinstance(size, int) and size > 0:
+        elif fixed:
             sizes.append(size)
         else:
             raise SlimscopeError(
@@ -1116,9 +1124,9 @@ def _check_fits_in_memory(name: str, headers: Mapping[str, tuple[tuple[int, ...]
     except (AttributeError, OSError, ValueError):  # not POSIX: no honest figure to hold it to
         return
     if need > DATA_MEMORY_SHARE * memory:
-        raise SlimscopeError(f"{name}: its arrays need {need / 2**30:.1f} GiB in memory, more "
-                             f"than half of this machine's {memory / 2**30:.1f} GiB; give "
-                             "fewer samples")
+        raise SlimscopeError(f"{name}: needs {need / 2**30:.1f} GiB in memory, more than "
+                             f"half of this machine's {memory / 2**30:.1f} GiB; use fewer or "
+                             "smaller samples")
 
 
 def image_folder_fit(model_inputs: Sequence[TensorSpec]) -> str | None:

@@ -13,6 +13,7 @@ primary metrics), loss and KL divergence (its secondary ones, and the fast estim
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,8 +136,8 @@ def allocate_within_measured_drop(
     predicted to lose nothing is tried last; a PlanError names the closest miss when even that
     one breaks the limit.
     """
-    if max_drop < 0:
-        raise PlanError(f"max drop {max_drop} must not be negative")
+    if not 0 <= max_drop < math.inf:  # NaN fails too
+        raise PlanError(f"max drop {max_drop} must be a finite number, not negative")
     if tries < 1:
         raise PlanError("at least one try is needed")
     meter = _Meter(sens, model, data, secondary, cancel)

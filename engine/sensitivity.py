@@ -185,6 +185,9 @@ class SweepSettings:
         if self.prune_method not in PRUNE_METHODS:
             raise SlimscopeError(f"unknown sweep pruning method {quote(self.prune_method, 24)} "
                                  f"(choose {', '.join(PRUNE_METHODS)})")
+        if not 0 <= self.collapse_fraction <= 1:  # also false for NaN
+            raise SlimscopeError(f"the collapse fraction must lie in [0, 1], not "
+                                 f"{quote(self.collapse_fraction)}")
 
     def levels(self, axis: str) -> list[float]:
         """The axis' levels in order of increasing compression, baseline first."""

@@ -22,6 +22,10 @@ from engine.errors import SlimscopeError
 _applied: int | None = None
 
 
+#: More threads than this per usable core never help, and 100,000 crash torch's OpenMP pool.
+MAX_THREADS_PER_CORE = 4
+
+
 def usable_cores() -> int:
     """Cores this process may run on (its affinity mask, which containers and `taskset` narrow)."""
     try:
@@ -77,13 +81,15 @@ def choose(requested: int | None = None, *, reserve: int = 0) -> int:
 
     `reserve` cores are left free (the app's GUI thread) when more than that many are usable.
     """
+    most = MAX_THREADS_PER_CORE * usable_cores()
     if requested is not None:
-        if requested < 1:
-            raise SlimscopeError(f"--threads must be 1 or more, not {requested}")
+        if not 1 <= requested <= most:
+            raise SlimscopeError(f"--threads must lie in 1..{most} ({MAX_THREADS_PER_CORE} per "
+                                 f"usable core), not {requested}")
         return requested
     configured = from_environment()
     if configured is not None:
-        return configured
+        return min(configured, most)  # OMP_NUM_THREADS=100000 crashed torch's thread pool
     cores = usable_cores()
     idle = idle_cores()
     free = cores if idle is None else min(cores, max(1, int(idle + 0.5)))

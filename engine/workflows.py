@@ -112,8 +112,9 @@ def sweep(model: Model, data: DataSpec, method: str = "exact",
     The demo model measures on its own data when none is named; the data-free method needs
     none and runs on every model, the others need a model that runs.
     """
-    from engine.sensitivity import sweep as sweep_model
+    from engine.sensitivity import SweepSettings, sweep as sweep_model
 
+    (settings or SweepSettings()).check_methods()  # before any data is opened, every backend
     source: DataSource | None = None
     if method != "datafree":
         reason = model.why_not(RUN)

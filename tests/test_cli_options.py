@@ -63,3 +63,53 @@ def test_piped_progress_prints_a_line_every_few_seconds(monkeypatch, capsys) -> 
     monkeypatch.setattr(_common, "PIPED_PROGRESS_S", 3600.0)
     _common.print_progress(0.75, "sweeping fc")
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("option", [
+    ["--sparsities", "0:1:0"], ["--sparsities", "0:inf:0.1"], ["--sparsities", "0.5,nan"],
+    ["--sparsities", "0:0.99:0.0000001"], ["--sparsities", "0:1e308:1e-300"],
+    ["--bits", ",".join(["8"] * 1001)]])
+def test_level_lists_that_are_not_numbers_or_too_long_are_usage_errors(option, capsys) -> None:
+    """0:1:0 was a ZeroDivisionError traceback; 0:0.99:1e-7 asked for 9.9M levels and ran on."""
+    with pytest.raises(SystemExit) as exited:
+        main(["sensitivity", "demo", "--method", "datafree", "-o", "-", *option])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert len(err) < 300, err  # the value is quoted, cut to about 80 characters
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--collapse", "-1"], "collapse fraction must lie in [0, 1]"),
+    (["--collapse", "nan"], "collapse fraction must lie in [0, 1]"),
+    (["--threads", "100000"], "--threads must lie in 1.."),  # was a segmentation fault
+])
+def test_out_of_range_sweep_settings_are_one_line(option, message: str, capsys) -> None:
+    assert main(["sensitivity", "demo", "--method", "datafree", "-o", "-", *option]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_synthetic_data_is_sized_within_the_model_and_the_memory(tmp_path: Path,
+                                                                 capsys) -> None:
+    """A fixed axis cannot be resized, and a dynamic one cannot ask for more than half the
+    memory (input_ids=1,10**9 is 64 samples of 8 GB): both one line, before allocating."""
+    assert main(["sensitivity", "demo", "--data", "synthetic", "--input-shape",
+                 "input=1,1,8000,8000", "-o", str(tmp_path / "a.json")]) == 2
+    assert "fixes it at 8" in capsys.readouterr().err
+    model = write_text_onnx(tmp_path)
+    assert main(["sensitivity", str(model), "--data", "synthetic", "--input-shape",
+                 f"input_ids=1,{10**9}", "--input-shape", "attention_mask=1,12",
+                 "-o", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert "GiB in memory" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("drop", ["nan", "inf"])
+def test_a_max_drop_must_be_a_finite_number(tmp_path: Path, drop: str, capsys) -> None:
+    sens = tmp_path / "sens.json"
+    assert main(["sensitivity", "demo", "--method", "datafree", "-o", str(sens)]) == 0
+    capsys.readouterr()
+    assert main(["plan", "demo", "--sensitivity", str(sens), "--max-drop", drop,
+                 "-o", str(tmp_path / "p.yaml")]) == 2
+    assert "must be a finite number" in capsys.readouterr().err

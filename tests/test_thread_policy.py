@@ -28,9 +28,16 @@ def test_omp_num_threads_is_respected_and_junk_is_ignored(monkeypatch: pytest.Mo
     assert 1 <= threads.choose() <= threads.usable_cores()
 
 
-def test_a_count_below_one_is_refused_in_one_line() -> None:
-    with pytest.raises(SlimscopeError, match="--threads must be 1 or more"):
-        threads.choose(0)
+@pytest.mark.parametrize("count", [0, -3, 4 * threads.MAX_THREADS_PER_CORE * 1024])
+def test_a_count_outside_the_usable_range_is_refused_in_one_line(count: int) -> None:
+    with pytest.raises(SlimscopeError, match=r"--threads must lie in 1\.\.\d+ "):
+        threads.choose(count)
+
+
+def test_an_environment_asking_for_too_many_threads_is_capped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "100000")
+    assert threads.choose() == threads.MAX_THREADS_PER_CORE * threads.usable_cores()
 
 
 def test_reserving_a_core_never_leaves_zero(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,6 +13,7 @@ data's first samples, and `slimscope plan` then writes plans that use them.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from engine import workflows
@@ -25,6 +26,7 @@ from engine.commands._common import (
 )
 from engine.data import DataSpec
 from engine.errors import SlimscopeError
+from engine.formats.guard import quote
 from engine.plan import GRANULARITIES, RANGE_METHODS, Quantization
 from engine.safe_write import data_input
 from engine.sensitivity import (
@@ -133,15 +135,37 @@ def format_summary(result: Sensitivity) -> str:
     return "\n".join(lines)
 
 
+#: Most levels one axis may list: each level is measured on every layer.
+MAX_LEVELS = 1000
+
+
 def _floats(text: str) -> tuple[float, ...]:
+    """'0,0.5,0.9' or 'START:STOP:STEP' (inclusive); finite numbers, 1..MAX_LEVELS of them."""
     try:
         if ":" in text:
             start, stop, step = (float(part) for part in text.split(":"))
-            count = int(round((stop - start) / step)) + 1
+            if not all(map(math.isfinite, (start, stop, step))) or step == 0:
+                raise ValueError
+            steps = (stop - start) / step  # inf for 0:1e308:1e-300
+            count = int(round(steps)) + 1 if abs(steps) <= MAX_LEVELS else MAX_LEVELS + 1
+            _check_level_count(count, text)
             return tuple(round(start + i * step, 6) for i in range(count))
-        return tuple(float(part) for part in text.split(","))
+        parts = text.split(",")
+        _check_level_count(len(parts), text)
+        values = tuple(float(part) for part in parts)
+        if not all(map(math.isfinite, values)):
+            raise ValueError
+        return values
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not a list of numbers or START:STOP:STEP with a "
+                                         f"non-zero step: {quote(text)}") from None
+
+
+def _check_level_count(count: int, text: str) -> None:
+    if not 1 <= count <= MAX_LEVELS:
+        many = "no" if count < 1 else f"over {MAX_LEVELS}"
+        raise argparse.ArgumentTypeError(f"{quote(text)} gives {many} levels; give 1 to "
+                                         f"{MAX_LEVELS}")
 
 
 def _ranks(text: str) -> tuple[float, ...]:
@@ -149,7 +173,9 @@ def _ranks(text: str) -> tuple[float, ...]:
 
 
 def _ints(text: str) -> tuple[int, ...]:
+    parts = text.split(",")
+    _check_level_count(len(parts), text)
     try:
-        return tuple(int(part) for part in text.split(","))
+        return tuple(int(part) for part in parts)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of whole numbers: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not a list of whole numbers: {quote(text)}") from None
