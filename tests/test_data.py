@@ -226,7 +226,7 @@ def test_array_files_asking_for_more_than_half_the_memory_are_refused(tmp_path: 
     np.save(path, np.zeros((64, 1, 8, 8), np.float32))
     assert len(open_data(str(path), DIGITS_INPUT)) == 64
     monkeypatch.setattr(data_module, "DATA_MEMORY_SHARE", 1e-9)
-    with pytest.raises(SlimscopeError, match=r"'inputs.npy': its arrays need .* give fewer"):
+    with pytest.raises(SlimscopeError, match=r"'inputs.npy': needs .* GiB in memory.* fewer"):
         open_data(str(path), DIGITS_INPUT)
 
 
