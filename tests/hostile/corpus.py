@@ -151,6 +151,14 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+def _fifo(item: Case, name: str) -> Path:
+    """A named pipe in the model folder, registered so the tests can unblock a reader."""
+    fifo = item.model_dir / name
+    os.mkfifo(fifo)
+    item.fifos.append(fifo)
+    return fifo
+
+
 def _small_plan(item: Case) -> Path:
     return _write(item.model_dir / "plan.yaml", SMALL_PLAN)
 
@@ -650,9 +658,7 @@ def _nm_digits(item: Case) -> None:
 
 @case("plan_fifo")
 def _plan_fifo(item: Case) -> None:
-    fifo = item.model_dir / "plan.yaml"
-    os.mkfifo(fifo)
-    item.fifos.append(fifo)
+    fifo = _fifo(item, "plan.yaml")
     _compress(item, fifo)
 
 
@@ -758,9 +764,7 @@ def _plan_report_model(item: Case) -> None:
 # -- files that are not files, and names that are not names -----------------------------------
 @case("model_fifo")
 def _model_fifo(item: Case) -> None:
-    fifo = item.model_dir / "model.onnx"
-    os.mkfifo(fifo)
-    item.fifos.append(fifo)
+    fifo = _fifo(item, "model.onnx")
     item.model = fifo
     item.argv = ["inspect", str(fifo)]
 
@@ -849,9 +853,7 @@ def _npy_header(shape: tuple[int, ...], descr: str = "<f4") -> bytes:
 
 @case("data_fifo")
 def _data_fifo(item: Case) -> None:
-    fifo = item.model_dir / "calibration.npz"
-    os.mkfifo(fifo)
-    item.fifos.append(fifo)
+    fifo = _fifo(item, "calibration.npz")
     _sensitivity_with_data(item, fifo)
 
 
