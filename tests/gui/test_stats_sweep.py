@@ -73,3 +73,24 @@ def test_a_failing_layer_is_reported_alone(qtbot, many_layers, monkeypatch) -> N
     assert failed == [(broken, "ValueError: unreadable weight")]
     assert len(ready) == LAYERS - 1 and broken not in ready
     session.shutdown()
+
+
+def test_a_plan_edit_refreshes_only_the_rows_it_changes(qtbot, many_layers) -> None:
+    """The proxy re-filters every row a dataChanged names; an edit of one layer names one."""
+    session = Session()
+    table = LayerTable(session)
+    qtbot.addWidget(table)
+    session.set_model(many_layers, sweep=False)
+    model = table.source
+    spans: list[tuple[int, int]] = []
+    model.dataChanged.connect(lambda first, last, _roles: spans.append((first.row(), last.row())))
+    row = 1234
+    name = model._layers[row].name
+    assert model.data(model.index(row, Column.ACTION), Qt.ItemDataRole.DisplayRole) == "keep"
+    session.plan_document.set_layers([name], {"quantization": {"bits": 4}})
+    assert spans == [(row, row)]
+    assert "4" in model.data(model.index(row, Column.ACTION), Qt.ItemDataRole.DisplayRole)
+    spans.clear()
+    session.plan_document.set_defaults({"quantization": {"bits": 8}})
+    assert spans == [(0, LAYERS - 1)]
+    session.shutdown()
