@@ -72,12 +72,13 @@ class SizePredictor:
         self.model = model
         self._singular_values: dict[str, np.ndarray | None] = {}
         self._facts: dict[str, _LayerFacts] = {}
+        self._model_bytes = model.nbytes  # a sum over every tensor: once, not per prediction
 
     def predict(self, resolved: Mapping[str, LayerPlan],
                 sparsity: Mapping[str, float] | None = None) -> PlanPrediction:
         """`sparsity` gives layers' current fraction of zeros where known (kept zeros pay off)."""
         sparsity = sparsity or {}
-        out = PlanPrediction(bytes_before=self.model.nbytes)
+        out = PlanPrediction(bytes_before=self._model_bytes)
         layer_bytes = 0
         for layer in self.model.layers:
             if layer.shared_with:

@@ -69,6 +69,8 @@ class PlanDocument(QObject):
 
     def layer_sections(self, name: str) -> dict[str, Any] | str | None:
         """The exact-name override for `name` as plain data ("keep", a dict), or None if none."""
+        if name not in self._plan.layers:  # asked for every row of the table: no to_dict()
+            return None
         return self.to_dict().get("layers", {}).get(name)
 
     # -- editing (each call is one undo step) -------------------------------------------------

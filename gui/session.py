@@ -163,6 +163,9 @@ class Session(QObject):
         self._pool = QThreadPool(self)
         self._pool.setMaxThreadCount(1)
         self._jobs: set[Job] = set()
+        #: The background sweep's jobs still to finish: the plan is re-priced once they all
+        #: have (a histogram job finishing must not re-price 300k layers).
+        self._sweep_jobs: set[Job] = set()
         self._histogram_pending: set[tuple[StatsCache, str]] = set()
 
     # -- the state's fields, read here for the panels' convenience -----------------------------
@@ -343,8 +346,9 @@ class Session(QObject):
                 return failures
 
             names = tuple(layer.name for layer in batch)
-            self._start(Job(body, f"stats {names[0]} (+{len(names) - 1})",
-                            _StatsRequest(cache, names)), SWEEP_PRIORITY)
+            job = Job(body, f"stats {names[0]} (+{len(names) - 1})", _StatsRequest(cache, names))
+            self._sweep_jobs.add(job)
+            self._start(job, SWEEP_PRIORITY)
 
     def _start(self, job: Job, priority: int) -> None:
         self._jobs.add(job)
@@ -385,13 +389,17 @@ class Session(QObject):
         request = getattr(job, "context", None)
         if isinstance(request, _StatsRequest) and request.histogram:
             self._histogram_pending.discard((request.cache, request.names[0]))
-        if not self._jobs and isinstance(request, _StatsRequest) and request.cache is self.stats:
-            self.refresh_plan_state()  # sparsities are known now: kept zeros store smaller
+        if job in self._sweep_jobs:
+            self._sweep_jobs.discard(job)
+            if not self._sweep_jobs and isinstance(request, _StatsRequest) \
+                    and request.cache is self.stats:
+                self.refresh_plan_state()  # sparsities are known now: kept zeros store smaller
 
     def _cancel_jobs(self) -> None:
         for job in self._jobs:
             job.cancel()
         self._jobs.clear()
+        self._sweep_jobs.clear()
 
     @property
     def busy(self) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import sys
 from enum import IntEnum
-from typing import Any
+from typing import Any, Sequence
 
 from PySide6.QtCore import (
     QAbstractItemModel,
@@ -128,8 +128,9 @@ class LayerTableModel(QAbstractTableModel):
         self._rows: dict[str, int] = {}
         #: Layers whose statistics could not be computed, with the reason.
         self._failed: dict[str, str] = {}
-        #: Per row, what its plan columns showed after the last plan refresh.
+        #: Per row, what its plan columns showed after the last plan refresh, and the error.
         self._plan_cells_shown: list[tuple[object, ...]] = []
+        self._plan_error_shown: str | None = None
         session.model_changed.connect(self._on_model_changed)
         session.layers_stats_ready.connect(self._on_stats_ready)
         session.layer_failed.connect(self._on_failed)
@@ -141,7 +142,7 @@ class LayerTableModel(QAbstractTableModel):
         self.beginResetModel()
         self._layers = list(model.layers) if model is not None else []
         self._rows = {layer.name: row for row, layer in enumerate(self._layers)}
-        self._plan_cells_shown = [self._plan_cells(layer) for layer in self._layers]
+        self._plan_cells_shown = []  # the refresh that follows a new model names every row
         self._failed.clear()
         self.endResetModel()
 
@@ -162,11 +163,12 @@ class LayerTableModel(QAbstractTableModel):
         """dataChanged over the span of rows whose plan columns show something new: the proxy
         re-filters every row it is told about, 5 µs each, which at 300k layers was seconds per
         plan refresh even when the refresh changed nothing on screen."""
-        shown = [self._plan_cells(layer) for layer in self._layers]
-        before = self._plan_cells_shown
-        self._plan_cells_shown = shown
-        if len(before) != len(shown):
-            changed = range(len(shown))
+        state = self.session.plan_state
+        shown = self._plan_cells(state)
+        before, error_before = self._plan_cells_shown, self._plan_error_shown
+        self._plan_cells_shown, self._plan_error_shown = shown, state.error
+        if len(before) != len(shown) or error_before != state.error:
+            changed: Sequence[int] = range(len(shown))
         else:
             changed = [row for row, (old, new) in enumerate(zip(before, shown)) if old != new]
         if changed:
@@ -175,11 +177,14 @@ class LayerTableModel(QAbstractTableModel):
                 [Qt.ItemDataRole.DisplayRole, SORT_ROLE, Qt.ItemDataRole.ToolTipRole, Qt.ItemDataRole.FontRole],
             )
 
-    def _plan_cells(self, layer: Layer) -> tuple[object, ...]:
-        """What the plan columns of `layer`'s row depend on."""
-        state = self.session.plan_state
-        return (state.error, state.layers.get(layer.name), self._predicted(layer),
-                self._has_own_settings(layer))
+    def _plan_cells(self, state: PlanState) -> list[tuple[object, ...]]:
+        """Per row, what its plan columns show besides the plan's error: the layer's plan, its
+        predicted bytes, whether it has its own settings."""
+        plans = state.layers
+        predicted = state.prediction.layers if state.prediction is not None else {}
+        own = self.session.plan_document.plan.layers
+        return [(plans.get(name), getattr(predicted.get(name), "bytes_after", None), name in own)
+                for name in (layer.name for layer in self._layers)]
 
     # -- Qt model interface -----------------------------------------------------------------
     def rowCount(self, parent: QModelIndex | QPersistentModelIndex = QModelIndex()) -> int:

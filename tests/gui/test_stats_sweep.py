@@ -94,3 +94,21 @@ def test_a_plan_edit_refreshes_only_the_rows_it_changes(qtbot, many_layers) -> N
     session.plan_document.set_defaults({"quantization": {"bits": 8}})
     assert spans == [(0, LAYERS - 1)]
     session.shutdown()
+
+
+def test_the_plan_is_repriced_once_after_the_sweep_not_after_each_histogram(
+        qtbot, many_layers) -> None:
+    """Selecting a layer computes its histogram; that job ending re-priced every layer (4 s a
+    click at 300k layers)."""
+    session = Session()
+    refreshes: list[object] = []
+    session.plan_state_changed.connect(refreshes.append)
+    session.set_model(many_layers)
+    qtbot.waitUntil(lambda: not session.busy, timeout=WAIT_MS)
+    assert len(refreshes) == 2  # the model opened; the sweep ended (sparsities known)
+    for name in ("experts.2499", "experts.3"):
+        session.request_histogram(name)
+        qtbot.waitUntil(lambda: not session.busy, timeout=WAIT_MS)
+        assert session.cached_histogram(name) is not None
+    assert len(refreshes) == 2
+    session.shutdown()
