@@ -2,9 +2,11 @@
 layer's statistics are in, and the longest the window stopped answering.
 
     .venv/bin/python tests/benchmarks/gui_open_scale.py [--counts 10000,30000,300000]
+                                                        [--nodes 200000]
 
-Each count is a safetensors file of that many 4x4 weights (tests/benchmarks/
-bench_hostile_scale.py's generator), opened by the main window offscreen in a fresh process,
+Each count is a safetensors file of that many 4x4 weights, and `--nodes` an ONNX chain of
+MatMul + Add with that many nodes (tests/benchmarks/bench_hostile_scale.py's generators);
+each is opened by the main window offscreen in a fresh process,
 the way File > Open does (``MainWindow.open_model``). A 5 ms timer on the GUI thread records
 the gaps between its ticks (tests/benchmarks/gui_stall.py); the longest gap beyond 5 ms is the
 longest stall. The bundled demo, measured in the same run, is the baseline.
@@ -62,10 +64,11 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", default="10000,30000,300000")
+    parser.add_argument("--nodes", type=int, default=200_000, help="0 leaves the ONNX file out")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(ROOT))
-    from bench_hostile_scale import many_tensors
+    from bench_hostile_scale import long_graph, many_tensors
 
     from engine.demo import DEMO_MODEL
 
@@ -75,6 +78,10 @@ def main() -> None:
             path = Path(folder) / f"many_{count}.safetensors"
             many_tensors(path, count)
             rows.append((f"safetensors, {count:,} tensors", path))
+        if args.nodes:
+            path = Path(folder) / "long.onnx"
+            long_graph(path, args.nodes)
+            rows.append((f"ONNX, {args.nodes:,} nodes", path))
         print("| file | layers | table shown | statistics done | longest stall | p99 stall "
               "| select the last layer |")
         print("|---|---:|---:|---:|---:|---:|---:|")
