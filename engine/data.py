@@ -659,14 +659,7 @@ def open_data(spec: str, model_inputs: Sequence[TensorSpec], *,
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
-            input_spec = _single_input(model_inputs, "an image folder")
-            shape = input_spec.shape[1:]
-            if not all(isinstance(d, int) and d > 0 for d in shape):
-                raise SlimscopeError(
-                    f"cannot size images for input {input_spec.name!r} of shape "
-                    f"{_shape_text(input_spec.shape)}: its image size is not fixed"
-                )
-            return ImageFolderData(path, shape, mean=mean, std=std)  # type: ignore[arg-type]
+            return ImageFolderData(path, _image_input_shape(model_inputs), mean=mean, std=std)
         if path.suffix.lower() == ".npz" and _npz_holds_named_inputs(path, model_inputs):
             return named_array_data(path, model_inputs)
         if path.suffix.lower() in (".npy", ".npz"):
@@ -974,12 +967,7 @@ def _check_fits(model_inputs: Sequence[TensorSpec], spec: str) -> None:
         return
     path = Path(spec).expanduser()
     if path.is_dir():
-        input_spec = _single_input(model_inputs, "an image folder")
-        shape = input_spec.shape[1:]
-        if not all(isinstance(d, int) and d > 0 for d in shape):
-            raise SlimscopeError(f"cannot size images for input {quote(input_spec.name)} of "
-                                 f"shape {_shape_text(input_spec.shape)}: its image size is not fixed")
-        _image_layout(tuple(shape))  # type: ignore[arg-type]
+        _image_input_shape(model_inputs)
         has_images = any(_images_in(path)) or any(
             _images_in(sub) for sub in path.iterdir() if sub.is_dir() and not sub.name.startswith("."))
         if not has_images:
@@ -1129,16 +1117,23 @@ def _check_fits_in_memory(name: str, headers: Mapping[str, tuple[tuple[int, ...]
                              "smaller samples")
 
 
+def _image_input_shape(model_inputs: Sequence[TensorSpec]) -> tuple[int, ...]:
+    """The per-sample shape images are sized to for the model's one input ((1 or 3, H, W) or
+    channels last, H and W fixed), or a SlimscopeError saying why images cannot feed it."""
+    spec = _single_input(model_inputs, "an image folder")
+    shape = spec.shape[1:]
+    if not all(isinstance(d, int) and d > 0 for d in shape):
+        raise SlimscopeError(f"cannot size images for input {quote(spec.name)} of shape "
+                             f"{_shape_text(spec.shape)}: its image size is not fixed")
+    _image_layout(tuple(shape))  # type: ignore[arg-type]
+    return tuple(shape)  # type: ignore[arg-type]
+
+
 def image_folder_fit(model_inputs: Sequence[TensorSpec]) -> str | None:
     """None when images can be sized for the model's one input ((1 or 3, H, W) or channels
     last, H and W fixed), else one line why not."""
     try:
-        spec = _single_input(model_inputs, "an image folder")
-        shape = spec.shape[1:]
-        if not all(isinstance(d, int) and d > 0 for d in shape):
-            raise SlimscopeError(f"cannot size images for input {quote(spec.name)} of shape "
-                                 f"{_shape_text(spec.shape)}: its image size is not fixed")
-        _image_layout(tuple(shape))  # type: ignore[arg-type]
+        _image_input_shape(model_inputs)
     except SlimscopeError as exc:
         return one_line(exc)
     return None
