@@ -15,7 +15,7 @@ import time
 import warnings
 from os import PathLike
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 import onnx
@@ -173,6 +173,28 @@ def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     return {tensor.name: tensor for tensor in graph.initializer}
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The graphs a node carries as attributes (If branches, Loop and Scan bodies)."""
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            yield attribute.g
+        elif attribute.type == onnx.AttributeProto.GRAPHS:
+            yield from attribute.graphs
+
+
+def taken_names(graph: onnx.GraphProto, taken: set[str] | None = None) -> set[str]:
+    """Every value, initializer and node name in `graph` and its subgraphs (added to `taken`),
+    so that a new name collides with none."""
+    taken = set() if taken is None else taken
+    taken.update(value.name for value in (*graph.input, *graph.output, *graph.value_info))
+    taken.update(tensor.name for tensor in graph.initializer)
+    for node in graph.node:
+        taken.update((*node.input, *node.output, node.name))
+        for sub in subgraphs(node):
+            taken_names(sub, taken)
+    return taken
 
 
 def unique_name(base: str, taken: set[str]) -> str:

@@ -45,7 +45,7 @@ from engine.formats.onnx_format import (
     graph_at,
     weight_sites,
 )
-from engine.onnx_tools import unique_name
+from engine.onnx_tools import taken_names, unique_name
 
 if TYPE_CHECKING:
     from engine.evaluate import Runner
@@ -242,7 +242,7 @@ def factorize_with_keys(proto: onnx.ModelProto, weight_key: str, rank: int
     if not users:
         raise SlimscopeError(f"{quote(weight_key)}: no MatMul or Gemm uses this weight")
     transposed = _gemm_trans_b(users, copy)  # Gemm(transB=1) stores W as [n, k]
-    taken = _all_names(copy)
+    taken = taken_names(copy.graph)
     first_name = unique_name(f"{site.name}.lowrank_first", taken)
     second_name = unique_name(f"{site.name}.lowrank_second", taken)
     first, second = svd_factors(weight.T if transposed else weight, min(rank, *weight.shape))
@@ -355,25 +355,5 @@ def _remove_weight(graph: onnx.GraphProto, site: WeightSite) -> None:
         index = next(i for i, node in enumerate(graph.node)
                      if node.op_type == "Constant" and list(node.output) == [site.name])
         del graph.node[index]
-
-
-def _all_names(proto: onnx.ModelProto) -> set[str]:
-    """Every value and node name in the model, so new names collide with none."""
-    names: set[str] = set()
-
-    def visit(graph: onnx.GraphProto) -> None:
-        names.update(value.name for value in (*graph.input, *graph.output, *graph.value_info))
-        names.update(tensor.name for tensor in graph.initializer)
-        for node in graph.node:
-            names.update(node.output)
-            names.add(node.name)
-            for attribute in node.attribute:
-                if attribute.type == onnx.AttributeProto.GRAPH:
-                    visit(attribute.g)
-                for subgraph in attribute.graphs:
-                    visit(subgraph)
-
-    visit(proto.graph)
-    return names
 
 

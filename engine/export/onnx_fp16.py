@@ -62,26 +62,11 @@ def weights_in_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     nodes = casts + list(graph.node)  # Casts read initializers only, so first is in order
     graph.ClearField("node")
     graph.node.extend(nodes)
-    taken = _all_names(graph, set())
+    taken = onnx_tools.taken_names(graph)
     for node in graph.node:
-        for sub in _subgraphs(node):
+        for sub in onnx_tools.subgraphs(node):
             _subgraph_weights_in_fp16(sub, taken)
     return result
-
-
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    return [sub for attribute in node.attribute
-            for sub in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH
-                        else attribute.graphs)]
-
-
-def _all_names(graph: onnx.GraphProto, taken: set[str]) -> set[str]:
-    taken.update(tensor.name for tensor in graph.initializer)
-    for node in graph.node:
-        taken.update((*node.input, *node.output, node.name))
-        for sub in _subgraphs(node):
-            _all_names(sub, taken)
-    return taken
 
 
 def _float_constant(node: onnx.NodeProto) -> onnx.TensorProto | None:
@@ -112,7 +97,7 @@ def _subgraph_weights_in_fp16(graph: onnx.GraphProto, taken: set[str]) -> None:
         nodes.append(helper.make_node("Cast", [half], [tensor.name], to=TensorProto.FLOAT,
                                       name=onnx_tools.unique_name(f"{half}_cast", taken)))
     for node in graph.node:
-        for sub in _subgraphs(node):
+        for sub in onnx_tools.subgraphs(node):
             _subgraph_weights_in_fp16(sub, taken)
         tensor = _float_constant(node)
         size = int(np.prod(tensor.dims)) if tensor is not None and tensor.dims else 1

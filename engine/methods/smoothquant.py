@@ -53,12 +53,13 @@ def _attributes(node: onnx.NodeProto) -> dict[str, object]:
 def _readers(graph: onnx.GraphProto) -> dict[str, list[int]]:
     """Per tensor name, the indices of the main-graph nodes reading it (a read inside a
     node's subgraph counts as that node's)."""
-    from engine.methods.static_int8 import _names_read, _subgraphs
+    from engine.methods.static_int8 import _names_read
+    from engine.onnx_tools import subgraphs
 
     found: dict[str, list[int]] = {}
     for index, node in enumerate(graph.node):
         names = set(node.input)
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             names |= _names_read(sub)
         for name in names:
             if name:

@@ -388,20 +388,12 @@ def float_inputs_for(model: onnx.ModelProto, keep_float: Sequence[str],
     return result
 
 
-def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    for attribute in node.attribute:
-        if attribute.type == onnx.AttributeProto.GRAPH:
-            yield attribute.g
-        elif attribute.type == onnx.AttributeProto.GRAPHS:
-            yield from attribute.graphs
-
-
 def _names_read(graph: onnx.GraphProto) -> set[str]:
     """Every tensor name a node of `graph` or of its subgraphs reads, and its outputs."""
     read = {value.name for value in graph.output}
     for node in graph.node:
         read.update(node.input)
-        for sub in _subgraphs(node):
+        for sub in onnx_tools.subgraphs(node):
             read |= _names_read(sub)
     return read
 
@@ -545,16 +537,6 @@ def symmetric_int8(weight: np.ndarray, axis: int | None) -> tuple[np.ndarray, np
     return codes, scale
 
 
-def _all_names(graph: onnx.GraphProto, taken: set[str]) -> set[str]:
-    taken.update(value.name for value in (*graph.input, *graph.output))
-    taken.update(tensor.name for tensor in graph.initializer)
-    for node in graph.node:
-        taken.update((*node.input, *node.output, node.name))
-        for sub in _subgraphs(node):
-            _all_names(sub, taken)
-    return taken
-
-
 def _channel_axes(graph: onnx.GraphProto, axes: dict[str, int | None]) -> None:
     """For every tensor a weight operator of `graph` or its subgraphs reads as its weight, the
     axis of its output channels (see weight_slot); first reader wins."""
@@ -570,7 +552,7 @@ def _channel_axes(graph: onnx.GraphProto, axes: dict[str, int | None]) -> None:
             slot_axis = (0, 0)
         if slot_axis is not None:
             axes.setdefault(node.input[slot_axis[0]], slot_axis[1])
-        for sub in _subgraphs(node):
+        for sub in onnx_tools.subgraphs(node):
             _channel_axes(sub, axes)
 
 
@@ -590,7 +572,7 @@ def weights_int8_everywhere(model: onnx.ModelProto, *, per_channel: bool = True,
     """
     result = onnx.ModelProto()
     result.CopyFrom(model)
-    taken = _all_names(result.graph, set())
+    taken = onnx_tools.taken_names(result.graph)
     axes: dict[str, int | None] = {}
     _channel_axes(result.graph, axes)
     # the scales of weights already stored as codes stay float: run twice (every candidate of
@@ -618,7 +600,7 @@ def _scales_of_codes(graph: onnx.GraphProto, found: set[str],
             for slot in (0, 1):
                 if node.input[slot] in casts:
                     found.add(node.input[1 - slot])
-        for sub in _subgraphs(node):
+        for sub in onnx_tools.subgraphs(node):
             _scales_of_codes(sub, found, constants)
     return found
 
@@ -668,7 +650,7 @@ def _int8_in_graph(graph: onnx.GraphProto, axes: Mapping[str, int | None], per_c
         count += 1
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
-        for sub in _subgraphs(node):
+        for sub in onnx_tools.subgraphs(node):
             count += _int8_in_graph(sub, axes, per_channel, min_elements, taken, skip)
         value = _constant_tensor(node)
         if not wanted(value, node.output[0] if node.output else ""):
