@@ -156,8 +156,8 @@ def layer_options(sens: Sensitivity, layer: LayerSensitivity, secondary: bool = 
     b_levels, b_bytes, b_nonzero, b_drops = _axis_table(sens, layer, "bits", "sparsity",
                                                         secondary)
     if not secondary and sens.secondary_metric is not None:
-        s_ties = _axis_table(sens, layer, "sparsity", "bits", True)[3]
-        b_ties = _axis_table(sens, layer, "bits", "sparsity", True)[3]
+        s_ties = _finite_or_zero(_axis_table(sens, layer, "sparsity", "bits", True)[3])
+        b_ties = _finite_or_zero(_axis_table(sens, layer, "bits", "sparsity", True)[3])
     else:
         s_ties, b_ties = np.zeros(len(s_levels)), np.zeros(len(b_levels))
     numel = layer.numel
@@ -174,7 +174,21 @@ def layer_options(sens: Sensitivity, layer: LayerSensitivity, secondary: bool = 
                                   float(s_ties[i] + b_ties[j])))
     if "rank" in layer.curves:
         options += _rank_options(sens, layer, secondary, b_levels, b_drops, b_ties)
-    return sorted(options, key=lambda o: (-o.bytes, o.cost))
+    # A level measured as NaN costs infinity (Sensitivity.drops): never chosen, and not counted
+    # among the sizes a plan could reach. The baseline always stays.
+    usable = [option for option in options if math.isfinite(option.cost)]
+    return sorted(usable, key=lambda o: (-o.bytes, o.cost))
+
+
+def _unmeasured_levels(sens: Sensitivity, secondary: bool) -> int:
+    """Levels no plan may pick because their drop is not a finite number."""
+    return sum(int(np.isinf(sens.drops(layer, axis, secondary)).sum())
+               for layer in sens.layers for axis in layer.curves)
+
+
+def _finite_or_zero(ties: np.ndarray) -> np.ndarray:
+    """Tie-break costs with unmeasurable levels as no information rather than infinite."""
+    return np.where(np.isfinite(ties), ties, 0.0)
 
 
 def _rank_options(sens: Sensitivity, layer: LayerSensitivity, secondary: bool,
@@ -184,7 +198,7 @@ def _rank_options(sens: Sensitivity, layer: LayerSensitivity, secondary: bool,
     widths whose groups do not divide a factor's rows are left out."""
     curve = layer.curves["rank"]
     r_drops = _envelope(sens.drops(layer, "rank", secondary))
-    r_ties = (_envelope(sens.drops(layer, "rank", True))
+    r_ties = (_finite_or_zero(_envelope(sens.drops(layer, "rank", True)))
               if not secondary and sens.secondary_metric is not None else np.zeros(len(r_drops)))
     out_channels, row = layer.shape[0], layer.numel // layer.shape[0]
     options = []
@@ -288,10 +302,13 @@ def allocate(
     if target_bytes is not None:
         chosen = _solve(sens, options, int(target_bytes), resolution)
         if chosen is None:
+            unmeasured = _unmeasured_levels(sens, secondary)
             raise PlanError(
                 f"target {target_bytes} bytes ({target_bytes / sens.model_bytes:.4f} of the "
                 f"model) is below the smallest these levels allow: {smallest} bytes "
-                f"({smallest / sens.model_bytes:.4f})")
+                f"({smallest / sens.model_bytes:.4f})"
+                + (f"; {unmeasured} levels measured as NaN or infinite were left out"
+                   if unmeasured else ""))
         keep_float, activation_drop = choose_keep_float(sens)
     else:
         assert max_drop is not None

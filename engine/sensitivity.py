@@ -357,14 +357,23 @@ class Sensitivity:
         raise KeyError(f"no layer named {name!r} in the sensitivity results")
 
     def drops(self, layer: LayerSensitivity, axis: str, secondary: bool = False) -> np.ndarray:
-        """How much worse each level is than the baseline (positive = worse), in metric units."""
+        """How much worse each level is than the baseline (positive = worse), in metric units.
+
+        A level measured as NaN or infinite (a model that output NaN there, or an edited file)
+        counts as infinitely worse, so no plan picks it; the baseline itself drops nothing.
+        """
         curve = layer.curves[axis]
         if secondary:
             if curve.secondary is None or self.secondary_baseline is None:
                 raise SlimscopeError(f"{self.method} sensitivity has no secondary metric")
-            return np.asarray(curve.secondary, dtype=np.float64) - self.secondary_baseline
-        delta = np.asarray(curve.delta, dtype=np.float64)
-        return (-delta if self.higher_is_better else delta) + 0.0  # + 0.0: no "-0" drops
+            drops = np.asarray(curve.secondary, dtype=np.float64) - self.secondary_baseline
+        else:
+            delta = np.asarray(curve.delta, dtype=np.float64)
+            drops = (-delta if self.higher_is_better else delta) + 0.0  # + 0.0: no "-0" drops
+        drops = np.where(np.isfinite(drops), drops, np.inf)
+        if curve.levels and curve.levels[0] == BASELINE_LEVEL[axis]:
+            drops[0] = 0.0
+        return drops
 
     def heatmap(self, axis: str, field_name: str = "delta"
                 ) -> tuple[list[str], list[float], np.ndarray]:

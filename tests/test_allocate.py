@@ -260,3 +260,31 @@ def test_cli_sensitivity_then_plan_then_compress(tmp_path: Path, capsys) -> None
     assert main(["plan", "demo", "--sensitivity", str(other), "--target-size", "0.2",
                  "-o", str(tmp_path / "x.yaml")]) == 2
     assert "features.0" in capsys.readouterr().err
+
+
+def _datafree_demo() -> Sensitivity:
+    return sweep(load_model(DEMO_MODEL), None, "datafree")
+
+
+def test_levels_measured_as_nan_are_never_chosen() -> None:
+    """A model that outputs NaN at some level (or an edited file) leaves NaN in a curve: NaN
+    compares false both ways, and the allocator took such levels as free."""
+    sens = _datafree_demo()
+    poisoned = sens.layers[1].curves["bits"]
+    poisoned.delta = [poisoned.delta[0]] + [float("nan")] * (len(poisoned.delta) - 1)
+    allocation = allocate(sens, target_ratio=0.2)
+    layer = sens.layers[1]
+    assert allocation.choices[layer.name].bits == layer.float_bits  # only float is measured
+    assert np.isfinite(allocation.drop)
+    quantized = [name for name, option in allocation.choices.items() if option.quantized]
+    assert quantized  # the other layers still reach the target with their measured levels
+
+
+def test_a_sensitivity_of_only_nan_levels_says_so() -> None:
+    sens = _datafree_demo()
+    for layer in sens.layers:
+        for curve in layer.curves.values():
+            curve.delta = [float("nan")] * len(curve.delta)
+    with pytest.raises(PlanError, match=r"1\.0000\); \d+ levels measured as NaN or infinite"):
+        allocate(sens, target_ratio=0.3)
+    assert allocate(sens, max_drop=0.01).plan.to_dict().get("layers", {}) == {}
