@@ -761,6 +761,20 @@ def _plan_report_model(item: Case) -> None:
                  "-o", str(item.model_dir / "plan.yaml"), "--report", str(model)]
 
 
+@case("plan_from_nan_sensitivity")
+def _plan_nan_sensitivity(item: Case) -> None:
+    """Every measured level NaN (json writes NaN): no plan reaches 0.5, and it says why."""
+    model = demo_copy(item.model_dir)
+    sens = _sensitivity_json(item, model)
+    data = json.loads(sens.read_text())
+    for layer in data["layers"]:
+        for curve in layer["curves"].values():
+            curve["delta"] = [float("nan")] * len(curve["delta"])
+    sens.write_text(json.dumps(data))
+    item.argv = ["plan", str(model), "--sensitivity", str(sens), "--target-size", "0.5",
+                 "-o", str(item.model_dir / "plan.yaml")]
+
+
 # -- files that are not files, and names that are not names -----------------------------------
 @case("model_fifo")
 def _model_fifo(item: Case) -> None:
