@@ -157,27 +157,21 @@ def test_inputs_by_other_names_and_impossible_outputs_are_refused(
     assert parts_in(tmp_path) == [] and not (tmp_path / "absent").exists()
 
 
-def _without_root_file_override() -> None:
-    """preexec_fn: take CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH out of the child's bounding
-    set, so that after exec root is refused by a 0555 folder like anyone else (CI runs as root)."""
-    import ctypes
-
-    if os.geteuid() != 0:
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_capbset_drop, cap_dac_override, cap_dac_read_search = 24, 1, 2
-    for capability in (cap_dac_override, cap_dac_read_search):
-        if libc.prctl(pr_capbset_drop, capability, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-
-
 def test_read_only_folder_is_refused_before_work(tmp_path: Path) -> None:
+    """Run through the hostile corpus' wrapper, which drops root's file-permission override
+    (CI runs as root, and root writes into a 0555 folder anyway)."""
     folder = tmp_path / "ro"
     folder.mkdir()
     folder.chmod(0o555)
+    wrapper = ROOT / "tests" / "hostile" / "run_cli.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "HOSTILE_UNPRIVILEGED": "1"}
+    env.pop("SLIMSCOPE_DEBUG", None)
     try:
-        run = slimscope("sensitivity", "demo", "--method", "datafree", "-o", folder / "s.json",
-                        preexec_fn=_without_root_file_override)
+        run = subprocess.run([sys.executable, str(wrapper), str(tmp_path / "peak.json"),
+                              str(8 << 30), "-", "--", "sensitivity", "demo", "--method",
+                              "datafree", "-o", str(folder / "s.json")],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     finally:
         folder.chmod(0o755)
     assert not (folder / "s.json").exists()
