@@ -180,6 +180,12 @@ def layer_options(sens: Sensitivity, layer: LayerSensitivity, secondary: bool = 
     return sorted(usable, key=lambda o: (-o.bytes, o.cost))
 
 
+def check_max_drop(max_drop: float) -> None:
+    """A largest allowed drop is a finite number, not negative (NaN compares false both ways)."""
+    if not 0 <= max_drop < math.inf:
+        raise PlanError(f"max drop {max_drop} must be a finite number, not negative")
+
+
 def _unmeasured_levels(sens: Sensitivity, secondary: bool) -> int:
     """Levels no plan may pick because their drop is not a finite number."""
     return sum(int(np.isinf(sens.drops(layer, axis, secondary)).sum())
@@ -312,8 +318,7 @@ def allocate(
         keep_float, activation_drop = choose_keep_float(sens)
     else:
         assert max_drop is not None
-        if not 0 <= max_drop < math.inf:  # NaN fails too
-            raise PlanError(f"max drop {max_drop} must be a finite number, not negative")
+        check_max_drop(max_drop)
         keep_float, activation_drop = choose_keep_float(
             sens, None if secondary else max_drop * ACTIVATION_SHARE)
         chosen = _smallest_within(sens, options, max_drop - (0.0 if secondary else

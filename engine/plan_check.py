@@ -13,11 +13,10 @@ primary metrics), loss and KL divergence (its secondary ones, and the fast estim
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.allocate import Allocation, allocate
+from engine.allocate import Allocation, allocate, check_max_drop
 from engine.compress import compress
 from engine.data import DataSource
 from engine.errors import PlanError
@@ -136,8 +135,7 @@ def allocate_within_measured_drop(
     predicted to lose nothing is tried last; a PlanError names the closest miss when even that
     one breaks the limit.
     """
-    if not 0 <= max_drop < math.inf:  # NaN fails too
-        raise PlanError(f"max drop {max_drop} must be a finite number, not negative")
+    check_max_drop(max_drop)
     if tries < 1:
         raise PlanError("at least one try is needed")
     meter = _Meter(sens, model, data, secondary, cancel)

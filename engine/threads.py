@@ -81,7 +81,8 @@ def choose(requested: int | None = None, *, reserve: int = 0) -> int:
 
     `reserve` cores are left free (the app's GUI thread) when more than that many are usable.
     """
-    most = MAX_THREADS_PER_CORE * usable_cores()
+    cores = usable_cores()
+    most = MAX_THREADS_PER_CORE * cores
     if requested is not None:
         if not 1 <= requested <= most:
             raise SlimscopeError(f"--threads must lie in 1..{most} ({MAX_THREADS_PER_CORE} per "
@@ -90,7 +91,6 @@ def choose(requested: int | None = None, *, reserve: int = 0) -> int:
     configured = from_environment()
     if configured is not None:
         return min(configured, most)  # OMP_NUM_THREADS=100000 crashed torch's thread pool
-    cores = usable_cores()
     idle = idle_cores()
     free = cores if idle is None else min(cores, max(1, int(idle + 0.5)))
     return max(1, free - reserve) if free > reserve else 1
